@@ -1,0 +1,9 @@
+"""edaformer: EDAFormer semantic segmentation (EFT encoder, all-attention decoder, ISR)."""
+from .checkpoint import export_reference, load_checkpoint, save_checkpoint
+from .isr import ISRSetting, isr, parse_isr
+from .models import EFT, EDAFormer, create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["EDAFormer", "EFT", "create_model", "list_models", "load_checkpoint", "save_checkpoint",
+           "export_reference", "isr", "parse_isr", "ISRSetting", "__version__"]

@@ -1,0 +1,234 @@
+"""Checkpoint loading and saving: reference (mmseg) format, native format, ImageNet encoders.
+
+Reference checkpoints name the encoder ``backbone.patch_embed1 / block1.0 / norm1`` and the
+decoder ``decode_head.attn4 / attn44 / attn444 / attn3 / attn33 / attn2 / linear_fuse /
+linear_pred`` (plus an unused ``decode_head.conv_seg``). This library names them
+``encoder.stages.0.downsample / .blocks.0 / .norm`` and ``decoder.c4.0 ... decoder.c2.0 /
+fuse / classifier``. :func:`reference_to_native` and :func:`native_to_reference` convert.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.eft import reference_encoder_key
+
+__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "reference_to_native",
+           "native_to_reference", "export_reference", "CheckpointMismatchError", "FORMAT"]
+
+FORMAT = "edaformer"
+
+_DECODER_BLOCKS = {"attn4": "c4.0", "attn44": "c4.1", "attn444": "c4.2", "attn3": "c3.0", "attn33": "c3.1",
+                   "attn2": "c2.0"}
+_DECODER_BLOCKS_INV = {v: k for k, v in _DECODER_BLOCKS.items()}
+_DECODER_MODULES = {"linear_fuse.conv": "fuse.conv", "linear_fuse.bn": "fuse.bn", "linear_pred": "classifier"}
+_DECODER_MODULES_INV = {v: k for k, v in _DECODER_MODULES.items()}
+CONV_SEG = "decode_head.conv_seg."
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not match the model."""
+
+
+def _reference_decoder_key(key: str) -> str:
+    m = re.match(r"^(attn\d+)\.(.*)$", key)
+    if m and m[1] in _DECODER_BLOCKS:
+        rest = m[2].replace("mlp.dwconv.dwconv.", "mlp.dwconv.")
+        return f"{_DECODER_BLOCKS[m[1]]}.{rest}"
+    for old, new in _DECODER_MODULES.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    return key
+
+
+def reference_to_native(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename reference keys to this library's names; drops the unused ``conv_seg``."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(CONV_SEG):
+            continue
+        if k.startswith("backbone."):
+            out["encoder." + reference_encoder_key(k[len("backbone."):])] = v
+        elif k.startswith("decode_head."):
+            out["decoder." + _reference_decoder_key(k[len("decode_head."):])] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _native_encoder_to_reference(key: str) -> str:
+    m = re.match(r"^stages\.(\d)\.(downsample|blocks|norm)\.(.*)$", key)
+    if not m:
+        return key
+    n, part, rest = int(m[1]) + 1, m[2], m[3]
+    if part == "downsample":
+        return f"patch_embed{n}.{rest}"
+    if part == "norm":
+        return f"norm{n}.{rest}"
+    rest = re.sub(r"^(\d+)\.mlp\.dwconv\.", r"\1.mlp.dwconv.dwconv.", rest)
+    return f"block{n}.{rest}"
+
+
+def _native_decoder_to_reference(key: str) -> str:
+    m = re.match(r"^(c\d\.\d)\.(.*)$", key)
+    if m and m[1] in _DECODER_BLOCKS_INV:
+        rest = m[2].replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
+        return f"{_DECODER_BLOCKS_INV[m[1]]}.{rest}"
+    for new, old in _DECODER_MODULES_INV.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    return key
+
+
+def native_to_reference(state_dict: Mapping[str, torch.Tensor],
+                        conv_seg: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Rename this library's keys to the reference names.
+
+    The reference decoder also holds an unused ``conv_seg`` 1x1 conv; it is written from
+    ``conv_seg`` when given, else as zeros shaped like the classifier.
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("encoder."):
+            out["backbone." + _native_encoder_to_reference(k[len("encoder."):])] = v
+        elif k.startswith("decoder."):
+            out["decode_head." + _native_decoder_to_reference(k[len("decoder."):])] = v
+        else:
+            out[k] = v
+    if "decode_head.linear_pred.weight" in out:
+        w, b = out["decode_head.linear_pred.weight"], out["decode_head.linear_pred.bias"]
+        out[CONV_SEG + "weight"] = conv_seg["weight"] if conv_seg else torch.zeros_like(w)
+        out[CONV_SEG + "bias"] = conv_seg["bias"] if conv_seg else torch.zeros_like(b)
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return dict(obj)
+
+
+def _unwrap(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a checkpoint into (state dict, meta)."""
+    meta = dict(obj.get("meta") or {}) if isinstance(obj.get("meta"), Mapping) else {}
+    for key in ("state_dict", "model", "module"):
+        if key in obj and isinstance(obj[key], Mapping):
+            return dict(obj[key]), meta
+    return dict(obj), meta
+
+
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _format_list(title: str, items: list[str]) -> str:
+    shown = "\n    ".join(items[:10])
+    more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
+    return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def _check_and_load(module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool, what: str) -> dict:
+    target = module.state_dict()
+    missing = [k for k in target if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in target]
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
+                  for k in target if k in state_dict and state_dict[k].shape != target[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        parts = [f"checkpoint does not match the {what}:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                parts.append(_format_list(title, items))
+        raise CheckpointMismatchError("\n".join(parts))
+    usable = {k: v for k, v in state_dict.items() if k in target and v.shape == target[k].shape}
+    module.load_state_dict(usable, strict=False)
+    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched, loaded=len(usable))
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
+                    strict: bool = True) -> dict[str, Any]:
+    """Load weights into an :class:`~edaformer.EDAFormer` (or a bare :class:`~edaformer.EFT`).
+
+    Accepts a path or an already loaded dict in any of these forms: the reference format
+    (``state_dict`` keyed ``backbone.* / decode_head.*`` plus ``meta``), a bare state dict in
+    either naming, this library's own format, or an encoder-only (ImageNet) checkpoint, which
+    is loaded into the encoder with its classifier ``head.*`` ignored.
+
+    Returns a report: ``format``, ``meta``, ``missing``, ``unexpected``, ``mismatched``.
+    With ``strict=True`` any mismatch raises :class:`CheckpointMismatchError` listing them.
+    """
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
+    state_dict, meta = _unwrap(obj)
+    state_dict = _strip_wrappers(state_dict)
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError("checkpoint holds no tensors")
+    keys = list(tensors)
+    from .models.eft import EFT, checkpoint_filter_fn
+
+    if any(k.startswith(("backbone.", "decode_head.")) for k in keys):
+        fmt = "reference"
+        tensors = reference_to_native(tensors)
+    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        fmt = obj.get("format", "native") if isinstance(obj.get("format"), str) else "native"
+    else:
+        fmt = "encoder"
+    if fmt == "encoder" or isinstance(model, EFT):
+        encoder = model if isinstance(model, EFT) else model.encoder
+        if fmt != "encoder":  # a full segmentor checkpoint loaded into a bare encoder
+            tensors = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+        tensors = checkpoint_filter_fn(tensors, encoder)
+        if not isinstance(model, EFT) or encoder.num_classes == 0:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
+        report = _check_and_load(encoder, tensors, strict, "encoder")
+    else:
+        report = _check_and_load(model, tensors, strict, "model")
+    report.update(format=fmt, meta=meta)
+    return report
+
+
+def save_checkpoint(obj: Mapping[str, Any] | nn.Module, path: str | os.PathLike) -> Path:
+    """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
+
+    A module is saved in this library's format (state dict plus its name and classes).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, nn.Module):
+        obj = {"format": FORMAT, "model": getattr(obj, "name", None),
+               "num_classes": getattr(obj, "num_classes", None), "state_dict": obj.state_dict()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_reference(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as a reference-format checkpoint (``state_dict`` + ``meta``)."""
+    state = native_to_reference({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return save_checkpoint({"state_dict": state, "meta": dict(meta or {})}, path)

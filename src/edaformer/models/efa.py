@@ -1,0 +1,141 @@
+"""Embedding-free attention (EFA) and the transformer block built on it.
+
+Tokens travel as ``(B, N, C)`` with ``N = H * W`` in row-major order. That is
+the same memory as a channels-last ``(B, C, H, W)`` map, so :func:`to_map` and
+:func:`to_tokens` are views, not copies, and the 1x1 / depthwise convolutions
+run in channels-last layout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+__all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights"]
+
+
+def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """View tokens ``(B, H*W, C)`` as a channels-last map ``(B, C, H, W)`` (no copy)."""
+    return x.unflatten(1, (h, w)).permute(0, 3, 1, 2)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Flatten a map ``(B, C, H, W)`` to tokens ``(B, H*W, C)`` (no copy when channels-last)."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+class EFA(nn.Module):
+    """Embedding-free attention.
+
+    The input tokens are the queries, split into heads without projection. Keys
+    and values are one tensor: the token map average-pooled with kernel = stride
+    = ``pool_ratio`` (floor), then a 1x1 conv ``sr`` (and, in the decoder,
+    LayerNorm + GELU). ``pool_ratio = train_ratio * isr_factor``; the factor is
+    set at run time (Inference Spatial Reduction) without touching weights.
+    """
+
+    def __init__(self, dim: int, num_heads: int, train_ratio: int, kv_norm: bool = False,
+                 kv_norm_eps: float = 1e-5, name: str = "attention"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.train_ratio = int(train_ratio)
+        self.isr_factor = 1
+        self.name = name
+        self.sr = nn.Conv2d(dim, dim, kernel_size=1)
+        if kv_norm:
+            self.norm = nn.LayerNorm(dim, eps=kv_norm_eps)
+            self.act = nn.GELU()
+        else:
+            self.norm = None
+            self.act = None
+        self.proj = nn.Linear(dim, dim)
+
+    @property
+    def pool_ratio(self) -> int:
+        return self.train_ratio * self.isr_factor
+
+    def pooled_hw(self, h: int, w: int) -> tuple[int, int]:
+        """Key/value grid for an ``h x w`` query grid; raises when it would be empty."""
+        r = self.pool_ratio
+        if h < r or w < r:
+            raise ValueError(
+                f"{self.name}: pooling ratio {r} (train {self.train_ratio} x ISR {self.isr_factor}) "
+                f"does not fit the {h}x{w} feature map; use a smaller ISR factor or a larger input")
+        return h // r, w // r
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, n, c = x.shape
+        self.pooled_hw(h, w)
+        r = self.pool_ratio
+        kv = to_map(x, h, w)
+        if r > 1:
+            kv = F.avg_pool2d(kv, r, r)
+        kv = to_tokens(self.sr(kv))
+        if self.norm is not None:
+            kv = self.act(self.norm(kv))
+        d = c // self.num_heads
+        q = x.view(b, n, self.num_heads, d).transpose(1, 2)
+        kv = kv.view(b, kv.shape[1], self.num_heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv, kv)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, train_ratio={self.train_ratio}, isr_factor={self.isr_factor}"
+
+
+class ConvFFN(nn.Module):
+    """``Linear -> [ReLU] -> depthwise 3x3 conv -> GELU -> Linear`` on tokens."""
+
+    def __init__(self, dim: int, hidden: int, relu: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.relu = nn.ReLU(inplace=True) if relu else None
+        self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        x = to_tokens(self.dwconv(to_map(x, h, w)))
+        return self.fc2(self.act(x))
+
+
+class EFABlock(nn.Module):
+    """Pre-norm transformer block: ``x + EFA(LN(x))`` then ``x + FFN(LN(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, train_ratio: int, *,
+                 norm_eps: float, drop_path: float = 0.0, kv_norm: bool = False,
+                 ffn_relu: bool = True, name: str = "block"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = EFA(dim, num_heads, train_ratio, kv_norm=kv_norm, name=name)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), relu=ffn_relu)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x), h, w))
+
+
+def init_weights(m: nn.Module) -> None:
+    """Reference init: trunc-normal(0.02) linear, unit LayerNorm, He-style fan-out conv."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,66 @@
+"""Named EDAFormer configurations and :func:`create_model`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .eft import EFT_CONFIGS
+from .segmentor import EDAFormer
+
+__all__ = ["ModelSpec", "MODEL_SPECS", "create_model", "list_models", "get_model_spec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a named model is: architecture size, classes and the reference test protocol."""
+
+    size: str
+    dataset: str
+    num_classes: int
+    decoder_dim: int
+    decoder_mlp_ratio: float
+    test_scale: tuple[int, int] = (2048, 512)      # (long, short) box the image is resized to fit
+    test_mode: str = "whole"                       # "whole" or "slide"
+    crop_size: tuple[int, int] = (512, 512)        # training crop; the slide window in slide mode
+    slide_stride: tuple[int, int] = (341, 341)
+    extra: dict = field(default_factory=dict)
+
+
+_DECODER = {"t": dict(decoder_dim=128, decoder_mlp_ratio=2.0), "b": dict(decoder_dim=768, decoder_mlp_ratio=1.0)}
+_DATASETS = {
+    "ade20k": dict(num_classes=150),
+    "cocostuff": dict(num_classes=171),
+    "cityscapes": dict(num_classes=19, test_scale=(2048, 1024), test_mode="slide", crop_size=(1024, 1024),
+                       slide_stride=(768, 768)),
+}
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    f"edaformer-{size}-{dataset}": ModelSpec(size=size, dataset=dataset, **_DECODER[size], **ds)
+    for size in ("t", "b") for dataset, ds in _DATASETS.items()
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(MODEL_SPECS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODEL_SPECS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, num_classes: int | None = None, *, isr: str | None = None, **overrides) -> EDAFormer:
+    """Build a named EDAFormer (random init). ``num_classes`` replaces the dataset's class count;
+    ``overrides`` go to :class:`EDAFormer` (e.g. ``drop_path_rate=0.1``)."""
+    spec = get_model_spec(name)
+    kwargs = dict(EFT_CONFIGS[spec.size], num_classes=spec.num_classes if num_classes is None else num_classes,
+                  decoder_dim=spec.decoder_dim, decoder_mlp_ratio=spec.decoder_mlp_ratio)
+    kwargs.update(overrides)
+    model = EDAFormer(**kwargs)
+    model.name = spec_name = name.lower()
+    model.spec = MODEL_SPECS[spec_name]
+    if isr is not None:
+        model.set_isr(isr)
+    return model
