@@ -2,8 +2,9 @@
 from .checkpoint import export_reference, load_checkpoint, save_checkpoint
 from .isr import ISRSetting, isr, parse_isr
 from .models import EFT, EDAFormer, create_model, list_models
+from .inference import Segmenter
 
 __version__ = "0.1.0"
 
 __all__ = ["EDAFormer", "EFT", "create_model", "list_models", "load_checkpoint", "save_checkpoint",
-           "export_reference", "isr", "parse_isr", "ISRSetting", "__version__"]
+           "export_reference", "isr", "parse_isr", "ISRSetting", "Segmenter", "__version__"]

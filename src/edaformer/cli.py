@@ -45,7 +45,82 @@ def _run_list(args) -> int:
     return 0
 
 
-COMMANDS = ["list", "export-reference"]
+# -- predict ---------------------------------------------------------------------------
+_PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment images: writes <stem>_label.png and <stem>_overlay.png")
+    p.add_argument("images", nargs="+", help="image files or folders (folders: the images inside)")
+    p.add_argument("--model", required=True, help="model name, see `edaformer list`")
+    p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
+    p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: training ratios)")
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+
+
+def _predict_inputs(paths: list[str]) -> list:
+    """Image files of ``paths`` (folders: their images, sorted); missing paths are kept to be reported."""
+    from pathlib import Path
+
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _PREDICT_SUFFIXES))
+        else:
+            files.append(p)
+    return files
+
+
+def _unique_stem(path, used: set) -> str:
+    stem, n = path.stem, 1
+    while stem in used:
+        stem, n = f"{path.stem}_{n}", n + 1
+    used.add(stem)
+    return stem
+
+
+def _run_predict(args) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .inference import Segmenter, colorize, load_image, overlay
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine")
+    files = _predict_inputs(args.images)
+    if not files:
+        raise ValueError(f"no images ({', '.join(_PREDICT_SUFFIXES)}) found in {', '.join(args.images)}")
+    segmenter = Segmenter.from_checkpoint(args.model, args.checkpoint, device=args.device, isr=args.isr,
+                                          num_classes=args.num_classes)
+    log.info("%r", segmenter)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set = set()
+    failed = []
+    for path in tqdm(files, desc="predict", unit="img", file=sys.stderr):
+        stem = _unique_stem(path, used)
+        try:
+            image = load_image(path)
+            label = segmenter(image)
+            colorize(label, segmenter.palette).save(out / f"{stem}_label.png")
+            overlay(image, label, segmenter.palette, alpha=args.alpha).save(out / f"{stem}_overlay.png")
+        except (ValueError, OSError) as e:
+            failed.append(path)
+            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            tqdm.write(f"edaformer predict: {msg}", file=sys.stderr)
+    print(f"wrote {len(files) - len(failed)} prediction(s) to {out}"
+          + (f"; {len(failed)} failed: {', '.join(map(str, failed))}" if failed else ""))
+    return 1 if failed else 0
+
+
+COMMANDS = ["list", "export-reference", "predict"]
 
 
 def build_parser() -> argparse.ArgumentParser:
