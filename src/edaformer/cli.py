@@ -12,6 +12,25 @@ from . import __version__
 log = logging.getLogger("edaformer")
 
 
+# -- convert ---------------------------------------------------------------------------
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write the *_labelTrainIds.png label files a dataset reads")
+    p.add_argument("dataset", choices=["cityscapes", "cocostuff"])
+    p.add_argument("root", help="dataset root (holding gtFine/ for cityscapes, annotations/ for cocostuff)")
+    p.add_argument("--workers", type=int, default=4, help="threads (default 4)")
+    p.add_argument("--skip-existing", action="store_true", help="keep label files that already exist")
+
+
+def _run_convert(args) -> int:
+    from .data import convert_cityscapes, convert_cocostuff
+
+    convert = {"cityscapes": convert_cityscapes, "cocostuff": convert_cocostuff}[args.dataset]
+    result = convert(args.root, overwrite=not args.skip_existing, workers=args.workers, progress=True)
+    print(f"{args.dataset}: wrote {result.written} *_labelTrainIds.png files under {result.folder}"
+          f" ({result.skipped} existing skipped)")
+    return 0
+
+
 # -- export-reference ------------------------------------------------------------------
 def _add_export_reference(sub) -> None:
     p = sub.add_parser("export-reference", help="write a checkpoint in the reference (mmseg) format")
@@ -120,7 +139,7 @@ def _run_predict(args) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = ["list", "export-reference", "predict"]
+COMMANDS = ["list", "export-reference", "convert", "predict"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,149 @@
+"""Datasets, training / test pipelines, label converters and data loaders.
+
+``build_dataset(cfg, split)`` takes the ``data`` section of a config:
+
+=====================  ================================================================
+key                    meaning [default]
+=====================  ================================================================
+type                   ``ade20k`` | ``cityscapes`` | ``cocostuff`` | ``folder``
+root                   dataset root folder
+classes, palette       folder only: class names (or a count) and RGB triples [generated]
+ignore_index           folder only: label value in the files that means ignore [255]
+reduce_zero_label      folder only: 0 -> ignore, 1.. -> 0.. [False]
+img_suffix/seg_suffix  folder only: file endings [".jpg" / ".png"]
+train_split/val_split  split folder names [per dataset: training/validation, train/val, ...]
+scale                  resize box [(2048, 512); Cityscapes (2048, 1024)]
+test_scale             resize box at test time [scale]
+ratio_range            random scale ratio range for training [(0.5, 2.0)]
+crop_size              training crop (h, w) [(512, 512); Cityscapes (1024, 1024)]
+cat_max_ratio          largest share one class may cover in a crop [0.75]
+flip_prob              horizontal flip probability [0.5]
+photometric            photometric distortion on/off [True]
+=====================  ================================================================
+
+Other keys (``batch_size``, ``workers``, ...) are left to the caller. Labels always come out with
+ignore = 255.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+
+from .converters import ConversionResult, convert_cityscapes, convert_cocostuff
+from .datasets import (ADE20K, IGNORE_INDEX, COCOStuff, Cityscapes, DatasetError, FolderDataset, SegmentationDataset,
+                       dataset_info, default_palette)
+from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
+                         ResizeToFit, test_transforms, train_transforms)
+
+__all__ = ["build_dataset", "build_dataloader", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
+           "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
+           "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
+           "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
+           "MEAN", "STD", "dataset_info", "default_palette"]
+
+DATASETS: dict[str, type[SegmentationDataset]] = {
+    "ade20k": ADE20K, "cityscapes": Cityscapes, "cocostuff": COCOStuff, "folder": FolderDataset}
+
+_DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train", "val"),
+                   "cocostuff": ("train2017", "val2017"), "folder": ("train", "val")}
+_DEFAULTS = dict(scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(512, 512), cat_max_ratio=0.75,
+                 flip_prob=0.5, photometric=True)
+_TYPE_DEFAULTS = {"cityscapes": dict(scale=(2048, 1024), crop_size=(1024, 1024))}
+
+
+def _pipeline_options(cfg: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    opts = {**_DEFAULTS, **_TYPE_DEFAULTS.get(kind, {})}
+    opts.update({k: cfg[k] for k in _DEFAULTS if cfg.get(k) is not None})
+    return opts
+
+
+def _check_named(cfg: Mapping[str, Any], cls: type[SegmentationDataset]) -> None:
+    """Folder-only keys are ignored for the named datasets, unless they contradict them."""
+    name = cls.name
+    if cfg.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
+        raise DatasetError(f"{name} labels use ignore index 255; got ignore_index={cfg['ignore_index']}")
+    if "reduce_zero_label" in cfg and bool(cfg["reduce_zero_label"]) != (cls is ADE20K):
+        raise DatasetError(f"{name} uses reduce_zero_label={cls is ADE20K}; got {cfg['reduce_zero_label']}")
+    classes = cfg.get("classes")
+    if classes is not None and (classes if isinstance(classes, int) else len(classes)) != cls.NUM_CLASSES:
+        raise DatasetError(f"{name} has {cls.NUM_CLASSES} classes; the config declares {classes!r:.80}")
+
+
+def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:
+    """The ``train`` or ``val`` dataset described by a config's ``data`` section, with the
+    training pipeline (random resize / crop / flip / photometric, normalized, padded to
+    ``crop_size``) or the test pipeline (image resized to ``test_scale`` and normalized, label at
+    its original size)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    kind = str(cfg.get("type", "")).lower()
+    if kind not in DATASETS:
+        raise DatasetError(f"unknown dataset type {cfg.get('type')!r}; expected one of {', '.join(DATASETS)}")
+    if not cfg.get("root"):
+        raise DatasetError("the data config needs a 'root' folder")
+    if kind != "folder":
+        _check_named(cfg, DATASETS[kind])
+
+    opts = _pipeline_options(cfg, kind)
+    if split == "train":
+        transforms = train_transforms(opts["scale"], opts["ratio_range"], opts["crop_size"], opts["cat_max_ratio"],
+                                      opts["flip_prob"], opts["photometric"])
+    else:
+        transforms = test_transforms(cfg.get("test_scale") or opts["scale"])
+    folder = cfg.get(f"{split}_split") or _DEFAULT_SPLITS[kind][split == "val"]
+
+    if kind != "folder":
+        return DATASETS[kind](cfg["root"], folder, transforms=transforms)
+    if "classes" not in cfg:
+        raise DatasetError("a 'folder' dataset needs 'classes' (a list of names or a count)")
+    return FolderDataset(cfg["root"], folder, classes=cfg["classes"], palette=cfg.get("palette"),
+                         ignore_value=cfg.get("ignore_index", IGNORE_INDEX),
+                         reduce_zero_label=bool(cfg.get("reduce_zero_label", False)),
+                         img_suffix=cfg.get("img_suffix", ".jpg"), seg_suffix=cfg.get("seg_suffix", ".png"),
+                         transforms=transforms)
+
+
+def collate(batch: Sequence[Any]) -> Any:
+    """``default_collate`` when the items stack; for ``(image, label)`` items of different sizes
+    (test items) a pair of lists instead."""
+    first = batch[0]
+    if isinstance(first, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in first):
+        for i in range(len(first)):
+            if any(item[i].shape != first[i].shape for item in batch):
+                return tuple(list(column) for column in zip(*batch))
+    return default_collate(batch)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed ``random`` and NumPy in a loader worker from its torch seed (set by the loader's generator)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, workers: int = 4,
+                     distributed: bool = False, seed: int = 0, drop_last: bool = False, *,
+                     pin_memory: bool | None = None, persistent_workers: bool | None = None) -> DataLoader:
+    """A reproducible loader: the shuffle order and every worker's torch seed come from ``seed``
+    (plus the rank when ``distributed``, which uses a :class:`DistributedSampler`; call
+    ``loader.sampler.set_epoch(epoch)`` each epoch). With ``workers=0`` the augmentations draw
+    from the main process's torch RNG, so seed it too."""
+    sampler = None
+    rank = 0
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        rank = sampler.rank
+    generator = torch.Generator()
+    generator.manual_seed(seed + rank)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    if persistent_workers is None:
+        persistent_workers = workers > 0
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
+                      generator=generator, worker_init_fn=seed_worker, persistent_workers=persistent_workers)

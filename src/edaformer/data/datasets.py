@@ -1,0 +1,308 @@
+"""Semantic-segmentation datasets: images and single-channel label PNGs paired by file stem.
+
+Every dataset returns labels with its ignore value already mapped to 255, so everything
+downstream (losses, metrics) uses ``ignore_index=255``. Items are ``(image, label)`` as
+``tv_tensors.Image`` (uint8, ``(3, H, W)``) and ``tv_tensors.Mask`` (uint8, ``(H, W)``), or
+whatever ``transforms(image, label)`` returns.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+__all__ = ["SegmentationDataset", "ADE20K", "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError",
+           "IGNORE_INDEX", "dataset_info", "default_palette"]
+
+IGNORE_INDEX = 255
+_MAX_LISTED = 5  # how many offending files an error message names
+
+
+class DatasetError(ValueError):
+    """A dataset's folders, pairing or file contents are not what the dataset expects."""
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """A deterministic palette (the PASCAL VOC bit-interleaving colour map)."""
+    palette = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i + 1  # skip black so that no class looks like padding
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+def dataset_info(name: str, num_classes: int) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Class names and palette of a named dataset, from :mod:`edaformer.palettes` when available,
+    else generated names ``class0..`` and :func:`default_palette`."""
+    try:
+        from ..palettes import get_dataset_info
+    except ModuleNotFoundError as e:
+        if e.name != "edaformer.palettes":
+            raise
+        return [f"class{i}" for i in range(num_classes)], default_palette(num_classes)
+    info = get_dataset_info(name)
+    return list(info.classes), [tuple(int(v) for v in c) for c in info.palette]
+
+
+def _list_files(folder: Path, suffix: str) -> list[Path]:
+    return sorted(p for p in folder.rglob(f"*{suffix}") if p.is_file())
+
+
+def _names(paths: Sequence[Any]) -> str:
+    shown = ", ".join(str(p) for p in paths[:_MAX_LISTED])
+    return shown + (f", ... ({len(paths) - _MAX_LISTED} more)" if len(paths) > _MAX_LISTED else "")
+
+
+def read_image(path: str | Path) -> tv_tensors.Image:
+    """An RGB image file as a uint8 ``(3, H, W)`` ``tv_tensors.Image``."""
+    with Image.open(path) as im:
+        arr = np.array(im.convert("RGB"))
+    return tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """A single-channel label file as a 2-D array of non-negative integers."""
+    with Image.open(path) as im:
+        arr = np.array(im)
+    if arr.ndim != 2:
+        raise DatasetError(f"label {path} is not single-channel (shape {arr.shape}, mode {im.mode}); "
+                           "labels must hold one class id per pixel")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind == "i":
+        if arr.size and arr.min() < 0:
+            raise DatasetError(f"label {path} has negative values {sorted(set(arr[arr < 0].tolist()))[:10]}")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind != "u":
+        raise DatasetError(f"label {path} has non-integer pixels ({arr.dtype})")
+    return arr
+
+
+class SegmentationDataset(Dataset):
+    """Images under ``img_dir`` paired with labels under ``ann_dir`` by relative path and stem:
+    ``img_dir/a/b<img_suffix>`` goes with ``ann_dir/a/b<seg_suffix>``.
+
+    Args:
+        img_dir, ann_dir: image and label folders (searched recursively).
+        classes: class names (``num_classes = len(classes)``, at most 255).
+        palette: one RGB triple per class; generated when None.
+        img_suffix, seg_suffix: file name endings that identify images and labels.
+        ignore_value: label value in the files that means "ignore"; mapped to 255. The file value
+            255 is always ignored.
+        reduce_zero_label: map 0 to ignore and 1.. to 0.. (ADE20K convention).
+        transforms: called as ``transforms(image, label)``; its result is the item.
+    """
+
+    ignore_index: int = IGNORE_INDEX
+    missing_label_hint: str = ""
+
+    def __init__(self, img_dir: str | Path, ann_dir: str | Path, *, classes: Sequence[str],
+                 palette: Sequence[Sequence[int]] | None = None, img_suffix: str = ".jpg",
+                 seg_suffix: str = ".png", ignore_value: int | None = None, reduce_zero_label: bool = False,
+                 transforms: Callable | None = None) -> None:
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        if not 0 < self.num_classes <= 255:
+            raise DatasetError(f"a dataset needs 1 to 255 classes (255 is the ignore value), got {self.num_classes}")
+        palette = default_palette(self.num_classes) if palette is None else [tuple(int(v) for v in c) for c in palette]
+        if len(palette) != self.num_classes or any(len(c) != 3 for c in palette):
+            raise DatasetError(f"palette must hold {self.num_classes} RGB triples, got {len(palette)} entries")
+        self.palette = palette
+        self.img_dir, self.ann_dir = Path(img_dir), Path(ann_dir)
+        self.img_suffix, self.seg_suffix = img_suffix, seg_suffix
+        self.ignore_value = ignore_value
+        self.reduce_zero_label = reduce_zero_label
+        self.transforms = transforms
+        self._lut, self._valid = self._value_tables(256)
+        self.samples = self._pair()
+
+    # -- construction -------------------------------------------------------------------
+    def _pair(self) -> list[tuple[Path, Path]]:
+        for what, folder in (("image", self.img_dir), ("label", self.ann_dir)):
+            if not folder.is_dir():
+                raise DatasetError(f"{what} folder does not exist: {folder}")
+        images = _list_files(self.img_dir, self.img_suffix)
+        if not images:
+            raise DatasetError(f"empty dataset: no '*{self.img_suffix}' images in {self.img_dir}")
+        labels = {p.relative_to(self.ann_dir) for p in _list_files(self.ann_dir, self.seg_suffix)}
+        samples, missing = [], []
+        for img in images:
+            rel = img.relative_to(self.img_dir)
+            ann = rel.parent / (rel.name[: -len(self.img_suffix)] + self.seg_suffix)
+            if ann in labels:
+                samples.append((img, self.ann_dir / ann))
+            else:
+                missing.append((img, self.ann_dir / ann))
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} of {len(images)} images in {self.img_dir} have no label: "
+                f"{_names([p for p, _ in missing])} (expected e.g. {missing[0][1]}){self.missing_label_hint}")
+        return samples
+
+    def _value_tables(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lookup tables from a file value to the output value, and whether that value is allowed."""
+        values = np.arange(size, dtype=np.int64)
+        out = values.copy()
+        if self.reduce_zero_label:
+            out = np.where(values == 0, IGNORE_INDEX, values - 1)
+            out[values == IGNORE_INDEX] = IGNORE_INDEX
+        if self.ignore_value is not None:
+            out[values == self.ignore_value] = IGNORE_INDEX
+        valid = (out < self.num_classes) | (out == IGNORE_INDEX)
+        return np.where(valid, out, IGNORE_INDEX).astype(np.uint8), valid
+
+    # -- loading ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def map_label(self, raw: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+        """File values -> class ids with ignore = 255 (uint8); raises on values that are neither."""
+        present = np.flatnonzero(np.bincount(raw.ravel(), minlength=1))
+        if present.size and present[-1] >= self._lut.size:
+            lut, valid = self._value_tables(int(present[-1]) + 1)
+        else:
+            lut, valid = self._lut, self._valid
+        bad = present[~valid[present]]
+        if bad.size:
+            rule = ", after reduce_zero_label" if self.reduce_zero_label else ""
+            ignore = "255" if self.ignore_value in (None, IGNORE_INDEX) else f"{self.ignore_value} or 255"
+            raise DatasetError(f"label {path} has values {bad.tolist()[:20]} outside [0, {self.num_classes})"
+                               f"{rule} that are not the ignore value ({ignore})")
+        return lut[raw]
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """The untransformed item: uint8 image ``(3, H, W)`` and uint8 label ``(H, W)``."""
+        img_path, ann_path = self.samples[index]
+        image = read_image(img_path)
+        raw = read_label(ann_path)
+        if tuple(image.shape[-2:]) != raw.shape:
+            raise DatasetError(f"size mismatch: image {img_path} is {image.shape[-2]}x{image.shape[-1]} but "
+                               f"label {ann_path} is {raw.shape[0]}x{raw.shape[1]} (HxW)")
+        return image, tv_tensors.Mask(torch.from_numpy(self.map_label(raw, ann_path)))
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = self.load(index)
+        if self.transforms is not None:
+            return self.transforms(image, label)
+        return image, label
+
+    def verify(self, raise_error: bool = True, progress: bool = False) -> list[str]:
+        """Scan every label (and image header); return, or raise as one :class:`DatasetError`, all
+        problems found: unreadable files, size mismatches, out-of-range values."""
+        problems = []
+        samples = self.samples
+        if progress:
+            from tqdm import tqdm
+            samples = tqdm(samples, desc="verify", unit="img")
+        for img_path, ann_path in samples:
+            try:
+                with Image.open(img_path) as im:
+                    w, h = im.size
+                raw = read_label(ann_path)
+                if raw.shape != (h, w):
+                    problems.append(f"size mismatch: image {img_path} is {h}x{w} but label {ann_path} is "
+                                    f"{raw.shape[0]}x{raw.shape[1]} (HxW)")
+                self.map_label(raw, ann_path)
+            except DatasetError as e:
+                problems.append(str(e))
+            except OSError as e:
+                problems.append(f"cannot read {img_path} / {ann_path}: {e}")
+        if problems and raise_error:
+            raise DatasetError(f"{len(problems)} problem(s) in {len(self)} samples of {self.img_dir}:\n  "
+                               + "\n  ".join(problems))
+        return problems
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(samples={len(self)}, classes={self.num_classes}, "
+                f"img_dir={str(self.img_dir)!r}, ann_dir={str(self.ann_dir)!r})")
+
+
+def _check_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root does not exist: {root}")
+    return root
+
+
+def _split_dir(split: str, aliases: dict[str, str]) -> str:
+    return aliases.get(split, split)
+
+
+class ADE20K(SegmentationDataset):
+    """ADE20K (SceneParsing, 150 classes): ``images/{training,validation}/*.jpg`` and
+    ``annotations/<split>/*.png``; 0 ("other") is ignored and 1..150 become 0..149."""
+
+    name = "ade20k"
+    NUM_CLASSES = 150
+    SPLITS = {"train": "training", "val": "validation"}
+
+    def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None) -> None:
+        root, split = _check_root(root), _split_dir(split, self.SPLITS)
+        classes, palette = dataset_info(self.name, self.NUM_CLASSES)
+        super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
+                         img_suffix=".jpg", seg_suffix=".png", reduce_zero_label=True, transforms=transforms)
+
+
+class Cityscapes(SegmentationDataset):
+    """Cityscapes (19 classes): ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` and
+    ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (see :func:`convert_cityscapes`)."""
+
+    name = "cityscapes"
+    NUM_CLASSES = 19
+    SPLITS: dict[str, str] = {}
+    missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cityscapes ROOT`"
+
+    def __init__(self, root: str | Path, split: str = "train", transforms: Callable | None = None) -> None:
+        root, split = _check_root(root), _split_dir(split, self.SPLITS)
+        classes, palette = dataset_info(self.name, self.NUM_CLASSES)
+        super().__init__(root / "leftImg8bit" / split, root / "gtFine" / split, classes=classes, palette=palette,
+                         img_suffix="_leftImg8bit.png", seg_suffix="_gtFine_labelTrainIds.png",
+                         transforms=transforms)
+
+
+class COCOStuff(SegmentationDataset):
+    """COCO-Stuff-164k (171 classes): ``images/{train2017,val2017}/*.jpg`` and
+    ``annotations/<split>/*_labelTrainIds.png`` (see :func:`convert_cocostuff`)."""
+
+    name = "cocostuff"
+    NUM_CLASSES = 171
+    SPLITS = {"train": "train2017", "val": "val2017"}
+    missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cocostuff ROOT`"
+
+    def __init__(self, root: str | Path, split: str = "train2017", transforms: Callable | None = None) -> None:
+        root, split = _check_root(root), _split_dir(split, self.SPLITS)
+        classes, palette = dataset_info(self.name, self.NUM_CLASSES)
+        super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
+                         img_suffix=".jpg", seg_suffix="_labelTrainIds.png", transforms=transforms)
+
+
+class FolderDataset(SegmentationDataset):
+    """A custom dataset: ``images/<split>/*<img_suffix>`` and ``annotations/<split>/*<seg_suffix>``.
+
+    ``classes`` is a list of names or a class count (names ``class0..`` then). ``ignore_value`` is
+    the label value in the files that means "ignore" (e.g. 11 for CamVid's void)."""
+
+    name = "folder"
+
+    def __init__(self, root: str | Path, split: str = "train", *, classes: Sequence[str] | int,
+                 palette: Sequence[Sequence[int]] | None = None, ignore_value: int | None = IGNORE_INDEX,
+                 reduce_zero_label: bool = False, img_suffix: str = ".jpg", seg_suffix: str = ".png",
+                 transforms: Callable | None = None) -> None:
+        root = _check_root(root)
+        if isinstance(classes, int):
+            classes = [f"class{i}" for i in range(classes)]
+        super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
+                         img_suffix=img_suffix, seg_suffix=seg_suffix, ignore_value=ignore_value,
+                         reduce_zero_label=reduce_zero_label, transforms=transforms)
