@@ -108,15 +108,15 @@ def test_make_palette():
 
 # -- test_size ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("hw,scale,divisor,expected", [
-    ((512, 683), (2048, 512), 32, (512, 672)),     # 683 / 32 = 21.3 -> 21 * 32
-    ((375, 500), (2048, 512), 32, (512, 672)),     # rescaled to 512 x 683 first
-    ((61, 97), (2048, 512), 32, (512, 800)),       # 97 * 512 / 61 = 814.2 -> 814 -> 800
-    ((100, 1000), (2048, 512), 32, (192, 2048)),   # long side limits: 205 x 2048 -> 192 x 2048
-    ((48, 48), (48, 48), 32, (64, 64)),            # 1.5 rounds half up
+    ((512, 683), (2048, 512), 32, (512, 704)),     # 683 / 32 = 21.3 -> rounded up to 22 * 32
+    ((375, 500), (2048, 512), 32, (512, 704)),     # rescaled to 512 x 683 first
+    ((61, 97), (2048, 512), 32, (512, 832)),       # 97 * 512 / 61 = 814.2 -> 814 -> 832
+    ((100, 1000), (2048, 512), 32, (224, 2048)),   # long side limits: 205 x 2048 -> 224 x 2048
+    ((48, 48), (48, 48), 32, (64, 64)),
     ((10, 10), (10, 10), 32, (32, 32)),            # at least one divisor
     ((1024, 2048), (2048, 1024), 32, (1024, 2048)),
     ((360, 480), (2048, 1024), None, (1024, 1365)),  # no rounding: 480 * 1024 / 360 = 1365.3
-    ((512, 683), (512, 2048), 32, (512, 672)),     # the box is (long, short) in any order
+    ((512, 683), (512, 2048), 32, (512, 704)),     # the box is (long, short) in any order
 ])
 def test_test_size(hw, scale, divisor, expected):
     assert test_size(*hw, scale=scale, divisor=divisor) == expected
@@ -185,7 +185,7 @@ def test_preprocess_inputs_agree():
 
 def test_preprocess_resizes():
     x = preprocess(_rgb(61, 97), scale=(2048, 512))
-    assert x.shape == (1, 3, 512, 800)
+    assert x.shape == (1, 3, 512, 832)
     x = preprocess(_rgb(61, 97), scale=(128, 64), divisor=None)
     assert x.shape == (1, 3, 64, 102)
 

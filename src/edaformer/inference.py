@@ -74,17 +74,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 # -- resizing ------------------------------------------------------------------------------
 def _round_to(side: int, divisor: int) -> int:
-    """Round ``side`` half up to a multiple of ``divisor`` (at least ``divisor``)."""
-    return max(divisor, (2 * side + divisor) // (2 * divisor) * divisor)
+    """Round ``side`` up to a multiple of ``divisor``, as the reference test pipeline does."""
+    return -(-side // divisor) * divisor
 
 
-def test_size(h: int, w: int, scale: Size = (2048, 512), divisor: int | None = 32) -> Size:
-    """The test-time input size of an ``h x w`` image.
+def fit_size(h: int, w: int, scale: Size = (2048, 512)) -> Size:
+    """Keep-ratio size of an ``h x w`` image fitted into the ``(long, short)`` box ``scale``.
 
-    Keep-ratio rescale so that the image fits the ``(long, short)`` box ``scale`` (scale
-    factor ``min(long / max(h, w), short / min(h, w))``, sides ``int(side * factor + 0.5)``),
-    then both sides rounded half up to a multiple of ``divisor`` (at least ``divisor``);
-    ``divisor=None`` or 1 skips the rounding. Returns ``(new_h, new_w)``.
+    Scale factor ``min(long / max(h, w), short / min(h, w))``, sides ``int(side * factor + 0.5)``.
     """
     if h < 1 or w < 1:
         raise ValueError(f"image size must be positive, got {h}x{w}")
@@ -92,7 +89,14 @@ def test_size(h: int, w: int, scale: Size = (2048, 512), divisor: int | None = 3
         raise ValueError(f"scale must be two positive sides (long, short), got {scale!r}")
     long_side, short_side = max(scale), min(scale)
     factor = min(long_side / max(h, w), short_side / min(h, w))
-    new_h, new_w = max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def test_size(h: int, w: int, scale: Size = (2048, 512), divisor: int | None = 32) -> Size:
+    """The test-time input size of an ``h x w`` image: :func:`fit_size`, then both sides
+    rounded up to a multiple of ``divisor`` (``None`` or 1 skips it). Returns ``(new_h, new_w)``.
+    """
+    new_h, new_w = fit_size(h, w, scale)
     if divisor is not None and divisor > 1:
         new_h, new_w = _round_to(new_h, divisor), _round_to(new_w, divisor)
     return new_h, new_w
@@ -151,8 +155,10 @@ def preprocess(image: ImageInput, scale: Size | None, divisor: int | None = 32,
     if device is not None:
         x = x.to(device)
     x = x.unsqueeze(0)
-    if scale is not None:
-        x = _resize_image(x, test_size(x.shape[-2], x.shape[-1], scale, divisor), quantize=is_uint8)
+    if scale is not None:  # two steps, as the reference: fit the box, then align the sides
+        fitted = fit_size(x.shape[-2], x.shape[-1], scale)
+        x = _resize_image(x, fitted, quantize=is_uint8)
+        x = _resize_image(x, test_size(*x.shape[-2:], scale, divisor), quantize=is_uint8)
     return _normalize(x)
 
 
