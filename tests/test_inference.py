@@ -306,7 +306,7 @@ def test_infer_tta():
 
 
 # -- Segmenter -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode,inputs", [("whole", [(64, 96)]), ("slide", [(64, 64)] * 2)])
+@pytest.mark.parametrize("mode,inputs", [("whole", [(64, 128)]), ("slide", [(64, 64)] * 2)])
 def test_segmenter_odd_sizes(ade_model, mode, inputs):
     seg = Segmenter(ade_model, device="cpu", test_scale=(128, 64), mode=mode, crop_size=(64, 64), stride=(48, 48))
     shapes = []
@@ -315,7 +315,7 @@ def test_segmenter_odd_sizes(ade_model, mode, inputs):
         logits = seg.logits(_rgb(61, 97))
     finally:
         hook.remove()
-    # whole: 61x97 -> 64x102 -> 64x96 (multiples of 32); slide: 64x102 (no rounding), two 64x64 windows
+    # whole: 61x97 -> 64x102 -> 64x128 (rounded up to multiples of 32); slide: 64x102 (no rounding), two 64x64 windows
     assert shapes == inputs
     assert logits.shape == (1, 150, 61, 97)
     label = seg._labels(logits)[0]

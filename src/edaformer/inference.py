@@ -138,6 +138,12 @@ def _resize_image(x: torch.Tensor, size: Size, quantize: bool) -> torch.Tensor:
     return x.round().clamp_(0, 255) if quantize else x
 
 
+def _test_resize(x: torch.Tensor, scale: Size, divisor: int | None, quantize: bool) -> torch.Tensor:
+    """Two resizes, as the reference test pipeline: fit the box, then align the sides to ``divisor``."""
+    x = _resize_image(x, fit_size(x.shape[-2], x.shape[-1], scale), quantize)
+    return _resize_image(x, test_size(x.shape[-2], x.shape[-1], scale, divisor), quantize)
+
+
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -155,10 +161,8 @@ def preprocess(image: ImageInput, scale: Size | None, divisor: int | None = 32,
     if device is not None:
         x = x.to(device)
     x = x.unsqueeze(0)
-    if scale is not None:  # two steps, as the reference: fit the box, then align the sides
-        fitted = fit_size(x.shape[-2], x.shape[-1], scale)
-        x = _resize_image(x, fitted, quantize=is_uint8)
-        x = _resize_image(x, test_size(*x.shape[-2:], scale, divisor), quantize=is_uint8)
+    if scale is not None:
+        x = _test_resize(x, scale, divisor, quantize=is_uint8)
     return _normalize(x)
 
 
@@ -267,8 +271,7 @@ def infer_tta(model: nn.Module, image: torch.Tensor | Image.Image | np.ndarray, 
     raw = raw.unsqueeze(0)
     probs, n = None, 0
     for ratio in scales:
-        size = test_size(raw.shape[-2], raw.shape[-1], _tta_scale(base_scale, ratio), divisor)
-        x = _normalize(_resize_image(raw, size, quantize=is_uint8))
+        x = _normalize(_test_resize(raw, _tta_scale(base_scale, ratio), divisor, quantize=is_uint8))
         for flipped in ((False, True) if flip else (False,)):
             xi = x.flip(-1) if flipped else x
             p = infer_logits(model, xi, out_size, mode=mode, crop_size=crop_size, stride=stride).softmax(1)
