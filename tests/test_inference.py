@@ -450,3 +450,18 @@ def test_predict_command_errors(tmp_path, capsys):
         assert cli.main(args + ["--checkpoint", str(bad), "--device", "cuda"]) == 2
         assert "CUDA" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_pipeline_and_inference_agree_on_test_size(tmp_path):
+    from edaformer.data import build_dataset
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "annotations" / split).mkdir(parents=True)
+        Image.fromarray(_rgb(61, 97)).save(tmp_path / "images" / split / "a.jpg")
+        Image.fromarray(np.zeros((61, 97), np.uint8)).save(tmp_path / "annotations" / split / "a.png")
+    ds = build_dataset(dict(type="folder", root=str(tmp_path), classes=["x", "y"], scale=(2048, 512)), "val")
+    image, label = ds[0]
+    assert tuple(image.shape[-2:]) == test_size(61, 97, (2048, 512)) == (512, 832)
+    assert tuple(label.shape) == (61, 97)
+    torch.testing.assert_close(image[None], preprocess(tmp_path / "images" / "val" / "a.jpg", (2048, 512)),
+                               atol=2e-2, rtol=0)

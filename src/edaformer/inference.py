@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from .palettes import get_dataset_info, make_palette
+from .data.transforms import fit_size as fit_box
 
 __all__ = ["MEAN", "STD", "load_image", "test_size", "preprocess", "infer_logits", "infer_tta", "Segmenter",
            "colorize", "overlay", "ImageInput"]
@@ -87,9 +88,8 @@ def fit_size(h: int, w: int, scale: Size = (2048, 512)) -> Size:
         raise ValueError(f"image size must be positive, got {h}x{w}")
     if len(scale) != 2 or min(scale) < 1:
         raise ValueError(f"scale must be two positive sides (long, short), got {scale!r}")
-    long_side, short_side = max(scale), min(scale)
-    factor = min(long_side / max(h, w), short_side / min(h, w))
-    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+    new_h, new_w = fit_box((h, w), scale)
+    return max(1, new_h), max(1, new_w)
 
 
 def test_size(h: int, w: int, scale: Size = (2048, 512), divisor: int | None = 32) -> Size:

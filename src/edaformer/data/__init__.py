@@ -14,6 +14,7 @@ img_suffix/seg_suffix  folder only: file endings [".jpg" / ".png"]
 train_split/val_split  split folder names [per dataset: training/validation, train/val, ...]
 scale                  resize box [(2048, 512); Cityscapes (2048, 1024)]
 test_scale             resize box at test time [scale]
+size_divisor           test image sides rounded up to a multiple of this [32; Cityscapes none]
 ratio_range            random scale ratio range for training [(0.5, 2.0)]
 crop_size              training crop (h, w) [(512, 512); Cityscapes (1024, 1024)]
 cat_max_ratio          largest share one class may cover in a crop [0.75]
@@ -52,8 +53,8 @@ DATASETS: dict[str, type[SegmentationDataset]] = {
 _DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train", "val"),
                    "cocostuff": ("train2017", "val2017"), "folder": ("train", "val")}
 _DEFAULTS = dict(scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(512, 512), cat_max_ratio=0.75,
-                 flip_prob=0.5, photometric=True)
-_TYPE_DEFAULTS = {"cityscapes": dict(scale=(2048, 1024), crop_size=(1024, 1024))}
+                 flip_prob=0.5, photometric=True, size_divisor=32)
+_TYPE_DEFAULTS = {"cityscapes": dict(scale=(2048, 1024), crop_size=(1024, 1024), size_divisor=None)}
 
 
 def _pipeline_options(cfg: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:
         transforms = train_transforms(opts["scale"], opts["ratio_range"], opts["crop_size"], opts["cat_max_ratio"],
                                       opts["flip_prob"], opts["photometric"])
     else:
-        transforms = test_transforms(cfg.get("test_scale") or opts["scale"])
+        transforms = test_transforms(cfg.get("test_scale") or opts["scale"], opts["size_divisor"])
     folder = cfg.get(f"{split}_split") or _DEFAULT_SPLITS[kind][split == "val"]
 
     if kind != "folder":

@@ -255,10 +255,27 @@ def train_transforms(scale: Sequence[int] = (2048, 512), ratio_range: Sequence[f
     return v2.Compose(steps)
 
 
-def test_transforms(scale: Sequence[int] = (2048, 512), mean: Sequence[float] = MEAN,
+class ResizeToMultiple(v2.Transform):
+    """Bilinear resize so that both sides are rounded up to a multiple of ``divisor``."""
+
+    def __init__(self, divisor: int) -> None:
+        super().__init__()
+        self.divisor = int(divisor)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return dict(size=[-(-side // self.divisor) * self.divisor for side in v2.query_size(flat_inputs)])
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR,
+                                 antialias=False)
+
+
+def test_transforms(scale: Sequence[int] = (2048, 512), size_divisor: int | None = 32, mean: Sequence[float] = MEAN,
                     std: Sequence[float] = STD) -> v2.Compose:
-    """The reference test pipeline: the image resized to fit ``scale`` and normalized (float32),
-    the label (int64) left at its original size for scoring."""
-    image = v2.Compose([ResizeToFit(scale), v2.ToDtype(torch.float32, scale=False),
+    """The reference test pipeline: the image resized to fit ``scale``, then (whole-image test)
+    resized again so both sides are multiples of ``size_divisor``, and normalized (float32); the
+    label (int64) is left at its original size for scoring. Same sizes as :mod:`edaformer.inference`."""
+    align = [ResizeToMultiple(size_divisor)] if size_divisor and size_divisor > 1 else []
+    image = v2.Compose([ResizeToFit(scale), *align, v2.ToDtype(torch.float32, scale=False),
                         v2.Normalize(list(mean), list(std))])
     return v2.Compose([ImageOnly(image), v2.ToDtype(**_TO_TENSORS), v2.ToPureTensor()])
