@@ -139,7 +139,133 @@ def _run_predict(args) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = ["list", "export-reference", "convert", "predict"]
+# -- train -----------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a config (also under torchrun for DDP)")
+    p.add_argument("config", help="YAML config, e.g. configs/edaformer-t-ade20k.yaml")
+    p.add_argument("--work-dir", default=None, help="output folder (default work_dirs/<config name>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+                   help="continue from the newest checkpoint in the work dir (auto, the default) or from PATH")
+    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
+                   help="mixed precision on CUDA (bf16 when given without a value)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. optim.lr=1e-4 data.root=/data/ade")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+
+
+def _run_train(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .engine import NonFiniteLossError, train
+
+    cfg = load_config(args.config, args.set)
+    if args.amp:
+        cfg["train"]["amp"] = args.amp
+    work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
+    try:
+        train(cfg, work_dir, resume=args.resume, device=args.device)
+    except NonFiniteLossError as e:
+        print(f"edaformer train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- eval ------------------------------------------------------------------------------
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set (mIoU, per class)")
+    p.add_argument("config", help="YAML config the model was trained with")
+    p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
+    p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config)")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: eval.mode of the config")
+    p.add_argument("--tta", action="store_true", help="multi-scale + flip test")
+    p.add_argument("--isr-sweep", nargs="*", default=None, metavar="SPEC",
+                   help="evaluate each ISR setting (default 1111-111 1111-222 2211-222 2222-222); writes "
+                        "isr_sweep.json and isr_sweep.png to --out")
+    p.add_argument("--out", default=None, help="folder for sweep results (default work_dirs/<config name>)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+
+
+def _run_eval(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .config import load_config
+    from .data import build_dataset
+    from .engine import build_model, evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
+    from .engine.distributed import cleanup_distributed, init_distributed, is_distributed
+    from .isr import PAPER_ISR_SWEEP
+    from .metrics import format_class_table, format_metrics
+
+    overrides = list(args.set) + ([f"eval.mode={args.mode}"] if args.mode else []) + (
+        ["eval.tta=true"] if args.tta else []) + ([f"eval.isr={args.isr}"] if args.isr else [])
+    cfg = load_config(args.config, overrides)
+    owns_group = not is_distributed()
+    info = init_distributed(args.device)
+    try:
+        data_cfg, ecfg = cfg["data"], cfg["eval"]
+        dataset = build_dataset({k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}, "val")
+        model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
+        report = load_checkpoint(model, args.checkpoint)
+        model.to(info.device).eval()
+        crop = ecfg["crop_size"] or data_cfg.get("crop_size")
+        kwargs = dict(mode=ecfg["mode"], crop_size=crop, stride=ecfg["stride"], tta=ecfg["tta"],
+                      tta_scales=ecfg["tta_scales"], tta_flip=ecfg["tta_flip"],
+                      test_scale=data_cfg.get("test_scale") or data_cfg.get("scale"),
+                      workers=data_cfg["workers"], progress=True)
+        if info.is_main:
+            print(f"{cfg['model']['name']}: {args.checkpoint} ({report['format']} format), {len(dataset)} images, "
+                  f"mode {ecfg['mode']}{', tta' if ecfg['tta'] else ''}")
+        if args.isr_sweep is not None:
+            specs = args.isr_sweep or list(PAPER_ISR_SWEEP)
+            size = ecfg["flops_input_size"] or crop or list(getattr(model.spec, "crop_size", (512, 512)))
+            rows = isr_sweep(model, dataset, specs, flops_input_size=size, **kwargs)
+            if info.is_main:
+                print(format_sweep_table(rows, size))
+                out = Path(args.out) if args.out else Path("work_dirs") / Path(args.config).stem
+                meta = dict(config=str(args.config), checkpoint=str(args.checkpoint), model=cfg["model"]["name"],
+                            flops_input_size=list(size), mode=ecfg["mode"], tta=ecfg["tta"])
+                print(f"wrote {save_sweep(rows, out, meta)}")
+                png = plot_sweep(rows, out / "isr_sweep.png", title=f"{cfg['model']['name']} ISR sweep")
+                print(f"wrote {png}" if png else "no plot: matplotlib is not installed (pip install matplotlib)")
+        else:
+            metrics = evaluate(model, dataset, isr=ecfg["isr"], **kwargs)
+            if info.is_main:
+                print(f"ISR {ecfg['isr'] or model.isr}  images {metrics['num_images']}")
+                print(format_metrics(metrics))
+                print(format_class_table(metrics, getattr(dataset, "classes", None)))
+    finally:
+        if owns_group:
+            cleanup_distributed()
+    return 0
+
+
+# -- flops -----------------------------------------------------------------------------
+def _add_flops(sub) -> None:
+    p = sub.add_parser("flops", help="count parameters and GFLOPs (the paper's convention)")
+    p.add_argument("model", help="model name, see `edaformer list`")
+    p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
+    p.add_argument("--isr", default="1111-111", help="ISR factors, encoder-decoder (default: 1111-111)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--convention", choices=["mmcv130", "mmcv127"], default="mmcv130",
+                   help="mmcv130: LayerNorm counted, as published (default); mmcv127: not counted")
+    p.add_argument("--json", action="store_true", help="end the output with one JSON line")
+
+
+def _run_flops(args) -> int:
+    from .flops import count_flops
+    from .models import create_model
+
+    model = create_model(args.model, num_classes=args.num_classes, isr=args.isr)
+    report = count_flops(model, tuple(args.size), convention=args.convention)
+    print(report.format_table())
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    return 0
+
+
+COMMANDS = ["list", "export-reference", "convert", "predict", "train", "eval", "flops"]
 
 
 def build_parser() -> argparse.ArgumentParser:
