@@ -19,7 +19,7 @@ import edaformer
 from edaformer.cli import main as cli_main
 from edaformer.config import DEFAULTS, ConfigError, load_config, load_yaml, save_config
 from edaformer.engine import (NonFiniteLossError, WarmupPolyLR, build_optimizer, build_param_groups,
-                              build_scheduler, segmentation_loss, train)
+                              build_scheduler, find_resume_checkpoint, segmentation_loss, train)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "configs" / "_base_" / "default.yaml"
@@ -203,6 +203,17 @@ def test_segmentation_loss_ignore():
     assert segmentation_loss(logits, torch.full_like(labels, 255)) == 0.0
 
 
+def test_find_resume_checkpoint(tmp_path, caplog):
+    for n in (2, 4):
+        edaformer.save_checkpoint({"iteration": n, "state_dict": {"w": torch.zeros(1)}}, tmp_path / f"iter_{n}.pth")
+    os.link(tmp_path / "iter_2.pth", tmp_path / "latest.pth")      # stale: stopped before relinking
+    (tmp_path / "iter_6.pth").write_bytes(b"truncated")
+    path, ckpt = find_resume_checkpoint(tmp_path)
+    assert path.name == "iter_4.pth" and ckpt["iteration"] == 4
+    assert "skipping checkpoint" in caplog.text and "iter_6.pth" in caplog.text
+    assert find_resume_checkpoint(tmp_path / "empty") is None
+
+
 # -- training runs -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
@@ -275,6 +286,30 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, caplog):
     assert all(torch.equal(full["state_dict"][k], resumed["state_dict"][k]) for k in full["state_dict"])
     assert full["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
     assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_6.pth", "iter_8.pth"]  # keep_checkpoints 2
+
+
+def test_grad_checkpointing_amp_on_cpu_and_resume_from_path(tmp_path):
+    """Gradient checkpointing changes no numbers; AMP is ignored (with a warning) on the CPU;
+    ``resume=PATH`` continues another run's checkpoint; the work dir holds config and log."""
+    data = make_dataset(tmp_path / "data", n=4)
+    cfg_path = write_config(tmp_path / "g.yaml", data, schedule={"iters": 3, "warmup_iters": 1})
+    plain = train(load_config(cfg_path), tmp_path / "plain", device="cpu")
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        train(load_config(cfg_path, ["train.grad_checkpointing=true", "train.amp=bf16"]), tmp_path / "ckpt",
+              device="cpu")
+    resumed = train(load_config(cfg_path), tmp_path / "other", resume=str(tmp_path / "plain" / "iter_2.pth"),
+                    device="cpu")
+    final = state(tmp_path / "plain" / "latest.pth")["state_dict"]
+    assert max_diff(final, state(tmp_path / "ckpt" / "latest.pth")["state_dict"]) == 0.0
+    assert max_diff(final, state(tmp_path / "other" / "latest.pth")["state_dict"]) == 0.0
+    assert plain["iteration"] == resumed["iteration"] == 3
+    assert load_config(tmp_path / "plain" / "config.yaml") == load_config(cfg_path)
+    records = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    train_rec = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train_rec] == [1, 2, 3]
+    assert set(train_rec[0]) == {"iter", "loss", "lr", "time", "data_time", "memory_mb"}
+    assert train_rec[0]["lr"] == pytest.approx(1e-4 * 1e-6) and train_rec[0]["memory_mb"] > 0
+    assert records[-1]["mode"] == "val" and 0 <= records[-1]["mIoU"] <= 1
 
 
 @pytest.mark.slow

@@ -36,10 +36,13 @@ def default_stride(crop_size: Sequence[int]) -> Size:
     return int(crop_size[0] * 2 / 3), int(crop_size[1] * 2 / 3)
 
 
-def _base_dataset(data: Dataset) -> Dataset:
+def _base_indices(data: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset under a chain of ``Subset``s and the indices into it that ``data`` covers."""
+    indices = list(range(len(data)))
     while isinstance(data, Subset):
+        indices = [int(data.indices[i]) for i in indices]
         data = data.dataset
-    return data
+    return data, indices
 
 
 def _pairs(batch: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,7 +75,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, mode: str = "whole",
     crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
     step = stride if stride is not None else default_stride(crop)
     step = (step, step) if isinstance(step, int) else tuple(step)
-    dataset = _base_dataset(data.dataset if isinstance(data, DataLoader) else data)
+    dataset, indices = _base_indices(data.dataset if isinstance(data, DataLoader) else data)
     num_classes = num_classes or getattr(dataset, "num_classes", None) or model.num_classes
     metric = SegMetric(num_classes, ignore_index, getattr(dataset, "classes", None))
     device = next(model.parameters()).device
@@ -86,9 +89,8 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, mode: str = "whole",
                 if not hasattr(dataset, "load"):
                     raise ValueError("tta needs a dataset with load(index) -> (raw image, label)")
                 scale = tuple(test_scale or getattr(spec, "test_scale", (2048, 512)))
-                indices = range(rank, len(dataset), world)
-                if isinstance(data, (DataLoader, Subset)):
-                    indices = range(len(dataset))  # an explicit subset/loader is not split again
+                if not isinstance(data, DataLoader):  # a loader is used as given (already split)
+                    indices = indices[rank::world]
                 for i in _progress(indices, progress):
                     image, label = dataset.load(i)
                     label = torch.as_tensor(label).long()

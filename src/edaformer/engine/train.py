@@ -223,13 +223,19 @@ def _iter_checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_resume_checkpoint(work_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest training checkpoint in ``work_dir`` that loads (``latest.pth`` first, then
-    ``iter_<n>.pth`` newest first); unreadable ones are skipped with a warning."""
+    """The newest training checkpoint in ``work_dir`` that loads, with its contents.
+
+    ``latest.pth`` is tried first, then ``iter_<n>.pth`` newest first; unreadable files are
+    skipped with a warning. An ``iter_<n>.pth`` newer than ``latest.pth`` (a run stopped
+    between writing the two) wins.
+    """
     work_dir = Path(work_dir)
-    candidates = [work_dir / "latest.pth"] if (work_dir / "latest.pth").is_file() else []
-    candidates += [p for _, p in _iter_checkpoints(work_dir)]
+    latest = work_dir / "latest.pth"
+    candidates = ([latest] if latest.is_file() else []) + [p for _, p in _iter_checkpoints(work_dir)]
     best: tuple[Path, dict] | None = None
     for path in candidates:
+        if best is not None and os.path.samefile(path, best[0]):
+            continue  # latest.pth is a hard link to the newest iter_<n>.pth
         try:
             ckpt = read_checkpoint(path)
             if "iteration" not in ckpt or "state_dict" not in ckpt:
@@ -239,9 +245,8 @@ def find_resume_checkpoint(work_dir: str | os.PathLike) -> tuple[Path, dict] | N
             continue
         if best is None or ckpt["iteration"] > best[1]["iteration"]:
             best = (path, ckpt)
-        if path.name == "latest.pth":
-            continue  # an iter_ file could only be newer if latest.pth is stale; check the newest one
-        break
+        if path != latest:
+            break
     return best
 
 
