@@ -255,9 +255,11 @@ def _add_flops(sub) -> None:
 
 def _run_flops(args) -> int:
     from .flops import count_flops
+    from .isr import parse_isr
     from .models import create_model
 
-    model = create_model(args.model, num_classes=args.num_classes, isr=args.isr)
+    setting = parse_isr(args.isr)  # fail on a bad spec before building the model
+    model = create_model(args.model, num_classes=args.num_classes, isr=setting)
     report = count_flops(model, tuple(args.size), convention=args.convention)
     print(report.format_table())
     if args.json:

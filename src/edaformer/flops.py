@@ -1,0 +1,399 @@
+"""Parameter and FLOP counts in the convention of the published EDAFormer figures.
+
+:func:`count_flops` runs one forward pass of a weightless (``meta`` device) copy
+of the model with forward hooks on its modules, so the count follows the
+model's real structure and the real pooled token grids of the active ISR
+setting. No data is computed, so EDAFormer-B at 1024x2048 costs about as much
+as at 64x64 (a fraction of a second).
+
+The counting rules are those of the mmcv 1.x hook counter
+(``get_model_complexity_info``), one multiply-add = one FLOP:
+
+* ``Conv2d``: ``k_h * k_w * C_in / groups * C_out`` per output position, plus
+  ``C_out`` per output position for the bias.
+* ``Linear``: input numel x ``out_features`` (bias not counted).
+* ``ReLU``: output numel.
+* average pooling: input numel. EFA pools with ``F.avg_pool2d`` (and skips it
+  for ratio 1); it is counted as the reference's ``AvgPool2d`` module, which
+  also runs for ratio 1.
+* ``LayerNorm`` (``mmcv130`` only): numel, x2 with an elementwise affine.
+* GELU, softmax, matmul / SDPA, dropout and functional resizes: zero.
+* ``BatchNorm2d``: not counted. The reference configurations build the decoder's
+  fuse norm as ``SyncBatchNorm``, a type the mmcv counter skips; its would-be
+  count is reported under ``FlopReport.uncounted``.
+
+Each EFA call adds ``2 * N_query * N_keyvalue * C`` for the attention itself,
+with the real (floored) pooled grid.
+
+Conventions: ``"mmcv130"`` (LayerNorm counted; the paper's figures) and
+``"mmcv127"`` (LayerNorm not counted; what the reference FLOP tool prints).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .models.efa import EFA
+from .models.segmentor import EDAFormer
+
+__all__ = ["CONVENTIONS", "AttentionTerm", "FlopReport", "count_flops", "conv_seg_params"]
+
+CONVENTIONS = ("mmcv130", "mmcv127")
+
+_Rule = Callable[[nn.Module, tuple, torch.Tensor], int]
+
+
+# -- per-module rules -------------------------------------------------------------------
+def _conv_flops(m: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> int:
+    positions = output.shape[0] * math.prod(output.shape[2:])
+    per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
+    bias = m.out_channels if m.bias is not None else 0
+    return (per_position + bias) * positions
+
+
+def _linear_flops(m: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
+    return inputs[0].numel() * output.shape[-1]
+
+
+def _activation_flops(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    return output.numel()
+
+
+def _norm_flops(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    affine = getattr(m, "affine", False) or getattr(m, "elementwise_affine", False)
+    return inputs[0].numel() * (2 if affine else 1)
+
+
+# Rules by exact module type (as the mmcv counter matches them).
+_RULES: dict[type, _Rule] = {
+    nn.Conv2d: _conv_flops, nn.Linear: _linear_flops, nn.ReLU: _activation_flops,
+    nn.LayerNorm: _norm_flops, nn.BatchNorm2d: _norm_flops,
+}
+# Types each convention adds to the total; the others are measured and reported as uncounted.
+_COUNTED: dict[str, frozenset[type]] = {
+    "mmcv127": frozenset({nn.Conv2d, nn.Linear, nn.ReLU}),
+    "mmcv130": frozenset({nn.Conv2d, nn.Linear, nn.ReLU, nn.LayerNorm}),
+}
+
+
+# -- report -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionTerm:
+    """One EFA call: query grid, pooled key/value grid, channels and ``2 * Nq * Nkv * C``."""
+
+    layer: str
+    group: str
+    query_hw: tuple[int, int]
+    kv_hw: tuple[int, int]
+    channels: int
+    pool_ratio: int
+    flops: int
+
+
+@dataclass
+class FlopReport:
+    """What :func:`count_flops` measured. ``flops`` = ``module_flops + attention_flops``.
+
+    ``by_type`` splits ``module_flops``; ``uncounted`` holds what the same rules give for
+    module types the convention leaves out (``LayerNorm`` under ``mmcv127``, ``BatchNorm2d``).
+    ``flops_by_convention`` gives the total under every convention (one pass measures all).
+    """
+
+    model: str | None
+    input_size: tuple[int, int]
+    convention: str
+    params: int
+    params_excluding_conv_seg: int
+    module_flops: int
+    attention_flops: int
+    by_type: dict[str, int]
+    uncounted: dict[str, int] = field(default_factory=dict)
+    flops_by_convention: dict[str, int] = field(default_factory=dict)
+    attention: list[AttentionTerm] = field(default_factory=list)
+    isr: str | None = None
+    pool_ratios: dict[str, int] | None = None
+
+    @property
+    def flops(self) -> int:
+        return self.module_flops + self.attention_flops
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+    def attention_by_group(self) -> dict[str, int]:
+        """Attention FLOPs summed per EFA group (encoder stage / decoder level)."""
+        out: dict[str, int] = {}
+        for term in self.attention:
+            out[term.group] = out.get(term.group, 0) + term.flops
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary; ``attention`` holds the per-layer terms."""
+        d = asdict(self)
+        d.update(input_size=list(self.input_size), flops=self.flops, gflops=self.gflops,
+                 attention_by_group=self.attention_by_group())
+        d["attention"] = [dict(asdict(t), query_hw=list(t.query_hw), kv_hw=list(t.kv_hw)) for t in self.attention]
+        return d
+
+    def format_table(self) -> str:
+        """A readable multi-line summary."""
+        h, w = self.input_size
+        title = f"{self.model or 'model'}  input {h}x{w}"
+        if self.isr is not None:
+            title += f"  ISR {self.isr}"
+        lines = [title + f"  convention {self.convention}"]
+        if self.pool_ratios:
+            lines.append("pool ratios: " + ", ".join(f"{k} {v}" for k, v in self.pool_ratios.items()))
+        lines += [
+            f"{'params (with conv_seg)':28s}{self.params:>16,d}  ({self.params / 1e6:.2f} M)",
+            f"{'params (excluding conv_seg)':28s}{self.params_excluding_conv_seg:>16,d}"
+            f"  ({self.params_excluding_conv_seg / 1e6:.2f} M)",
+            f"{'GFLOPs':28s}{self.gflops:>16.2f}",
+            "",
+            f"{'breakdown':28s}{'GFLOPs':>16s}{'share':>9s}",
+        ]
+        rows = [*self.by_type.items(), ("attention (2*Nq*Nkv*C)", self.attention_flops)]
+        for name, value in rows:
+            share = value / self.flops if self.flops else 0.0
+            lines.append(f"  {name:26s}{value / 1e9:>16.4f}{share:>9.1%}")
+        for name, value in self.uncounted.items():
+            lines.append(f"  {name + ' (not counted)':26s}{value / 1e9:>16.4f}")
+        groups = self.attention_by_group()
+        if groups:
+            lines += ["", f"{'attention per group':28s}{'GFLOPs':>16s}"]
+            lines += [f"  {g:26s}{v / 1e9:>16.4f}" for g, v in groups.items()]
+        return "\n".join(lines)
+
+
+# -- shape-only execution ---------------------------------------------------------------
+class _MetaKernelCache(TorchDispatchMode):
+    """Reuse the output metadata of pure (non-aliasing, non-mutating) ops on ``meta`` tensors.
+
+    Many meta kernels are Python reference implementations; repeated blocks and
+    repeated counts meet the same shapes, so the cache makes a count several times cheaper.
+    """
+
+    _cache: dict[tuple, tuple] = {}
+    _max_entries = 20000
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not _is_pure(func):
+            return func(*args, **kwargs)
+        key = (func, _meta_key(args), _meta_key(kwargs))
+        try:
+            spec = self._cache.get(key)
+        except TypeError:  # an unhashable argument: run uncached
+            return func(*args, **kwargs)
+        if spec is not None:
+            return _from_spec(spec)
+        out = func(*args, **kwargs)
+        spec = _to_spec(out)
+        if spec is not None:
+            if len(self._cache) >= self._max_entries:
+                self._cache.clear()
+            self._cache[key] = spec
+        return out
+
+
+_PURE: dict[object, bool] = {}
+
+
+def _is_pure(func) -> bool:
+    """No argument is written and no output aliases an input."""
+    pure = _PURE.get(func)
+    if pure is None:
+        schema = func._schema
+        pure = _PURE[func] = not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+    return pure
+
+
+def _meta_key(obj):
+    """Hashable metadata of an op argument: tensor geometry, or the value itself (with its type)."""
+    cls = type(obj)
+    if cls is torch.Tensor or isinstance(obj, torch.Tensor):
+        return obj.shape, obj.stride(), obj.dtype, obj.device
+    if cls is list or cls is tuple:
+        if all(type(o) is int for o in obj):  # sizes, strides, dims: the common case
+            return cls, int, tuple(obj)
+        return cls, tuple([_meta_key(o) for o in obj])
+    if cls is dict:
+        return cls, tuple([(k, _meta_key(v)) for k, v in obj.items()])
+    return cls, obj
+
+
+def _to_spec(out) -> tuple | None:
+    """Output metadata, or ``None`` when an output is not a meta tensor (then nothing is cached)."""
+    if isinstance(out, torch.Tensor):
+        return ("tensor", tuple(out.shape), out.stride(), out.dtype) if out.device.type == "meta" else None
+    if isinstance(out, tuple) and out:
+        specs = tuple(_to_spec(o) for o in out)
+        return None if any(s is None for s in specs) else ("tuple", specs)
+    return None
+
+
+def _from_spec(spec: tuple):
+    if spec[0] == "tuple":
+        return tuple(_from_spec(s) for s in spec[1])
+    _, shape, stride, dtype = spec
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+# -- counting ---------------------------------------------------------------------------
+REFERENCE_CONV_SEG_IN_CHANNELS = 128
+
+
+def conv_seg_params(model: nn.Module) -> int:
+    """Parameters of the reference decoder's unused ``conv_seg``: ``Conv2d(128, num_classes, 1)``.
+
+    Its input width is the reference decode head's ``channels=128`` for every model
+    size (not the fuse width), so it holds ``129 * num_classes`` parameters.
+    """
+    if not isinstance(model, EDAFormer):
+        return 0
+    return (REFERENCE_CONV_SEG_IN_CHANNELS + 1) * model.decoder.num_classes
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """Deep copy whose parameters and buffers live on ``meta`` (no data is copied)."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside ``torch.compile`` / DistributedDataParallel / DataParallel wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _in_channels(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise ValueError(f"cannot infer the input channels of {type(model).__name__}: it has no Conv2d")
+
+
+def _check_size(input_size: Sequence[int]) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in input_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_size must be (height, width), got {input_size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size must be positive, got {h}x{w}")
+    return h, w
+
+
+class _Counter:
+    """Forward hooks that accumulate module FLOPs by type, EFA pooling and attention terms."""
+
+    def __init__(self) -> None:
+        self.measured: dict[type, int] = {}
+        self.pool_flops = 0
+        self.attention: list[AttentionTerm] = []
+
+    def module_hook(self, m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self.measured[type(m)] = self.measured.get(type(m), 0) + _RULES[type(m)](m, inputs, output)
+
+    def efa_hook(self, layer: str) -> Callable:
+        def hook(m: EFA, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            bound = {**dict(zip(("x", "h", "w"), args)), **kwargs}
+            x, qh, qw = bound["x"], bound["h"], bound["w"]
+            kh, kw = m.pooled_hw(qh, qw)
+            b, n, c = x.shape
+            self.pool_flops += x.numel()
+            self.attention.append(AttentionTerm(layer, m.name, (qh, qw), (kh, kw), c, m.pool_ratio,
+                                                2 * b * n * kh * kw * c))
+        return hook
+
+    def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
+        handles = []
+        for name, m in modules:
+            if isinstance(m, EFA):
+                handles.append(m.register_forward_hook(self.efa_hook(name), with_kwargs=True))
+            elif type(m) in _RULES:  # exact type, as the mmcv counter matches
+                handles.append(m.register_forward_hook(self.module_hook))
+        return handles
+
+    def totals(self) -> dict[str, int]:
+        """Total FLOPs under every convention."""
+        extra = self.pool_flops + sum(t.flops for t in self.attention)
+        return {c: sum(v for t, v in self.measured.items() if t in types) + extra for c, types in _COUNTED.items()}
+
+
+def _run_counted(model: nn.Module, counter: _Counter, height: int, width: int, on_meta: bool) -> None:
+    """One eval-mode forward on ``meta`` with ``counter`` attached; ``model`` keeps its state.
+
+    ``on_meta``: ``model`` already lives on ``meta`` and is run as it is; otherwise a meta copy runs.
+    """
+    modules = list((model if on_meta else _meta_copy(model)).named_modules())
+    in_training = [m for _, m in modules if m.training]
+    handles = counter.attach(modules)
+    try:
+        for m in in_training:
+            m.training = False
+        root = modules[0][1]
+        with torch.no_grad(), _MetaKernelCache():
+            root(torch.empty(1, _in_channels(root), height, width, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m in in_training:
+            m.training = True
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
+                convention: str = "mmcv130") -> FlopReport:
+    """Count parameters and FLOPs of ``model`` on a ``(1, C, H, W)`` input.
+
+    The forward pass runs in eval mode on a ``meta`` copy, so ``model`` is left
+    untouched; a model that already lives on ``meta`` is run as it is (cheapest),
+    its train/eval flags restored after. ``params`` follows the reference
+    convention (it includes the unused ``conv_seg`` of EDAFormer's decoder);
+    ``params_excluding_conv_seg`` is the model's own parameter count. Raises
+    ``ValueError`` for an unknown convention or an input too small for the active
+    ISR setting.
+    """
+    if convention not in _COUNTED:
+        raise ValueError(f"unknown FLOP convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    h, w = _check_size(input_size)
+    model = _unwrap(model)
+    is_edaformer = isinstance(model, EDAFormer)
+    if is_edaformer:
+        model.check_input_size(h, w)
+    params = list(model.parameters())
+    on_meta = all(t.is_meta for t in itertools.chain(params, model.buffers()))
+    counter = _Counter()
+    _run_counted(model, counter, h, w, on_meta)
+
+    counted = _COUNTED[convention]
+    by_type = {t.__name__: v for t, v in counter.measured.items() if t in counted}
+    if counter.attention:
+        by_type["AvgPool2d"] = counter.pool_flops
+    uncounted = {t.__name__: v for t, v in counter.measured.items() if t not in counted}
+    n_params = sum(p.numel() for p in params)
+    return FlopReport(
+        model=getattr(model, "name", None) or type(model).__name__,
+        input_size=(h, w), convention=convention,
+        params=n_params + conv_seg_params(model), params_excluding_conv_seg=n_params,
+        module_flops=sum(by_type.values()), attention_flops=sum(t.flops for t in counter.attention),
+        by_type=dict(sorted(by_type.items())), uncounted=dict(sorted(uncounted.items())),
+        flops_by_convention=counter.totals(), attention=counter.attention,
+        isr=str(model.isr) if is_edaformer else None,
+        pool_ratios=model.pool_ratios() if is_edaformer else None)

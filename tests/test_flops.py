@@ -1,0 +1,192 @@
+"""Parameter / FLOP counts against the reference FLOP tool (../shared/fixtures/official/flops.json)."""
+import json
+from functools import lru_cache
+from unittest import mock
+
+import pytest
+import torch
+
+import edaformer
+from edaformer import count_flops, create_model
+from edaformer.cli import main
+from edaformer.isr import PAPER_ISR_SWEEP, isr
+from edaformer.models import efa
+from fixtures import FIXTURES, manifest, requires_fixtures
+
+FLOPS_JSON = FIXTURES / "flops.json"
+ROWS = json.loads(FLOPS_JSON.read_text())["rows"] if FLOPS_JSON.is_file() else []
+DATASETS = {"ade": "ade20k", "coco": "cocostuff", "city": "cityscapes"}
+GROUPS = {"encoder stage 1": "enc_stage1", "encoder stage 2": "enc_stage2", "encoder stage 3": "enc_stage3",
+          "encoder stage 4": "enc_stage4", "decoder c2": "dec_attn2x1", "decoder c3": "dec_attn3x2",
+          "decoder c4": "dec_attn4x3"}
+
+# Published GFLOPs (paper, mmcv 1.3.0 rule): (size, dataset, input) -> values for PAPER_ISR_SWEEP.
+PUBLISHED = {
+    ("t", "ade20k", (512, 512)): (5.6, 5.3, 4.7, 4.1),
+    ("b", "ade20k", (512, 512)): (32.0, 31.3, 29.4, 26.6),
+    ("t", "cityscapes", (1024, 2048)): (151.7, 133.6, 94.9, 59.1),
+    ("b", "cityscapes", (1024, 2048)): (605.9, 569.0, 452.9, 298.1),
+}
+
+
+@lru_cache(maxsize=None)
+def meta_model(name: str, num_classes: int | None = None) -> edaformer.EDAFormer:
+    """A model moved to ``meta`` (counted in place, the fast path of ``count_flops``).
+
+    Counts depend on shapes only, so the slow truncated-normal init is skipped.
+    """
+    with mock.patch.object(efa, "trunc_normal_", lambda tensor, **kwargs: tensor):
+        return create_model(name, num_classes=num_classes).to("meta").eval()
+
+
+def _isr(row: dict) -> str:
+    return "".join(map(str, row["encoder_reduction_ratios"])) + "-" + "".join(map(str, row["decoder_reduction_ratios"]))
+
+
+def _row_id(row: dict) -> str:
+    h, w = row["input_hw"]
+    return f"{row['model'][-1]}-{row['dataset']}-{h}x{w}-{_isr(row)}"
+
+
+def _model_for(row: dict) -> edaformer.EDAFormer:
+    model = meta_model(f"edaformer-{row['model'][-1].lower()}-{DATASETS[row['dataset']]}", row["num_classes"])
+    return model.set_isr(_isr(row))
+
+
+@requires_fixtures
+@pytest.mark.parametrize("row", ROWS, ids=[_row_id(r) for r in ROWS])
+def test_matches_reference_flop_tool(row):
+    report = count_flops(_model_for(row), row["input_hw"])
+    totals = report.flops_by_convention
+    # Exact integer totals under both rules (one pass measures both).
+    assert report.flops == totals["mmcv130"] == row["mmcv130_variant_total_flops"]
+    assert totals["mmcv127"] == row["total_flops"]
+    assert report.gflops == pytest.approx(row["mmcv130_variant_gflops"], abs=0.01)
+    assert totals["mmcv127"] / 1e9 == pytest.approx(row["gflops"], abs=0.01)
+    # Parts: hook-counted modules (1.2.7 rule = without LayerNorm) and the attention terms.
+    by_type = dict(report.by_type)
+    assert by_type.pop("LayerNorm") == totals["mmcv130"] - totals["mmcv127"]
+    assert by_type == row["module_flops_by_type"]
+    assert report.module_flops - report.by_type["LayerNorm"] == row["module_flops"]
+    assert report.attention_flops == row["attention_exact_macs_floored"] == row["attention_flops"]
+    assert {GROUPS[g]: v for g, v in report.attention_by_group().items()} == row["attention_terms"]
+    # Parameters and pooling.
+    assert report.params == row["params"]
+    assert report.params_excluding_conv_seg == row["params_excluding_conv_seg"]
+    ratios = report.pool_ratios
+    assert [ratios[f"encoder.stage{i}"] for i in range(1, 5)] == row["encoder_pool_kernels"]
+    assert [ratios[f"decoder.c{i}"] for i in (2, 3, 4)] == row["decoder_pool_kernels_attn2_attn3_attn4"]
+
+
+MMCV127_ROWS = [r for r in ROWS if _isr(r) in ("1111-111", "2211-222")]
+
+
+@requires_fixtures
+@pytest.mark.parametrize("row", MMCV127_ROWS, ids=[_row_id(r) for r in MMCV127_ROWS])
+def test_mmcv127_convention(row):
+    report = count_flops(_model_for(row), row["input_hw"], convention="mmcv127")
+    assert report.flops == row["total_flops"]
+    assert report.gflops == pytest.approx(row["gflops"], abs=0.01)
+    assert report.by_type == row["module_flops_by_type"]
+    assert report.module_flops == row["module_flops"]
+    assert report.uncounted["LayerNorm"] == row["mmcv130_variant_total_flops"] - row["total_flops"]
+    assert report.flops_by_convention["mmcv130"] == row["mmcv130_variant_total_flops"]
+
+
+@pytest.mark.parametrize("key", list(PUBLISHED), ids=lambda k: f"{k[0]}-{k[1]}")
+def test_published_gflops(key):
+    size, dataset, input_size = key
+    model = meta_model(f"edaformer-{size}-{dataset}")
+    for spec, published in zip(PAPER_ISR_SWEEP, PUBLISHED[key]):
+        with isr(model, spec):
+            assert round(count_flops(model, input_size).gflops, 1) == published, spec
+
+
+def test_published_params():
+    assert round(count_flops(meta_model("edaformer-t-ade20k")).params / 1e6, 2) == 4.95
+    assert round(count_flops(meta_model("edaformer-b-ade20k")).params / 1e6, 2) == 29.46
+
+
+@requires_fixtures
+@pytest.mark.parametrize("setting", ["e1111_d111", "e2211_d222", "e2221_d222"])
+def test_pooled_grids_match_reference_geometry(setting):
+    """Non-square input whose sides are not multiples of 32: the floored key/value grids."""
+    expected = manifest("t")["settings"][setting]["per_input"]["x200x328"]["avgpool_geometry"]
+    with isr(meta_model("edaformer-t-ade20k"), setting.replace("e", "").replace("_d", "-")) as model:
+        terms = count_flops(model, (200, 328)).attention
+    got = sorted((t.pool_ratio, t.query_hw, t.kv_hw) for t in terms)
+    assert got == sorted((g["kernel"], tuple(g["in_hw"]), tuple(g["out_hw"])) for g in expected)
+    assert all(t.flops == 2 * t.query_hw[0] * t.query_hw[1] * t.kv_hw[0] * t.kv_hw[1] * t.channels for t in terms)
+
+
+def test_real_model_left_untouched():
+    model = create_model("edaformer-t-ade20k", isr="2211-222").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = count_flops(model, (512, 512))
+    assert round(report.gflops, 2) == 4.71
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_hooks_with_kwargs for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert report.params_excluding_conv_seg == sum(p.numel() for p in model.parameters())
+    assert report.isr == "2211-222"
+
+
+def test_meta_model_flags_restored():
+    model = meta_model("edaformer-t-ade20k").train()
+    count_flops(model, (256, 256))
+    assert all(m.training for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_hooks_with_kwargs for m in model.modules())
+    model.eval()
+
+
+def test_report_dict_is_json():
+    report = count_flops(meta_model("edaformer-t-ade20k"), (512, 512))
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["params"] == report.params and d["gflops"] == report.gflops
+    assert d["uncounted"] == {"BatchNorm2d": 2 * 128 * 64 * 64}
+    assert len(d["attention"]) == 2 + 2 + 10 + 2 + 1 + 2 + 3
+    assert "GFLOPs" in report.format_table()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(convention="mmcv999"), "unknown FLOP convention"),
+    (dict(input_size=(0, 512)), "must be positive"),
+    (dict(input_size=(512,)), r"\(height, width\)"),
+    (dict(input_size=(64, 64)), "does not fit"),
+])
+def test_errors(kwargs, match):
+    with isr(meta_model("edaformer-t-ade20k"), "4411-111") as model, pytest.raises(ValueError, match=match):
+        count_flops(model, **{"input_size": (512, 512), **kwargs})
+
+
+def test_cli_json(capsys):
+    assert main(["flops", "edaformer-t-ade20k", "--size", "512", "512", "--isr", "2211-222", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any("GFLOPs" in line for line in out[:-1])
+    d = json.loads(out[-1])
+    assert d["params"] == 4949264 and d["params_excluding_conv_seg"] == 4929914
+    assert round(d["gflops"], 2) == 4.71
+    assert d["isr"] == "2211-222" and d["input_size"] == [512, 512] and d["convention"] == "mmcv130"
+
+
+def test_cli_convention_and_classes(capsys):
+    argv = ["flops", "edaformer-t-ade20k", "--size", "512", "512", "--num-classes", "19", "--convention", "mmcv127",
+            "--json"]
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["convention"] == "mmcv127" and "LayerNorm" in d["uncounted"]
+    assert d["params"] == 4949264 - 2 * (150 - 19) * 129  # classifier and conv_seg: 129 per class each
+
+
+@pytest.mark.parametrize("spec, message", [("4444-444", "does not fit"), ("22x1-222", "ISR spec")])
+def test_cli_errors(capsys, spec, message):
+    assert main(["flops", "edaformer-t-ade20k", "--size", "64", "64", "--isr", spec]) == 2
+    err = capsys.readouterr().err
+    assert "edaformer flops: error:" in err and message in err
+
+
+def test_wrapped_model_is_unwrapped():
+    model = meta_model("edaformer-t-ade20k")
+    report = count_flops(torch.nn.DataParallel(model), (512, 512))
+    assert report.flops == count_flops(model, (512, 512)).flops and report.isr == "1111-111"
