@@ -310,6 +310,11 @@ def test_grad_checkpointing_amp_on_cpu_and_resume_from_path(tmp_path):
     assert set(train_rec[0]) == {"iter", "loss", "lr", "time", "data_time", "memory_mb"}
     assert train_rec[0]["lr"] == pytest.approx(1e-4 * 1e-6) and train_rec[0]["memory_mb"] > 0
     assert records[-1]["mode"] == "val" and 0 <= records[-1]["mIoU"] <= 1
+    # resuming with a longer schedule: the position comes from the checkpoint, the shape from the config
+    longer = train(load_config(cfg_path, ["schedule.iters=5"]), tmp_path / "plain", resume="auto", device="cpu")
+    records = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
+    assert longer["iteration"] == 5
+    assert [r["lr"] for r in records if r.get("iter") == 4 and "lr" in r] == [pytest.approx(1e-4 * (1 - 3 / 5))]
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, mode: str = "whole",
     training crop, 2/3 of it). ``isr``: an ISR setting applied for this call only.
     ``tta``: multi-scale (``tta_scales`` x ``test_scale``) + flip on the raw images (``dataset.load``).
     """
+    from ..data import collate
     from ..inference import infer_logits, infer_tta
 
     spec = getattr(model, "spec", None)
@@ -103,8 +104,9 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, mode: str = "whole",
                     loader = data
                 else:
                     shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
-                    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers,
-                                        collate_fn=_collate_fn(), pin_memory=device.type == "cuda")
+                    # its own generator: evaluating leaves the global RNG (and so training) untouched
+                    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate,
+                                        pin_memory=device.type == "cuda", generator=torch.Generator())
                 for batch in _progress(loader, progress):
                     for image, label in _pairs(batch):
                         label = torch.as_tensor(label).long()
@@ -114,14 +116,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, mode: str = "whole",
     finally:
         model.train(was_training)
     return metric.compute()
-
-
-def _collate_fn():
-    try:
-        from ..data import collate
-    except ImportError:  # pragma: no cover - the data package is part of the library
-        return None
-    return collate
 
 
 def _progress(iterable, enabled: bool):

@@ -313,10 +313,14 @@ def train(cfg: Mapping[str, Any], work_dir: str | os.PathLike, resume: str | Non
     Returns ``iteration``, ``best_mIoU`` and the last validation ``metrics``.
     """
     owns_group = not is_distributed()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
     info = init_distributed(device)
     try:
         return _train(cfg, Path(work_dir), resume, info)
     finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = deterministic[2]
         if owns_group:
             cleanup_distributed()
 
@@ -384,7 +388,11 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        # the schedule's shape comes from the config (e.g. a raised schedule.iters), its position
+        # from the checkpoint
+        scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_iter, best_miou = int(ckpt["iteration"]), float(ckpt.get("best_mIoU", -1.0))
