@@ -27,6 +27,7 @@ def test_key_map_covers_reference_manifest_both_ways(size):
     assert all(native[k].shape == target[k].shape for k in target)
     back = native_to_reference(native)
     assert set(back) == set(ref)
+    assert all(back[k].shape == ref[k].shape for k in ref), "conv_seg and every other shape as the reference"
 
 
 def test_roundtrip_all_formats(model, tmp_path):

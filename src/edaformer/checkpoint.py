@@ -31,6 +31,7 @@ _DECODER_BLOCKS_INV = {v: k for k, v in _DECODER_BLOCKS.items()}
 _DECODER_MODULES = {"linear_fuse.conv": "fuse.conv", "linear_fuse.bn": "fuse.bn", "linear_pred": "classifier"}
 _DECODER_MODULES_INV = {v: k for k, v in _DECODER_MODULES.items()}
 CONV_SEG = "decode_head.conv_seg."
+CONV_SEG_CHANNELS = 128  # the reference head's unused conv_seg takes 128 channels for T and B
 
 
 class CheckpointMismatchError(ValueError):
@@ -91,8 +92,8 @@ def native_to_reference(state_dict: Mapping[str, torch.Tensor],
                         conv_seg: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Rename this library's keys to the reference names.
 
-    The reference decoder also holds an unused ``conv_seg`` 1x1 conv; it is written from
-    ``conv_seg`` when given, else as zeros shaped like the classifier.
+    The reference decoder also holds an unused ``conv_seg`` conv, ``(K, 128, 1, 1)`` for every
+    model size; it is written from ``conv_seg`` when given, else as zeros.
     """
     out = {}
     for k, v in state_dict.items():
@@ -103,8 +104,8 @@ def native_to_reference(state_dict: Mapping[str, torch.Tensor],
         else:
             out[k] = v
     if "decode_head.linear_pred.weight" in out:
-        w, b = out["decode_head.linear_pred.weight"], out["decode_head.linear_pred.bias"]
-        out[CONV_SEG + "weight"] = conv_seg["weight"] if conv_seg else torch.zeros_like(w)
+        b = out["decode_head.linear_pred.bias"]
+        out[CONV_SEG + "weight"] = conv_seg["weight"] if conv_seg else b.new_zeros(len(b), CONV_SEG_CHANNELS, 1, 1)
         out[CONV_SEG + "bias"] = conv_seg["bias"] if conv_seg else torch.zeros_like(b)
     return out
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .checkpoint import CONV_SEG_CHANNELS
 from .models.efa import EFA
 from .models.segmentor import EDAFormer
 
@@ -248,9 +249,6 @@ def _from_spec(spec: tuple):
 
 
 # -- counting ---------------------------------------------------------------------------
-REFERENCE_CONV_SEG_IN_CHANNELS = 128
-
-
 def conv_seg_params(model: nn.Module) -> int:
     """Parameters of the reference decoder's unused ``conv_seg``: ``Conv2d(128, num_classes, 1)``.
 
@@ -259,7 +257,7 @@ def conv_seg_params(model: nn.Module) -> int:
     """
     if not isinstance(model, EDAFormer):
         return 0
-    return (REFERENCE_CONV_SEG_IN_CHANNELS + 1) * model.decoder.num_classes
+    return (CONV_SEG_CHANNELS + 1) * model.decoder.num_classes
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

@@ -78,7 +78,8 @@ class EFT(nn.Module):
         self.global_pool = global_pool
         self.embed_dims = tuple(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)  # drop-path rate rising linearly over all blocks (plain Python: meta-device friendly)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         stages, cur, prev = [], 0, in_chans
         self.feature_info = []
         for i, (dim, depth) in enumerate(zip(embed_dims, depths)):
