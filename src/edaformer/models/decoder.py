@@ -4,10 +4,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .efa import EFABlock, init_weights, to_map, to_tokens
+from .efa import EFABlock, init_weights, resize_bilinear, to_map, to_tokens
 
 __all__ = ["AllAttentionDecoder", "DECODER_TRAIN_RATIOS"]
 
@@ -63,7 +62,7 @@ class AllAttentionDecoder(nn.Module):
                 x = blk(x, h, w)
             x = to_map(x, h, w)
             if (h, w) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                x = resize_bilinear(x, size)
             outs.append(x)
         x = self.fuse(torch.cat(outs[::-1], dim=1))
         return self.classifier(self.dropout(x))

@@ -7,14 +7,22 @@ run in channels-last layout.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-__all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights"]
+__all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights", "resize_bilinear"]
+
+# CPU inference outputs of at least this many bytes are put on transparent huge pages (see
+# :func:`resize_bilinear`); set to ``None`` to disable.
+HUGE_PAGE_MIN_BYTES: int | None = 32 << 20
 
 
 def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -25,6 +33,61 @@ def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """Flatten a map ``(B, C, H, W)`` to tokens ``(B, H*W, C)`` (no copy when channels-last)."""
     return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise_hugepage():
+    """``madvise(addr, len, MADV_HUGEPAGE)`` where transparent huge pages can be requested, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return None
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    madv_hugepage = 14
+
+    def advise(t: torch.Tensor) -> None:
+        start, nbytes = t.data_ptr(), t.untyped_storage().nbytes()
+        aligned = (start + page - 1) // page * page
+        if start + nbytes > aligned:
+            madvise(aligned, start + nbytes - aligned, madv_hugepage)
+    return advise
+
+
+def _huge_page_output(x: torch.Tensor, size) -> bool:
+    if (HUGE_PAGE_MIN_BYTES is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    nbytes = x.shape[0] * x.shape[1] * int(size[0]) * int(size[1]) * x.element_size()
+    return nbytes >= HUGE_PAGE_MIN_BYTES and _madvise_hugepage() is not None
+
+
+def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, bit for bit.
+
+    A large CPU inference output (the full-resolution logits: 150 x 512 x 512 floats are 157 MB)
+    is allocated untouched, advised onto transparent huge pages, and then written by the same
+    kernel: first touching fresh memory 4 KiB page by page costs more than the interpolation
+    itself, 2 MiB pages cut that cost by ~7x (see ``benchmarks/RESULTS.md``). Anything else
+    (autograd, tracing, ``torch.compile``, other devices, no THP support) takes the plain call.
+    """
+    if not _huge_page_output(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    size = (int(size[0]), int(size[1]))
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    out = torch.empty((x.shape[0], x.shape[1], *size), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _madvise_hugepage()(out)
+    return torch._C._nn.upsample_bilinear2d(x, size, False, None, None, out=out)
 
 
 class EFA(nn.Module):
@@ -78,7 +141,13 @@ class EFA(nn.Module):
         kv = to_tokens(self.sr(kv))
         if self.norm is not None:
             kv = self.act(self.norm(kv))
+        if kv.stride(-1) != 1:  # the fused SDPA kernels need unit stride along the head dim
+            kv = kv.contiguous()
         d = c // self.num_heads
+        # Heads are views: (B, N, C) -> (B, heads, N, d) with strides (N*C, d, C, 1). The CPU
+        # flash kernel and the CUDA flash / memory-efficient kernels take these strides as they
+        # are, and return the output laid out as (B, N, heads, d), so merging the heads back is a
+        # view too (no copy on either side of the attention).
         q = x.view(b, n, self.num_heads, d).transpose(1, 2)
         kv = kv.view(b, kv.shape[1], self.num_heads, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, kv, kv)

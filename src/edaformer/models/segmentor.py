@@ -4,12 +4,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..isr import ISRSetting, ISRSpec, parse_isr
 from .decoder import AllAttentionDecoder
-from .efa import EFA
+from .efa import EFA, resize_bilinear
 from .eft import EFT
 
 __all__ = ["EDAFormer"]
@@ -92,7 +91,7 @@ class EDAFormer(nn.Module):
             raise ValueError(f"expected input (B, {self.encoder.stages[0].downsample.proj.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
         logits = self.decode(x)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return resize_bilinear(logits, x.shape[-2:])
 
     # training helpers ----------------------------------------------------------------
     @torch.jit.ignore
