@@ -267,7 +267,99 @@ def _run_flops(args) -> int:
     return 0
 
 
-COMMANDS = ["list", "export-reference", "convert", "predict", "train", "eval", "flops"]
+# -- bench -----------------------------------------------------------------------------
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="inference latency, images/s and GFLOPs per ISR setting")
+    p.add_argument("model", help="model name, see `edaformer list`")
+    p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: 1111-111)")
+    g.add_argument("--isr-sweep", action="store_true", help="the paper's four ISR settings")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (default fp32)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=10, help="timed runs (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
+    p.add_argument("--checkpoint", default=None, help="weights to load (default: random init)")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+
+def _run_bench(args) -> int:
+    import torch
+
+    from .benchmark import environment, format_table, run_isr_sweep, to_jsonable
+    from .isr import PAPER_ISR_SWEEP, parse_isr
+    from .models import create_model
+
+    if args.batch < 1 or args.runs < 1 or args.warmup < 0:
+        raise ValueError("--batch and --runs must be >= 1, --warmup >= 0")
+    settings = list(PAPER_ISR_SWEEP) if args.isr_sweep else [str(parse_isr(args.isr or "1111-111"))]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = create_model(args.model, num_classes=args.num_classes)
+    if args.checkpoint:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(model, args.checkpoint)
+    rows = run_isr_sweep(model, tuple(args.size), settings, batch=args.batch, runs=args.runs, warmup=args.warmup,
+                         device=args.device, dtype=args.dtype, channels_last=args.channels_last)
+    base = rows[0]["median_ms"]
+    for row in rows:
+        row["time_vs_first"] = row["median_ms"] / base
+    if args.json:
+        print(json.dumps(to_jsonable(dict(model=args.model, environment=environment(), runs=args.runs,
+                                          warmup=args.warmup, rows=rows)), indent=2))
+        return 0
+    env = environment()
+    print(f"{args.model} {args.size[0]}x{args.size[1]} batch {args.batch} {args.device} {args.dtype}, "
+          f"{args.runs} runs after {args.warmup} warm-up; torch {env['torch']}, {env['torch_threads']} thread(s)")
+    print(format_table(rows, [("isr", "ISR", ""), ("gflops", "GFLOPs", ".1f"), ("median_ms", "median ms", ".1f"),
+                              ("iqr_ms", "IQR ms", ".1f"), ("min_ms", "min ms", ".1f"), ("max_ms", "max ms", ".1f"),
+                              ("images_per_s", "images/s", ".2f"), ("cpu_median_ms", "CPU ms", ".0f"),
+                              ("time_vs_first", "time vs first", ".2f")]))
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX with an ISR setting baked in")
+    p.add_argument("model", help="model name, see `edaformer list`")
+    p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
+    p.add_argument("--isr", default="1111-111", help="ISR factors to bake in (default: 1111-111)")
+    p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
+                   help="input height and width (the example size with --dynamic)")
+    p.add_argument("--dynamic", action="store_true", help="symbolic height and width (>= the ISR's minimum)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the model's")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: edaformer.export.DEFAULT_OPSET)")
+    p.add_argument("--check", action="store_true", help="compare with PyTorch in onnxruntime after export")
+    p.add_argument("--out", required=True, help="output .onnx path")
+
+
+def _run_export(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .export import DEFAULT_OPSET, export_onnx, verify_onnx
+    from .isr import parse_isr
+    from .models import create_model
+
+    setting = parse_isr(args.isr)  # fail on a bad spec before building the model
+    model = create_model(args.model, num_classes=args.num_classes).eval()
+    load_checkpoint(model, args.checkpoint)
+    path = export_onnx(model, args.out, size=tuple(args.size), isr=setting, dynamic=args.dynamic,
+                       opset=args.opset or DEFAULT_OPSET)
+    print(f"wrote {path} (ISR {setting}, {'dynamic HxW' if args.dynamic else f'{args.size[0]}x{args.size[1]}'})")
+    if args.check:
+        sizes = [tuple(args.size)]
+        if args.dynamic:
+            sizes.append((args.size[0] + 32, args.size[1] + 64))
+        for r in verify_onnx(model, path, sizes, isr=setting):
+            print(f"onnxruntime vs PyTorch at {r['size'][0]}x{r['size'][1]}: max abs diff {r['max_abs_diff']:.2e}")
+    return 0
+
+
+COMMANDS = ["list", "export-reference", "convert", "predict", "train", "eval", "flops", "bench", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
