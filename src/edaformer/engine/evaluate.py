@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..isr import PAPER_ISR_SWEEP, isr as isr_context
 from ..metrics import SegMetric
+from ..plotting import plot_sweep
 from .distributed import get_rank, get_world_size, is_main_process
 
 __all__ = ["evaluate", "isr_sweep", "format_sweep_table", "save_sweep", "plot_sweep", "default_stride"]
@@ -183,34 +184,4 @@ def save_sweep(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, meta:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "isr_sweep.json"
     path.write_text(json.dumps({"meta": meta or {}, "results": list(rows)}, indent=2))
-    return path
-
-
-def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path | None:
-    """mIoU vs GFLOPs (or vs the setting, without GFLOPs) as a PNG; None if matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plot written (pip install matplotlib)")
-        return None
-    have_flops = all(r.get("gflops") is not None for r in rows)
-    xs = [r["gflops"] for r in rows] if have_flops else list(range(len(rows)))
-    ys = [100 * r["mIoU"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.plot(xs, ys, "o-")
-    for x, y, r in zip(xs, ys, rows):
-        ax.annotate(r["isr"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("GFLOPs" if have_flops else "ISR setting")
-    if not have_flops:
-        ax.set_xticks(xs, [r["isr"] for r in rows])
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title(title or "ISR sweep")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
     return path

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import save_config
+from ..plotting import plot_training_log
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object,
                           cleanup_distributed, convert_sync_batchnorm, init_distributed, is_distributed,
                           unwrap_model)
@@ -513,5 +514,6 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
             t_end = time.perf_counter()
     bar.close()
     if main:
+        plot_training_log(work_dir / "log.jsonl", work_dir / "curves.png", title=str(cfg["model"]["name"]))
         log.info("done: %d iterations, best mIoU %.2f; checkpoints in %s", iters, 100 * max(best_miou, 0.0), work_dir)
     return dict(iteration=iters, best_mIoU=best_miou, metrics=metrics, work_dir=str(work_dir))
