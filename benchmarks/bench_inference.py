@@ -69,50 +69,71 @@ def run(args) -> dict:
         for size in args.sizes:
             name = model_name(short, size)
             for batch in args.batch:
-                ours = bm.build_named(name, seed=0)
-                base = reference_style.from_model(ours).eval().to(device)
-                ours_run = bm.prepare_model(ours, device, channels_last=args.channels_last, compile=args.compile)
-                x = bm.make_input(batch, size, device, channels_last=args.channels_last)
-                x_base = bm.make_input(batch, size, device)
-                for spec in args.isr:
-                    spec = str(parse_isr(spec))
-                    ours.set_isr(spec)
-                    base.set_isr(spec)
-                    row = dict(model=name, size=f"{size[0]}x{size[1]}", isr=spec, batch=batch, device=device.type,
-                               dtype=args.dtype, compile=args.compile, channels_last=args.channels_last)
-                    try:
-                        ours.check_input_size(*size)
-                    except ValueError as e:
-                        print(f"skip {name} {size} {spec}: {e}", file=sys.stderr)
-                        continue
-                    row["gflops"] = None if args.no_flops else bm.gflops(ours, size)
-                    att = baseline_attention_bytes(ours, batch, size)
-                    with_base = not args.no_baseline and att <= args.max_baseline_gb * 2**30
-                    if not with_base and not args.no_baseline:
-                        row["note"] = f"baseline skipped: its attention matrices alone need {att / 2**30:.1f} GiB"
-                    fns = {"ours": bm.forward_fn(ours_run, x, device, bm.resolve_dtype(args.dtype))}
-                    if with_base:
-                        fns["base"] = bm.forward_fn(base, x_base, device, torch.float32)
-                    t0 = time.perf_counter()
-                    timings = bm.time_interleaved(fns, args.runs, args.warmup, device)
-                    for key, timing in timings.items():
-                        row.update({f"{key}_{k}": v for k, v in timing.summary(batch).items()})
-                    if not args.no_memory:
-                        row.update(measure_memory(args, name, spec, batch, size, device, with_base, ours_run, x,
-                                                  base, x_base))
-                    if with_base:
-                        row["latency_ratio"] = row["ours_median_ms"] / row["base_median_ms"]
-                        row["cpu_ratio"] = row["ours_cpu_median_ms"] / row["base_cpu_median_ms"]
-                        if row.get("ours_peak_mb") and row.get("base_peak_mb"):
-                            row["memory_ratio"] = row["ours_peak_mb"] / row["base_peak_mb"]
-                    row["seconds"] = time.perf_counter() - t0
-                    rows.append(row)
-                    print(progress_line(row), file=sys.stderr, flush=True)
-                ours.set_isr("1111-111")
-                del ours, base, ours_run
+                rows += run_group(args, reference_style, name, size, batch, device)
     add_isr_savings(rows)
     return dict(environment=bm.environment(), command=" ".join(sys.argv), runs=args.runs, warmup=args.warmup,
                 rows=rows)
+
+
+def run_group(args, reference_style, name, size, batch, device) -> list[dict]:
+    """One (model, size, batch): all ISR settings, ours and baseline, timed interleaved together."""
+    ours = bm.build_named(name, seed=0)
+    base = reference_style.from_model(ours).eval().to(device)
+    ours_run = bm.prepare_model(ours, device, channels_last=args.channels_last, compile=args.compile)
+    x = bm.make_input(batch, size, device, channels_last=args.channels_last)
+    x_base = bm.make_input(batch, size, device)
+    dtype = bm.resolve_dtype(args.dtype)
+    rows, fns = {}, {}
+
+    def with_isr(model, spec, fn):
+        def call():
+            model.set_isr(spec)
+            return fn()
+        return call
+
+    for spec in (str(parse_isr(s)) for s in args.isr):
+        ours.set_isr(spec)
+        try:
+            ours.check_input_size(*size)
+        except ValueError as e:
+            print(f"skip {name} {size} {spec}: {e}", file=sys.stderr)
+            continue
+        row = dict(model=name, size=f"{size[0]}x{size[1]}", isr=spec, batch=batch, device=device.type,
+                   dtype=args.dtype, compile=args.compile, channels_last=args.channels_last)
+        row["gflops"] = None if args.no_flops else bm.gflops(ours, size)
+        att = baseline_attention_bytes(ours, batch, size)
+        with_base = not args.no_baseline and att <= args.max_baseline_gb * 2**30
+        if not with_base and not args.no_baseline:
+            row["note"] = f"baseline skipped: its attention matrices alone need {att / 2**30:.1f} GiB"
+        if not with_base or spec not in args.baseline_isr and args.baseline_isr != ["all"]:
+            with_base = False
+        row["_with_base"] = with_base
+        rows[spec] = row
+        fns[(spec, "ours")] = with_isr(ours, spec, bm.forward_fn(ours_run, x, device, dtype))
+        if with_base:
+            fns[(spec, "base")] = with_isr(base, spec, bm.forward_fn(base, x_base, device, torch.float32))
+    t0 = time.perf_counter()
+    timings = bm.time_interleaved(fns, args.runs, args.warmup, device)
+    print(f"{name} {size[0]}x{size[1]} b{batch}: timed {len(fns)} configurations interleaved in "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    out = []
+    for spec, row in rows.items():
+        with_base = row.pop("_with_base")
+        for key in ("ours", "base"):
+            if (spec, key) in timings:
+                row.update({f"{key}_{k}": v for k, v in timings[(spec, key)].summary(batch).items()})
+        if not args.no_memory:
+            ours.set_isr(spec)
+            base.set_isr(spec)
+            row.update(measure_memory(args, name, spec, batch, size, device, with_base, ours_run, x, base, x_base))
+        if with_base:
+            row["latency_ratio"] = row["ours_median_ms"] / row["base_median_ms"]
+            row["cpu_ratio"] = row["ours_cpu_median_ms"] / row["base_cpu_median_ms"]
+            if row.get("ours_peak_mb") and row.get("base_peak_mb"):
+                row["memory_ratio"] = row["ours_peak_mb"] / row["base_peak_mb"]
+        print(progress_line(row), file=sys.stderr, flush=True)
+        out.append(row)
+    return out
 
 
 def measure_memory(args, name, spec, batch, size, device, with_base, ours_run, x, base, x_base) -> dict:
@@ -161,8 +182,7 @@ def add_isr_savings(rows: list[dict]) -> None:
 def progress_line(r: dict) -> str:
     base = f" | base {r['base_median_ms']:.0f} ms ratio {r['latency_ratio']:.3f}" if "base_median_ms" in r else ""
     mem = f" | mem {r.get('ours_peak_mb', float('nan')):.0f}/{r.get('base_peak_mb', float('nan')):.0f} MB"
-    return (f"{r['model']} {r['size']} b{r['batch']} {r['isr']}: ours {r['ours_median_ms']:.0f} ms"
-            f"{base}{mem} ({r['seconds']:.0f} s)")
+    return f"{r['model']} {r['size']} b{r['batch']} {r['isr']}: ours {r['ours_median_ms']:.0f} ms{base}{mem}"
 
 
 COLUMNS = [
@@ -215,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--channels-last", action="store_true", help="ours with channels-last weights and input")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-baseline", action="store_true", help="time ours only")
+    p.add_argument("--baseline-isr", default="all",
+                   help="comma list of the ISR settings that also run the baseline (default: all)")
     p.add_argument("--max-baseline-gb", type=float, default=6.0,
                    help="skip the baseline where its attention matrices alone exceed this (default 6)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -226,6 +248,8 @@ def main(argv=None) -> int:
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.isr = [s.strip() for s in args.isr.split(",") if s.strip()]
     args.batch = [int(b) for b in args.batch.split(",") if b.strip()]
+    args.baseline_isr = [s.strip() if s.strip() == "all" else str(parse_isr(s)) for s in args.baseline_isr.split(",")
+                         if s.strip()]
     result = run(args)
     text = report(result)
     if args.json == "-":

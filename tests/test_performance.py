@@ -246,3 +246,29 @@ def test_cli_bench_table():
                      "--warmup", "0"]) == 0
     text = buf.getvalue()
     assert "| ISR |" in text and "| 2211-222 |" in text
+
+
+@pytest.mark.parametrize("size", [(64, 96), (130, 70)])
+def test_banded_ffn_matches_whole_map(monkeypatch, model_t, size):
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        monkeypatch.setattr(efa, "FFN_CHUNK_TOKENS", None)
+        whole = model_t(x)
+        monkeypatch.setattr(efa, "FFN_CHUNK_TOKENS", 40)  # bands of 4 rows in every stage
+        banded = model_t(x)
+    # the same products summed in the same order, but BLAS may round a smaller matrix product
+    # differently in the last bit: parity-level tolerance
+    torch.testing.assert_close(banded, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_banded_ffn_only_without_autograd(monkeypatch):
+    monkeypatch.setattr(efa, "FFN_CHUNK_TOKENS", 8)
+    ffn = efa.ConvFFN(8, 16, relu=True)
+    x = torch.randn(2, 90, 8)
+    assert ffn._band_rows(x, 9, 10) == 0  # training: whole map
+    with torch.no_grad():
+        assert ffn._band_rows(x, 9, 10) == 4
+        banded = ffn(x, 9, 10)
+    monkeypatch.setattr(efa, "FFN_CHUNK_TOKENS", None)
+    with torch.no_grad():
+        torch.testing.assert_close(banded, ffn(x, 9, 10), rtol=0, atol=1e-6)

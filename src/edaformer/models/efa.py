@@ -24,6 +24,10 @@ __all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights", 
 # :func:`resize_bilinear`); set to ``None`` to disable.
 HUGE_PAGE_MIN_BYTES: int | None = 32 << 20
 
+# CPU inference runs the FFN of maps with more tokens than this in bands of about this many
+# tokens (see :class:`ConvFFN`); set to ``None`` to disable.
+FFN_CHUNK_TOKENS: int | None = 4096
+
 
 def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """View tokens ``(B, H*W, C)`` as a channels-last map ``(B, C, H, W)`` (no copy)."""
@@ -158,7 +162,19 @@ class EFA(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """``Linear -> [ReLU] -> depthwise 3x3 conv -> GELU -> Linear`` on tokens."""
+    """``Linear -> [ReLU] -> depthwise 3x3 conv -> GELU -> Linear`` on tokens.
+
+    CPU inference on large maps runs image by image in bands of rows (about
+    :data:`FFN_CHUNK_TOKENS` tokens each): the hidden activations (``mlp_ratio`` times wider than
+    the tokens) then never exist for the whole map at once, stay in cache, and need no fresh
+    page-faulted memory. Each band recomputes the row above and below it that the 3x3
+    convolution needs, so the result is that of the whole-map computation up to float rounding
+    (BLAS may round a smaller matrix product differently in the last bit; at the default band
+    size the float32 logits were bit-identical in the tests).
+    The sub-modules are then called once per band (forward hooks see bands); FLOP counting on
+    the ``meta`` device and everything under autograd, tracing or ``torch.compile`` take the
+    whole-map path.
+    """
 
     def __init__(self, dim: int, hidden: int, relu: bool):
         super().__init__()
@@ -169,11 +185,45 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        rows = self._band_rows(x, h, w)
+        if rows:
+            return self._forward_bands(x, h, w, rows)
         x = self.fc1(x)
         if self.relu is not None:
             x = self.relu(x)
         x = to_tokens(self.dwconv(to_map(x, h, w)))
         return self.fc2(self.act(x))
+
+    def _band_rows(self, x: torch.Tensor, h: int, w: int) -> int:
+        """Rows per band for banded inference, or 0 for the whole-map computation."""
+        if FFN_CHUNK_TOKENS is None or torch.jit.is_scripting() or torch.jit.is_tracing():
+            return 0
+        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
+            return 0  # keep compiled / exported / fx graphs shape-generic and loop-free
+        if x.device.type != "cpu" or x.shape[1] <= FFN_CHUNK_TOKENS:
+            return 0
+        if torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
+            return 0  # training: autograd keeps every band's activations anyway
+        rows = max(4, FFN_CHUNK_TOKENS // w)  # >= 4 rows: at most 50% recomputed halo rows
+        return rows if rows < h else 0
+
+    def _forward_bands(self, x: torch.Tensor, h: int, w: int, rows: int) -> torch.Tensor:
+        b, n, c = x.shape
+        out = x.new_empty(b, n, self.fc2.out_features)
+        x_rows = x.reshape(b, h, w, c)
+        out_rows = out.view(b, h, w, -1)
+        gelu_inplace = type(self.act) is nn.GELU
+        for i in range(b):
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # a halo row each side (zero padding at the map edges)
+                t = self.fc1(x_rows[i:i + 1, a0:a1])
+                if self.relu is not None:
+                    t = self.relu(t)
+                t = self.dwconv(t.permute(0, 3, 1, 2))[:, :, r0 - a0:r1 - a0].permute(0, 2, 3, 1)
+                t = torch.ops.aten.gelu_(t, approximate=self.act.approximate) if gelu_inplace else self.act(t)
+                out_rows[i:i + 1, r0:r1] = self.fc2(t)
+        return out
 
 
 class EFABlock(nn.Module):
