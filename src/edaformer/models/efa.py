@@ -20,9 +20,10 @@ from torch import nn
 
 __all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights", "resize_bilinear"]
 
-# CPU inference outputs of at least this many bytes are put on transparent huge pages (see
-# :func:`resize_bilinear`); set to ``None`` to disable.
-HUGE_PAGE_MIN_BYTES: int | None = 32 << 20
+# Opt-in: CPU inference resize outputs of at least this many bytes are allocated on transparent
+# huge pages (see :func:`resize_bilinear`). ``None`` (the default) disables it; the environment
+# variable ``EDAFORMER_HUGE_PAGES=1`` sets 32 MiB at import.
+HUGE_PAGE_MIN_BYTES: int | None = (32 << 20) if os.environ.get("EDAFORMER_HUGE_PAGES", "0") not in ("", "0") else None
 
 # CPU inference runs the FFN of maps with more tokens than this in bands of about this many
 # tokens (see :class:`ConvFFN`); set to ``None`` to disable.
@@ -78,11 +79,15 @@ def _huge_page_output(x: torch.Tensor, size) -> bool:
 def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, bit for bit.
 
-    A large CPU inference output (the full-resolution logits: 150 x 512 x 512 floats are 157 MB)
-    is allocated untouched, advised onto transparent huge pages, and then written by the same
-    kernel: first touching fresh memory 4 KiB page by page costs more than the interpolation
-    itself, 2 MiB pages cut that cost by ~7x (see ``benchmarks/RESULTS.md``). Anything else
-    (autograd, tracing, ``torch.compile``, other devices, no THP support) takes the plain call.
+    Opt-in (:data:`HUGE_PAGE_MIN_BYTES`): a large CPU inference output (the full-resolution
+    logits: 150 x 512 x 512 floats are 157 MB) is allocated untouched, advised onto transparent
+    huge pages, and then written by the same kernel. First-touching fresh memory 4 KiB page by
+    page costs more than the interpolation itself, and huge pages cut the resize at 512x512 from
+    ~110 ms to ~30 ms on the benchmark machine -- as long as the kernel has recently freed huge
+    pages at hand. In a VM that returns free memory to the host (virtio-balloon free page
+    reporting), a huge-page allocation after an idle second costs ~5x more than 4 KiB pages, so
+    this is off by default (``benchmarks/RESULTS.md`` has the numbers). Autograd, tracing,
+    ``torch.compile``, other devices and kernels without THP always take the plain call.
     """
     if not _huge_page_output(x, size):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
