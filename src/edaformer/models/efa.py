@@ -26,8 +26,9 @@ __all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights", 
 HUGE_PAGE_MIN_BYTES: int | None = (32 << 20) if os.environ.get("EDAFORMER_HUGE_PAGES", "0") not in ("", "0") else None
 
 # CPU inference runs the FFN of maps with more tokens than this in bands of about this many
-# tokens (see :class:`ConvFFN`); set to ``None`` to disable.
-FFN_CHUNK_TOKENS: int | None = 4096
+# tokens (see :class:`ConvFFN`); ``None`` disables it (environment at import:
+# ``EDAFORMER_FFN_CHUNK_TOKENS=0``).
+FFN_CHUNK_TOKENS: int | None = int(os.environ.get("EDAFORMER_FFN_CHUNK_TOKENS", "4096") or 0) or None
 
 
 def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
