@@ -11,7 +11,6 @@ latency and memory ratios. See ``benchmarks/README.md`` for the protocol.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -252,12 +251,7 @@ def main(argv=None) -> int:
                          if s.strip()]
     result = run(args)
     text = report(result)
-    if args.json == "-":
-        print(json.dumps(bm.to_jsonable(result), indent=2))
-    else:
-        print(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(bm.to_jsonable(result), indent=2))
+    bm.emit_report(result, text, args.json)
     return 0
 
 

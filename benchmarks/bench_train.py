@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -139,12 +138,7 @@ def main(argv=None) -> int:
                       f"{env['date']}; torch {env['torch']}; {env['cpu']} ({env['cpu_count']} cores, "
                       f"{env['torch_threads']} torch thread(s)); {args.runs} timed iterations after {args.warmup} "
                       f"warm-up", "", bm.format_table(result["rows"], COLUMNS)])
-    if args.json == "-":
-        print(json.dumps(bm.to_jsonable(result), indent=2))
-    else:
-        print(text)
-        if args.json:
-            Path(args.json).write_text(json.dumps(bm.to_jsonable(result), indent=2))
+    bm.emit_report(result, text, args.json)
     return 0
 
 

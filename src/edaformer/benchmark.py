@@ -15,6 +15,7 @@ Protocol (see ``benchmarks/README.md``):
 from __future__ import annotations
 
 import contextlib
+import json
 import gc
 import importlib
 import math
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "Timing", "resolve_dtype", "resolve_device", "synchronize", "autocast_context",
+__all__ = ["DTYPES", "Timing", "emit_report", "resolve_dtype", "resolve_device", "synchronize", "autocast_context",
            "time_callable", "time_interleaved", "gflops", "prepare_model", "make_input",
            "forward_fn", "peak_memory_cuda", "peak_memory_cpu_child", "run_in_child", "measure_peak_rss",
            "inference_peak_memory", "reset_peak_rss", "current_rss_bytes", "peak_rss_bytes", "build_named",
@@ -445,3 +446,16 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     return obj
+
+
+def emit_report(result: Any, text: str, json_target: str | None) -> None:
+    """Print ``text`` (or the JSON of ``result`` when ``json_target`` is ``"-"``); with a
+    path as ``json_target``, also write the JSON there."""
+    payload = json.dumps(to_jsonable(result), indent=2)
+    if json_target == "-":
+        print(payload)
+        return
+    print(text)
+    if json_target:
+        with open(json_target, "w", encoding="utf-8") as f:
+            f.write(payload)
