@@ -16,7 +16,7 @@ from edaformer import cli
 from edaformer.inference import (MEAN, STD, Segmenter, colorize, infer_logits, infer_tta, load_image, overlay,
                                  preprocess, test_size)
 from edaformer.models import MODEL_SPECS, get_model_spec
-from edaformer.palettes import DATASET_INFO, DatasetInfo, get_dataset_info, make_palette
+from edaformer.data.palettes import DATASET_INFO, DatasetInfo, get_dataset_info, make_palette
 
 ADE = "edaformer-t-ade20k"
 

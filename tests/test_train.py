@@ -148,7 +148,7 @@ def test_repository_configs():
     assert load_config(REPO / "configs" / "edaformer-t-cocostuff.yaml")["schedule"]["iters"] == 80000
     camvid = load_config(REPO / "configs" / "edaformer-t-camvid.yaml")
     assert camvid["model"]["num_classes"] == 11 and camvid["data"]["ignore_index"] == 11
-    from edaformer.palettes import get_dataset_info
+    from edaformer.data.palettes import get_dataset_info
 
     info = get_dataset_info("camvid")
     assert tuple(camvid["data"]["classes"]) == info.classes

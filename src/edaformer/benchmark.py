@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .utils import resolve_device
+
 __all__ = ["DTYPES", "Timing", "emit_report", "resolve_dtype", "resolve_device", "synchronize", "autocast_context",
            "time_callable", "time_interleaved", "gflops", "prepare_model", "make_input",
            "forward_fn", "peak_memory_cuda", "peak_memory_cpu_child", "run_in_child", "measure_peak_rss",
@@ -47,13 +49,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but torch.cuda.is_available() is False")
-    return device
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,5 +1,8 @@
-"""The ``edaformer`` command line. Each sub-command lives in its own ``_cmd_<name>`` pair:
-``_add_<name>(subparsers)`` declares its arguments and ``_run_<name>(args)`` runs it."""
+"""The ``edaformer`` command line.
+
+Each sub-command is a pair of functions: ``_add_<name>(subparsers)`` declares its parser and binds
+``_run_<name>`` to it with ``set_defaults(func=...)``; :data:`COMMANDS` lists them in help order.
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,9 +15,20 @@ from . import __version__
 log = logging.getLogger("edaformer")
 
 
+_VERBOSE = argparse.ArgumentParser(add_help=False)
+_VERBOSE.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+
+
+def _command(sub, name: str, run, **kwargs) -> argparse.ArgumentParser:
+    """A sub-command parser bound to ``run``; ``-v`` works after the sub-command too."""
+    p = sub.add_parser(name, parents=[_VERBOSE], **kwargs)
+    p.set_defaults(func=run)
+    return p
+
+
 # -- convert ---------------------------------------------------------------------------
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="write the *_labelTrainIds.png label files a dataset reads")
+    p = _command(sub, "convert", _run_convert, help="write the *_labelTrainIds.png label files a dataset reads")
     p.add_argument("dataset", choices=["cityscapes", "cocostuff"])
     p.add_argument("root", help="dataset root (holding gtFine/ for cityscapes, annotations/ for cocostuff)")
     p.add_argument("--workers", type=int, default=4, help="threads (default 4)")
@@ -33,7 +47,7 @@ def _run_convert(args) -> int:
 
 # -- export-reference ------------------------------------------------------------------
 def _add_export_reference(sub) -> None:
-    p = sub.add_parser("export-reference", help="write a checkpoint in the reference (mmseg) format")
+    p = _command(sub, "export-reference", _run_export_reference, help="write a checkpoint in the reference (mmseg) format")
     p.add_argument("checkpoint", help="checkpoint to convert (any supported format)")
     p.add_argument("--model", required=True, help="model name, see `edaformer list`")
     p.add_argument("--num-classes", type=int, default=None)
@@ -53,7 +67,7 @@ def _run_export_reference(args) -> int:
 
 # -- list ------------------------------------------------------------------------------
 def _add_list(sub) -> None:
-    sub.add_parser("list", help="list the named models")
+    _command(sub, "list", _run_list, help="list the named models")
 
 
 def _run_list(args) -> int:
@@ -69,7 +83,7 @@ _PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="segment images: writes <stem>_label.png and <stem>_overlay.png")
+    p = _command(sub, "predict", _run_predict, help="segment images: writes <stem>_label.png and <stem>_overlay.png")
     p.add_argument("images", nargs="+", help="image files or folders (folders: the images inside)")
     p.add_argument("--model", required=True, help="model name, see `edaformer list`")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
@@ -141,7 +155,7 @@ def _run_predict(args) -> int:
 
 # -- train -----------------------------------------------------------------------------
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a config (also under torchrun for DDP)")
+    p = _command(sub, "train", _run_train, help="train a model from a config (also under torchrun for DDP)")
     p.add_argument("config", help="YAML config, e.g. configs/edaformer-t-ade20k.yaml")
     p.add_argument("--work-dir", default=None, help="output folder (default work_dirs/<config name>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
@@ -173,7 +187,7 @@ def _run_train(args) -> int:
 
 # -- eval ------------------------------------------------------------------------------
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the config's validation set (mIoU, per class)")
+    p = _command(sub, "eval", _run_eval, help="evaluate a checkpoint on the config's validation set (mIoU, per class)")
     p.add_argument("config", help="YAML config the model was trained with")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
     p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config)")
@@ -243,7 +257,7 @@ def _run_eval(args) -> int:
 
 # -- flops -----------------------------------------------------------------------------
 def _add_flops(sub) -> None:
-    p = sub.add_parser("flops", help="count parameters and GFLOPs (the paper's convention)")
+    p = _command(sub, "flops", _run_flops, help="count parameters and GFLOPs (the paper's convention)")
     p.add_argument("model", help="model name, see `edaformer list`")
     p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
     p.add_argument("--isr", default="1111-111", help="ISR factors, encoder-decoder (default: 1111-111)")
@@ -269,7 +283,7 @@ def _run_flops(args) -> int:
 
 # -- bench -----------------------------------------------------------------------------
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="inference latency, images/s and GFLOPs per ISR setting")
+    p = _command(sub, "bench", _run_bench, help="inference latency, images/s and GFLOPs per ISR setting")
     p.add_argument("model", help="model name, see `edaformer list`")
     p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
     g = p.add_mutually_exclusive_group()
@@ -325,7 +339,7 @@ def _run_bench(args) -> int:
 
 # -- export ----------------------------------------------------------------------------
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export to ONNX with an ISR setting baked in")
+    p = _command(sub, "export", _run_export, help="export to ONNX with an ISR setting baked in")
     p.add_argument("model", help="model name, see `edaformer list`")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
     p.add_argument("--isr", default="1111-111", help="ISR factors to bake in (default: 1111-111)")
@@ -359,25 +373,28 @@ def _run_export(args) -> int:
     return 0
 
 
-COMMANDS = ["list", "export-reference", "convert", "predict", "train", "eval", "flops", "bench", "export"]
+COMMANDS = (_add_list, _add_predict, _add_train, _add_eval, _add_flops, _add_bench, _add_export,
+            _add_export_reference, _add_convert)
+
+_DESCRIPTION = ("EDAFormer semantic segmentation: train, evaluate, segment images, count FLOPs, benchmark and "
+                "export, with Inference Spatial Reduction (ISR) chosen at run time.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edaformer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="edaformer", description=_DESCRIPTION, parents=[_VERBOSE])
     parser.add_argument("--version", action="version", version=f"edaformer {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        globals()[f"_add_{name.replace('-', '_')}"](sub)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        return int(globals()[f"_run_{args.command.replace('-', '_')}"](args) or 0)
+        return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"edaformer {args.command}: error: {e}", file=sys.stderr)
         return 2

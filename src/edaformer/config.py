@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .utils import to_pair
+
 __all__ = ["ConfigError", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
            "apply_overrides", "validate_config", "save_config", "parse_value"]
 
@@ -177,14 +179,11 @@ def _suggest(name: str, options: Iterable[str]) -> str:
 
 
 def _pair(value: Any, what: str) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value, value]
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
-        raise ConfigError(f"{what} must be a positive integer or a pair [H, W], got {value!r}")
-    return list(value)
+    try:
+        pair = to_pair(value, what, allow_none=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return None if pair is None else list(pair)
 
 
 def _number(cfg: dict, section: str, key: str, minimum: float = 0.0, integer: bool = False) -> None:

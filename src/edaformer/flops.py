@@ -43,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .checkpoint import CONV_SEG_CHANNELS
 from .models.efa import EFA
 from .models.segmentor import EDAFormer
+from .utils import unwrap_model
 
 __all__ = ["CONVENTIONS", "AttentionTerm", "FlopReport", "count_flops", "conv_seg_params"]
 
@@ -270,17 +271,6 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside ``torch.compile`` / DistributedDataParallel / DataParallel wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = model.module
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _in_channels(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -371,7 +361,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
     if convention not in _COUNTED:
         raise ValueError(f"unknown FLOP convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     h, w = _check_size(input_size)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     is_edaformer = isinstance(model, EDAFormer)
     if is_edaformer:
         model.check_input_size(h, w)

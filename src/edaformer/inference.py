@@ -8,7 +8,6 @@ bilinearly back to the original size.
 """
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from .palettes import get_dataset_info, make_palette
+from .data.palettes import class_names, get_dataset_info, make_palette
 from .data.transforms import fit_size as fit_box
+from .utils import resolve_device, to_pair
 
 __all__ = ["MEAN", "STD", "load_image", "test_size", "preprocess", "infer_logits", "infer_tta", "Segmenter",
            "colorize", "overlay", "ImageInput"]
@@ -172,13 +172,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
-def _pair(value: int | Sequence[int], name: str) -> Size:
-    pair = (value, value) if isinstance(value, numbers.Integral) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or (h, w) pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
 def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
     """Window (start, end) along one axis: every ``stride``, the last one flush with the end."""
     n = max(size - crop + stride - 1, 0) // stride + 1
@@ -230,10 +223,10 @@ def infer_logits(model: nn.Module, images: torch.Tensor, out_size: Size | None =
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected a normalized (B, 3, H, W) tensor, got {shape}")
-    crop, step = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+    crop, step = to_pair(crop_size, "crop_size"), to_pair(stride, "stride")
     if mode == "slide" and (step[0] > crop[0] or step[1] > crop[1]):
         raise ValueError(f"stride {step} larger than crop_size {crop} would leave pixels unpredicted")
-    out_size = tuple(images.shape[-2:]) if out_size is None else _pair(tuple(out_size), "out_size")
+    out_size = tuple(images.shape[-2:]) if out_size is None else to_pair(tuple(out_size), "out_size")
     device, dtype = _model_device_dtype(model)
     with torch.inference_mode():
         x = images.to(device=device, dtype=dtype)
@@ -267,7 +260,7 @@ def infer_tta(model: nn.Module, image: torch.Tensor | Image.Image | np.ndarray, 
     if not scales:
         raise ValueError("scales must not be empty")
     raw, is_uint8 = _as_chw(image)
-    out_size = tuple(raw.shape[-2:]) if out_size is None else _pair(tuple(out_size), "out_size")
+    out_size = tuple(raw.shape[-2:]) if out_size is None else to_pair(tuple(out_size), "out_size")
     raw = raw.unsqueeze(0)
     probs, n = None, 0
     for ratio in scales:
@@ -347,15 +340,6 @@ def _checkpoint_num_classes(obj: dict[str, Any]) -> int | None:
     return None
 
 
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
-    return device
-
-
 class Segmenter:
     """Image -> label map with a model and the reference test protocol of its dataset.
 
@@ -373,7 +357,7 @@ class Segmenter:
                  classes: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
                  test_scale: Size | None = None, mode: str | None = None, crop_size: Size | None = None,
                  stride: Size | None = None, divisor: int | None = None, flip: bool = False):
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         if isr is not None:
             model.set_isr(isr)
@@ -382,8 +366,8 @@ class Segmenter:
         if self.mode not in ("whole", "slide"):
             raise ValueError(f"mode must be 'whole' or 'slide', got {self.mode!r}")
         self.test_scale = tuple(test_scale or getattr(spec, "test_scale", (2048, 512)))
-        self.crop_size = _pair(tuple(crop_size or getattr(spec, "crop_size", (1024, 1024))), "crop_size")
-        self.stride = _pair(tuple(stride or getattr(spec, "slide_stride", (768, 768))), "stride")
+        self.crop_size = to_pair(tuple(crop_size or getattr(spec, "crop_size", (1024, 1024))), "crop_size")
+        self.stride = to_pair(tuple(stride or getattr(spec, "slide_stride", (768, 768))), "stride")
         self.divisor = divisor if divisor is not None else (32 if self.mode == "whole" else None)
         self.flip = flip
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
@@ -400,7 +384,7 @@ class Segmenter:
         if info is not None and info.num_classes != k:
             info = None
         if classes is None or len(classes) != k:
-            classes = info.classes if info else tuple(f"class_{i}" for i in range(k))
+            classes = info.classes if info else class_names(k)
         if palette is None or len(palette) != k:
             palette = info.palette if info else make_palette(k)
         return tuple(str(c) for c in classes), tuple(tuple(int(v) for v in c) for c in palette)
@@ -417,7 +401,7 @@ class Segmenter:
         from .checkpoint import load_checkpoint, read_checkpoint
         from .models import create_model
 
-        device = _resolve_device(device)
+        device = resolve_device(device)
         obj = read_checkpoint(checkpoint_path)
         if num_classes is None:
             num_classes = _checkpoint_num_classes(obj)

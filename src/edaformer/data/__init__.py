@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from .converters import ConversionResult, convert_cityscapes, convert_cocostuff
 from .datasets import (ADE20K, IGNORE_INDEX, COCOStuff, Cityscapes, DatasetError, FolderDataset, SegmentationDataset,
-                       dataset_info, default_palette)
+                       dataset_info)
+from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, make_palette
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
                          ResizeToFit, test_transforms, train_transforms)
 
@@ -45,7 +46,8 @@ __all__ = ["build_dataset", "build_dataloader", "collate", "seed_worker", "Segme
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
            "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
-           "MEAN", "STD", "dataset_info", "default_palette"]
+           "MEAN", "STD", "dataset_info", "DATASET_INFO", "DatasetInfo", "class_names",
+           "get_dataset_info", "make_palette"]
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20K, "cityscapes": Cityscapes, "cocostuff": COCOStuff, "folder": FolderDataset}

@@ -17,8 +17,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from .palettes import class_names, get_dataset_info, make_palette
+
 __all__ = ["SegmentationDataset", "ADE20K", "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError",
-           "IGNORE_INDEX", "dataset_info", "default_palette"]
+           "IGNORE_INDEX", "dataset_info"]
 
 IGNORE_INDEX = 255
 _MAX_LISTED = 5  # how many offending files an error message names
@@ -28,30 +30,8 @@ class DatasetError(ValueError):
     """A dataset's folders, pairing or file contents are not what the dataset expects."""
 
 
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """A deterministic palette (the PASCAL VOC bit-interleaving colour map)."""
-    palette = []
-    for i in range(num_classes):
-        r = g = b = 0
-        c = i + 1  # skip black so that no class looks like padding
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette.append((r, g, b))
-    return palette
-
-
-def dataset_info(name: str, num_classes: int) -> tuple[list[str], list[tuple[int, int, int]]]:
-    """Class names and palette of a named dataset, from :mod:`edaformer.palettes` when available,
-    else generated names ``class0..`` and :func:`default_palette`."""
-    try:
-        from ..palettes import get_dataset_info
-    except ModuleNotFoundError as e:
-        if e.name != "edaformer.palettes":
-            raise
-        return [f"class{i}" for i in range(num_classes)], default_palette(num_classes)
+def dataset_info(name: str) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Class names and palette of a named dataset (see :mod:`edaformer.data.palettes`)."""
     info = get_dataset_info(name)
     return list(info.classes), [tuple(int(v) for v in c) for c in info.palette]
 
@@ -116,7 +96,7 @@ class SegmentationDataset(Dataset):
         self.num_classes = len(self.classes)
         if not 0 < self.num_classes <= 255:
             raise DatasetError(f"a dataset needs 1 to 255 classes (255 is the ignore value), got {self.num_classes}")
-        palette = default_palette(self.num_classes) if palette is None else [tuple(int(v) for v in c) for c in palette]
+        palette = list(make_palette(self.num_classes)) if palette is None else [tuple(int(v) for v in c) for c in palette]
         if len(palette) != self.num_classes or any(len(c) != 3 for c in palette):
             raise DatasetError(f"palette must hold {self.num_classes} RGB triples, got {len(palette)} entries")
         self.palette = palette
@@ -250,7 +230,7 @@ class ADE20K(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None) -> None:
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
-        classes, palette = dataset_info(self.name, self.NUM_CLASSES)
+        classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
                          img_suffix=".jpg", seg_suffix=".png", reduce_zero_label=True, transforms=transforms)
 
@@ -266,7 +246,7 @@ class Cityscapes(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "train", transforms: Callable | None = None) -> None:
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
-        classes, palette = dataset_info(self.name, self.NUM_CLASSES)
+        classes, palette = dataset_info(self.name)
         super().__init__(root / "leftImg8bit" / split, root / "gtFine" / split, classes=classes, palette=palette,
                          img_suffix="_leftImg8bit.png", seg_suffix="_gtFine_labelTrainIds.png",
                          transforms=transforms)
@@ -283,7 +263,7 @@ class COCOStuff(SegmentationDataset):
 
     def __init__(self, root: str | Path, split: str = "train2017", transforms: Callable | None = None) -> None:
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
-        classes, palette = dataset_info(self.name, self.NUM_CLASSES)
+        classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
                          img_suffix=".jpg", seg_suffix="_labelTrainIds.png", transforms=transforms)
 
@@ -302,7 +282,7 @@ class FolderDataset(SegmentationDataset):
                  transforms: Callable | None = None) -> None:
         root = _check_root(root)
         if isinstance(classes, int):
-            classes = [f"class{i}" for i in range(classes)]
+            classes = list(class_names(classes))
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
                          img_suffix=img_suffix, seg_suffix=seg_suffix, ignore_value=ignore_value,
                          reduce_zero_label=reduce_zero_label, transforms=transforms)

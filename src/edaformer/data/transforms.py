@@ -21,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..utils import to_pair
 from .datasets import IGNORE_INDEX
 
 __all__ = ["MEAN", "STD", "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize",
@@ -28,14 +29,6 @@ __all__ = ["MEAN", "STD", "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetri
 
 MEAN = (123.675, 116.28, 103.53)  # RGB, on 0..255 values
 STD = (58.395, 57.12, 57.375)
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    if len(size) != 2:
-        raise ValueError(f"expected an int or a pair, got {size!r}")
-    return int(size[0]), int(size[1])
 
 
 def fit_size(size: tuple[int, int], scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
@@ -58,7 +51,7 @@ class ResizeToFit(v2.Transform):
     def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] | None = None,
                  antialias: bool = False) -> None:
         super().__init__()
-        self.scale = _pair(scale)
+        self.scale = to_pair(scale, "scale")
         self.ratio_range = None if ratio_range is None else (float(ratio_range[0]), float(ratio_range[1]))
         if self.ratio_range is not None and not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
@@ -85,7 +78,7 @@ class CategoryCappedRandomCrop(v2.Transform):
     def __init__(self, size: int | Sequence[int], cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
                  max_tries: int = 10) -> None:
         super().__init__()
-        self.size = _pair(size)
+        self.size = to_pair(size, "crop_size")
         self.cat_max_ratio = float(cat_max_ratio)
         self.ignore_index = ignore_index
         self.max_tries = max_tries
@@ -199,7 +192,7 @@ class PadToSize(v2.Transform):
 
     def __init__(self, size: int | Sequence[int], fill: float = 0, seg_fill: int = IGNORE_INDEX) -> None:
         super().__init__()
-        self.size = _pair(size)
+        self.size = to_pair(size)
         self.fill = fill
         self.seg_fill = seg_fill
 

@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..utils import resolve_device
+
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank",
            "get_world_size", "is_main_process", "barrier", "all_reduce_mean", "broadcast_object",
-           "all_gather_object", "unwrap_model", "convert_sync_batchnorm", "GlooSyncBatchNorm"]
+           "all_gather_object", "convert_sync_batchnorm", "GlooSyncBatchNorm"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,8 @@ class DistInfo:
 
 
 def _resolve_device(device: str | torch.device | None, local_rank: int) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device cuda requested but CUDA is not available")
         index = local_rank if device.index is None else device.index
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
@@ -126,17 +124,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class _AllReduceSum(torch.autograd.Function):

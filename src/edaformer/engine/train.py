@@ -31,10 +31,11 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import FORMAT, load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import save_config
+from ..data.datasets import IGNORE_INDEX
 from ..plotting import plot_training_log
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object,
-                          cleanup_distributed, convert_sync_batchnorm, init_distributed, is_distributed,
-                          unwrap_model)
+                          cleanup_distributed, convert_sync_batchnorm, init_distributed, is_distributed)
+from ..utils import unwrap_model
 
 __all__ = ["train", "build_model", "build_param_groups", "build_optimizer", "WarmupPolyLR", "build_scheduler",
            "segmentation_loss", "capture_rng_state", "restore_rng_state", "find_resume_checkpoint",
@@ -42,7 +43,6 @@ __all__ = ["train", "build_model", "build_param_groups", "build_optimizer", "War
 
 log = logging.getLogger("edaformer")
 
-IGNORE_INDEX = 255
 _ITER_CKPT = re.compile(r"^iter_(\d+)\.pth$")
 
 

@@ -2,14 +2,14 @@
 
 The names and colours are the ones commonly used with these benchmarks (as in
 mmsegmentation), so that label maps and overlays look the same as elsewhere.
-``DATASET_INFO`` maps a dataset name to a :class:`DatasetInfo`; :func:`make_palette`
-gives a deterministic palette for any number of classes.
+``DATASET_INFO`` maps a dataset name to a :class:`DatasetInfo`; :func:`make_palette` and
+:func:`class_names` give a deterministic palette and names for any number of classes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DatasetInfo", "DATASET_INFO", "get_dataset_info", "make_palette", "list_datasets"]
+__all__ = ["DatasetInfo", "DATASET_INFO", "get_dataset_info", "make_palette", "class_names", "list_datasets"]
 
 Color = tuple[int, int, int]
 
@@ -179,16 +179,16 @@ def get_dataset_info(name: str) -> DatasetInfo:
 def make_palette(num_classes: int) -> tuple[Color, ...]:
     """A deterministic palette of ``num_classes`` colours.
 
-    Class ``i`` gets the colour whose bits are the bits of ``i`` spread over the three
-    channels, most significant channel bit first (the PASCAL VOC scheme); colours are
-    distinct for up to 2**24 classes and the first ones are far apart.
+    Class ``i`` gets the PASCAL VOC colour of ``i + 1`` (the bits of ``i + 1`` spread over the three
+    channels, most significant channel bit first): black is skipped so that no class looks like
+    padding, colours are distinct for up to 2**24 - 1 classes and the first ones are far apart.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
     palette = []
     for i in range(num_classes):
         rgb = [0, 0, 0]
-        bit, value = 7, i
+        bit, value = 7, i + 1
         while value and bit >= 0:
             for c in range(3):
                 rgb[c] |= ((value >> c) & 1) << bit
@@ -196,3 +196,8 @@ def make_palette(num_classes: int) -> tuple[Color, ...]:
             bit -= 1
         palette.append((rgb[0], rgb[1], rgb[2]))
     return tuple(palette)
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """Generated names ``class_0 ... class_{K-1}`` for classes without declared names."""
+    return tuple(f"class_{i}" for i in range(num_classes))
