@@ -32,6 +32,8 @@ class AllAttentionDecoder(nn.Module):
     Blocks live in ``c2``, ``c3`` and ``c4`` (ModuleLists), each with its own pooling ratio.
     """
 
+    level_reductions = (8, 16, 32)  # input pixels per token of levels (c2, c3, c4)
+
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int, mlp_ratio: float,
                  drop_path: float = 0.1, dropout: float = 0.1):
         super().__init__()

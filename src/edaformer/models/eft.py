@@ -58,6 +58,7 @@ class EFTStage(nn.Module):
                  mlp_ratio: float, train_ratio: int, drop_path: Sequence[float]):
         super().__init__()
         kernel, stride = (7, 4) if index == 0 else (3, 2)
+        self.reduction = 4 * 2 ** index  # input pixels per token along each side
         self.downsample = OverlapPatchEmbed(in_chans, dim, kernel, stride)
         self.blocks = nn.ModuleList(
             EFABlock(dim, num_heads, mlp_ratio, train_ratio, norm_eps=1e-6, drop_path=drop_path[j],
