@@ -128,7 +128,12 @@ def run_in_child(target: str, kwargs: Mapping[str, Any], *, sys_path: Sequence[s
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_main, args=(queue, target, dict(kwargs), list(sys_path)))
-    proc.start()
+    saved = list(sys.path)
+    sys.path[:0] = [p for p in _CHILD_PATH if p not in sys.path]  # a spawned child starts with this path
+    try:
+        proc.start()
+    finally:
+        sys.path[:] = saved
     try:
         result = queue.get(timeout=timeout)
     except Exception:  # queue.Empty on timeout, or the child died (e.g. out of memory)
@@ -188,7 +193,7 @@ def peak_memory_cpu_child(builder: str, builder_kwargs: Mapping[str, Any], batch
                         dict(builder=builder, builder_kwargs=dict(builder_kwargs), batch=batch,
                              size=tuple(int(s) for s in size), dtype=dtype, threads=threads,
                              channels_last=channels_last, fastpath_options=dict(fastpath_options or {})),
-                        sys_path=[*sys_path, *_CHILD_PATH], timeout=timeout)
+                        sys_path=sys_path, timeout=timeout)
 
 
 def build_named(name: str, isr: str | None = None, num_classes: int | None = None, seed: int = 0) -> nn.Module:
