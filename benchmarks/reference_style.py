@@ -245,7 +245,7 @@ def _match_hidden(model, base) -> None:
 
 
 def build(name: str, isr: str | None = None, num_classes: int | None = None, seed: int = 0) -> ReferenceStyleEDAFormer:
-    """The reference-style twin of ``edaformer.benchmark.build_named(name, isr, num_classes, seed)``
+    """The reference-style twin of ``harness.build_named(name, isr, num_classes, seed)``
     (same weights): the baseline builder used by the benchmarks."""
     from harness import build_named
 
