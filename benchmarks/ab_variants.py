@@ -3,9 +3,10 @@
 Variants of edaformer (same weights, same input), each a switch away from the default:
 
 * ``default``: the library as shipped (float32, eager);
-* ``huge_pages``: the opt-in huge-page output (``edaformer.models.efa.HUGE_PAGE_MIN_BYTES = 32 MiB``);
+* ``huge_pages``: the opt-in huge-page output (``fastpath.options(huge_pages=True)``, outputs of
+  at least 32 MiB);
 * ``no_ffn_bands``: the FFN computed on the whole map at once
-  (``edaformer.models.efa.FFN_CHUNK_TOKENS = None``);
+  (``fastpath.options(ffn_band_tokens=None)``);
 * ``channels_last``: ``model.to(memory_format=torch.channels_last)`` and a channels-last input;
 * ``bf16``: CPU/CUDA autocast to bfloat16; ``fp16``: autocast to float16;
 * ``compile``: ``torch.compile(model, fullgraph=True)`` (compile time reported separately);
@@ -25,8 +26,11 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from edaformer import benchmark as bm  # noqa: E402
-from edaformer.models import efa  # noqa: E402
+from edaformer import bench as bm  # noqa: E402
+from edaformer.models import fastpath  # noqa: E402
+from edaformer.utils import resolve_device  # noqa: E402
+
+import harness  # noqa: E402
 
 VARIANTS = ("default", "huge_pages", "no_ffn_bands", "channels_last", "bf16", "fp16", "compile", "baseline")
 
@@ -36,26 +40,20 @@ def build_variants(names, model, x, device):
 
     fns, notes = {}, {}
     fp32 = torch.float32
-    defaults = dict(HUGE_PAGE_MIN_BYTES=efa.HUGE_PAGE_MIN_BYTES, FFN_CHUNK_TOKENS=efa.FFN_CHUNK_TOKENS)
 
-    def with_settings(fn, **settings):
+    def with_options(fn, **changes):
         def run():
-            for k, v in settings.items():
-                setattr(efa, k, v)
-            try:
+            with fastpath.options(**changes):
                 return fn()
-            finally:
-                for k, v in defaults.items():
-                    setattr(efa, k, v)
         return run
 
     for name in names:
         if name == "default":
             fns[name] = bm.forward_fn(model, x, device, fp32)
         elif name == "huge_pages":
-            fns[name] = with_settings(bm.forward_fn(model, x, device, fp32), HUGE_PAGE_MIN_BYTES=32 << 20)
+            fns[name] = with_options(bm.forward_fn(model, x, device, fp32), huge_pages=True)
         elif name == "no_ffn_bands":
-            fns[name] = with_settings(bm.forward_fn(model, x, device, fp32), FFN_CHUNK_TOKENS=None)
+            fns[name] = with_options(bm.forward_fn(model, x, device, fp32), ffn_band_tokens=None)
         elif name == "channels_last":
             import copy
 
@@ -90,11 +88,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = bm.resolve_device(args.device)
+    device = resolve_device(args.device)
     h, _, w = args.size.partition("x")
     size = (int(h), int(w or h))
     name = args.model or ("edaformer-t-ade20k" if size == (512, 512) else "edaformer-t-cityscapes")
-    model = bm.build_named(name, isr=args.isr).to(device)
+    model = harness.build_named(name, isr=args.isr).to(device)
     x = bm.make_input(args.batch, size, device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     fns, notes = build_variants(names, model, x, device)

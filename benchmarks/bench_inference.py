@@ -11,6 +11,7 @@ latency and memory ratios. See ``benchmarks/README.md`` for the protocol.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,12 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from edaformer import benchmark as bm  # noqa: E402
+from edaformer import bench as bm  # noqa: E402
 from edaformer.isr import PAPER_ISR_SWEEP, parse_isr  # noqa: E402
+from edaformer.models import fastpath  # noqa: E402
+from edaformer.utils import resolve_device  # noqa: E402
+
+import harness  # noqa: E402
 
 DATASET_FOR_SIZE = {(512, 512): "ade20k", (1024, 2048): "cityscapes"}
 
@@ -58,25 +63,26 @@ def baseline_attention_bytes(model, batch: int, size: tuple[int, int]) -> int:
 
 
 def run(args) -> dict:
-    device = bm.resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     import reference_style
 
     rows = []
-    for short in args.models:
-        for size in args.sizes:
-            name = model_name(short, size)
-            for batch in args.batch:
-                rows += run_group(args, reference_style, name, size, batch, device)
+    with fastpath.options(**args.fastpath) as options:
+        for short in args.models:
+            for size in args.sizes:
+                name = model_name(short, size)
+                for batch in args.batch:
+                    rows += run_group(args, reference_style, name, size, batch, device)
     add_isr_savings(rows)
     return dict(environment=bm.environment(), command=" ".join(sys.argv), runs=args.runs, warmup=args.warmup,
-                rows=rows)
+                fastpath=dataclasses.asdict(options), rows=rows)
 
 
 def run_group(args, reference_style, name, size, batch, device) -> list[dict]:
     """One (model, size, batch): all ISR settings, ours and baseline, timed interleaved together."""
-    ours = bm.build_named(name, seed=0)
+    ours = harness.build_named(name, seed=0)
     base = reference_style.from_model(ours).eval().to(device)
     ours_run = bm.prepare_model(ours, device, channels_last=args.channels_last, compile=args.compile)
     x = bm.make_input(batch, size, device, channels_last=args.channels_last)
@@ -139,18 +145,19 @@ def measure_memory(args, name, spec, batch, size, device, with_base, ours_run, x
     out = {}
     if device.type == "cuda":
         dt = bm.resolve_dtype(args.dtype)
-        out["ours_peak_mb"] = bm.peak_memory_cuda(bm.forward_fn(ours_run, x, device, dt), device) / 2**20
+        out["ours_peak_mb"] = harness.peak_memory_cuda(bm.forward_fn(ours_run, x, device, dt), device) / 2**20
         if with_base:
-            out["base_peak_mb"] = bm.peak_memory_cuda(bm.forward_fn(base, x_base, device, torch.float32),
-                                                      device) / 2**20
+            out["base_peak_mb"] = harness.peak_memory_cuda(bm.forward_fn(base, x_base, device, torch.float32),
+                                                           device) / 2**20
         return out
     kwargs = dict(name=name, isr=spec, seed=0)
-    jobs = [("ours", "edaformer.benchmark:build_named", args.dtype, args.channels_last)]
+    jobs = [("ours", "harness:build_named", args.dtype, args.channels_last)]
     if with_base:
         jobs.append(("base", "reference_style:build", "fp32", False))
     for key, builder, dtype, channels_last in jobs:
-        r = bm.peak_memory_cpu_child(builder, kwargs, batch, size, dtype=dtype, threads=args.threads,
-                                     channels_last=channels_last, sys_path=[str(HERE)], timeout=args.memory_timeout)
+        r = harness.peak_memory_cpu_child(builder, kwargs, batch, size, dtype=dtype, threads=args.threads,
+                                          channels_last=channels_last, fastpath_options=args.fastpath,
+                                          sys_path=[str(HERE)], timeout=args.memory_timeout)
         if r["ok"]:
             out[f"{key}_peak_mb"] = r["peak_bytes"] / 2**20
         else:
@@ -238,11 +245,19 @@ def main(argv=None) -> int:
                    help="comma list of the ISR settings that also run the baseline (default: all)")
     p.add_argument("--max-baseline-gb", type=float, default=6.0,
                    help="skip the baseline where its attention matrices alone exceed this (default 6)")
+    p.add_argument("--ffn-band-tokens", type=int, default=None, metavar="N",
+                   help="CPU fast path: FFN band size in tokens, 0 for whole maps (default: the library's)")
+    p.add_argument("--huge-pages", action="store_true", help="CPU fast path: huge-page resize outputs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-flops", action="store_true", help="skip the GFLOPs column")
     p.add_argument("--memory-timeout", type=float, default=1800.0, help="seconds per memory child (default 1800)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = p.parse_args(argv)
+    args.fastpath = {}
+    if args.ffn_band_tokens is not None:
+        args.fastpath["ffn_band_tokens"] = args.ffn_band_tokens or None
+    if args.huge_pages:
+        args.fastpath["huge_pages"] = True
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.isr = [s.strip() for s in args.isr.split(",") if s.strip()]
@@ -251,7 +266,7 @@ def main(argv=None) -> int:
                          if s.strip()]
     result = run(args)
     text = report(result)
-    bm.emit_report(result, text, args.json)
+    harness.emit_report(result, text, args.json)
     return 0
 
 

@@ -7,7 +7,7 @@ Every pair is timed interleaved in one process (median thread-CPU time and wall 
   EFA layer of the model at the given size (summed over layers);
 * key/value pooling: ``F.avg_pool2d`` on the channels-last map vs a reshape-mean (divisible maps);
 * the final logits resize: NCHW input (reference) vs channels-last (edaformer's decoder output)
-  vs channels-last into a huge-page output buffer (``edaformer.models.efa.resize_bilinear``);
+  vs channels-last into a huge-page output buffer (``edaformer.models.fastpath.resize_bilinear``);
 * stage hand-off: the reference's ``reshape.permute.contiguous()`` + next patch-embedding conv +
   ``flatten.transpose`` + LayerNorm, vs edaformer's views.
 
@@ -28,8 +28,10 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from edaformer import benchmark as bm  # noqa: E402
-from edaformer.models import efa  # noqa: E402
+from edaformer import bench as bm  # noqa: E402
+from edaformer.models import efa, fastpath  # noqa: E402
+
+import harness  # noqa: E402
 
 
 def interleave(fns: dict, runs: int) -> dict[str, tuple[float, float]]:
@@ -128,7 +130,6 @@ def bench_resize(size, classes, runs) -> list[dict]:
     low = (size[0] // 8, size[1] // 8)
     x = torch.randn(1, classes, *low)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    old = efa.HUGE_PAGE_MIN_BYTES
 
     def nchw():
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -137,11 +138,8 @@ def bench_resize(size, classes, runs) -> list[dict]:
         return F.interpolate(x_cl, size=size, mode="bilinear", align_corners=False)
 
     def cl_huge():
-        efa.HUGE_PAGE_MIN_BYTES = 0
-        try:
-            return efa.resize_bilinear(x_cl, size)
-        finally:
-            efa.HUGE_PAGE_MIN_BYTES = old
+        with fastpath.options(huge_pages=True, huge_page_min_bytes=0):
+            return fastpath.resize_bilinear(x_cl, size)
 
     with torch.inference_mode():
         assert torch.equal(cl(), cl_huge())
@@ -186,7 +184,7 @@ def main(argv=None) -> int:
     h, _, w = args.size.partition("x")
     size = (int(h), int(w or h))
     name = args.model or ("edaformer-t-ade20k" if size == (512, 512) else "edaformer-t-cityscapes")
-    model = bm.build_named(name, isr=args.isr)
+    model = harness.build_named(name, isr=args.isr)
     env = bm.environment()
     print(f"{name} {size[0]}x{size[1]} ISR {args.isr}; torch {env['torch']}; {env['cpu']}, {args.threads} thread(s); "
           f"median of {args.runs} interleaved runs; thread CPU ms\n")

@@ -21,7 +21,10 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from edaformer import benchmark as bm  # noqa: E402
+from edaformer import bench as bm  # noqa: E402
+from edaformer.utils import resolve_device  # noqa: E402
+
+import harness  # noqa: E402
 
 
 def make_step(model, opt, batch: int, size: tuple[int, int], device: torch.device, dtype: torch.dtype):
@@ -54,21 +57,21 @@ def train_peak_memory(name: str, batch: int, size: tuple[int, int], checkpointin
     model, optimizer state and kernels' one-time state (created by a first 64x64 iteration)."""
     if threads:
         torch.set_num_threads(threads)
-    model = bm.build_named(name, seed=0)
+    model = harness.build_named(name, seed=0)
     model.set_grad_checkpointing(checkpointing)
     device, dt = torch.device("cpu"), bm.resolve_dtype(dtype)
     opt = make_optimizer(model)
     make_step(model, opt, 1, (64, 64), device, dt)()
-    return bm.measure_peak_rss(make_step(model, opt, batch, size, device, dt))
+    return harness.measure_peak_rss(make_step(model, opt, batch, size, device, dt))
 
 
 def run(args) -> dict:
-    device = bm.resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dt = bm.resolve_dtype(args.dtype)
     name = args.model if args.model.startswith("edaformer-") else f"edaformer-{args.model}-ade20k"
-    base = bm.build_named(name, seed=0).to(device)
+    base = harness.build_named(name, seed=0).to(device)
     variants = {}
     for ckpt in (False, True):
         model = copy.deepcopy(base)
@@ -89,9 +92,9 @@ def run(args) -> dict:
                 model.set_grad_checkpointing(key == "checkpointing")
                 step = make_step(model, make_optimizer(model), args.batch, args.size, device, dt)
                 step()
-                row["peak_mb"] = bm.peak_memory_cuda(step, device) / 2**20
+                row["peak_mb"] = harness.peak_memory_cuda(step, device) / 2**20
             else:
-                r = bm.run_in_child("bench_train:train_peak_memory",
+                r = harness.run_in_child("bench_train:train_peak_memory",
                                     dict(name=name, batch=args.batch, size=tuple(args.size),
                                          checkpointing=key == "checkpointing", dtype=args.dtype,
                                          threads=args.threads),
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
                       f"{env['date']}; torch {env['torch']}; {env['cpu']} ({env['cpu_count']} cores, "
                       f"{env['torch_threads']} torch thread(s)); {args.runs} timed iterations after {args.warmup} "
                       f"warm-up", "", bm.format_table(result["rows"], COLUMNS)])
-    bm.emit_report(result, text, args.json)
+    harness.emit_report(result, text, args.json)
     return 0
 
 

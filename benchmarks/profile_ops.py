@@ -27,7 +27,9 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from edaformer import benchmark as bm  # noqa: E402
+from edaformer import bench as bm  # noqa: E402
+
+import harness  # noqa: E402
 
 
 class OpTimer(TorchDispatchMode):
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     size = (int(h), int(w or h))
     import reference_style
 
-    ours = bm.build_named(args.model, isr=args.isr)
+    ours = harness.build_named(args.model, isr=args.isr)
     models = {"ours": ours, "baseline": reference_style.from_model(ours).eval()}
     x = bm.make_input(args.batch, size)
     print(f"{args.model} {size[0]}x{size[1]} batch {args.batch} ISR {args.isr}, {args.threads} thread(s), "

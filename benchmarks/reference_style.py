@@ -245,8 +245,8 @@ def _match_hidden(model, base) -> None:
 
 
 def build(name: str, isr: str | None = None, num_classes: int | None = None, seed: int = 0) -> ReferenceStyleEDAFormer:
-    """The reference-style twin of ``edaformer.benchmark.build_named(name, isr, num_classes, seed)``
+    """The reference-style twin of ``harness.build_named(name, isr, num_classes, seed)``
     (same weights): the baseline builder used by the benchmarks."""
-    from edaformer.benchmark import build_named
+    from harness import build_named
 
     return from_model(build_named(name, isr=isr, num_classes=num_classes, seed=seed)).eval()

@@ -1,9 +1,11 @@
-"""Helpers to use the reference fixtures in ../shared/fixtures/official."""
+"""Helpers to use the reference fixtures in ../shared/fixtures/official and the scripts in benchmarks/."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import sys
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("EDAFORMER_FIXTURES",
                                Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"))
 requires_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
@@ -53,3 +56,18 @@ def expected_outputs(size: str) -> dict[str, torch.Tensor]:
 def inputs() -> dict[str, torch.Tensor]:
     return {"x256": torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)),
             "x200x328": torch.randn(1, 3, 200, 328, generator=torch.Generator().manual_seed(1))}
+
+
+def load_benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` as the top-level module ``name`` (as the scripts do)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

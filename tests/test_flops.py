@@ -116,7 +116,7 @@ def test_pooled_grids_match_reference_geometry(setting):
         terms = count_flops(model, (200, 328)).attention
     got = sorted((t.pool_ratio, t.query_hw, t.kv_hw) for t in terms)
     assert got == sorted((g["kernel"], tuple(g["in_hw"]), tuple(g["out_hw"])) for g in expected)
-    assert all(t.flops == 2 * t.query_hw[0] * t.query_hw[1] * t.kv_hw[0] * t.kv_hw[1] * t.channels for t in terms)
+    assert all(t.flops_exact == 2 * t.query_hw[0] * t.query_hw[1] * t.kv_hw[0] * t.kv_hw[1] * t.channels for t in terms)
 
 
 def test_real_model_left_untouched():
@@ -190,3 +190,27 @@ def test_wrapped_model_is_unwrapped():
     model = meta_model("edaformer-t-ade20k")
     report = count_flops(torch.nn.DataParallel(model), (512, 512))
     assert report.flops == count_flops(model, (512, 512)).flops and report.isr == "1111-111"
+
+
+def test_reference_rule_at_sizes_windows_do_not_divide():
+    """375x500, ISR 2211-222: the attention follows the reference tool's true-division term."""
+    model = meta_model("edaformer-t-ade20k")
+    with isr(model, "2211-222"):
+        report = count_flops(model, (375, 500))
+    # (stride, pool ratio, channels, layers): encoder stages 1-4, then decoder c2, c3, c4
+    layers = [(4, 16, 32, 2), (8, 8, 64, 2), (16, 2, 128, 10), (32, 1, 256, 2),
+              (8, 8, 64, 1), (16, 4, 128, 2), (32, 2, 256, 3)]
+    expected = 0.0
+    for stride, r, c, depth in layers:
+        h, w = 375 // stride, 500 // stride
+        expected += depth * 2 * (h * w) * (h / r * w / r) * c
+    assert report.attention_flops == pytest.approx(expected, rel=1e-12)
+    assert report.flops == pytest.approx(report.module_flops + expected, rel=1e-12)
+    assert report.flops_by_convention["mmcv130"] == pytest.approx(report.flops, rel=1e-12)
+    exact = sum(2 * t.query_hw[0] * t.query_hw[1] * t.kv_hw[0] * t.kv_hw[1] * t.channels for t in report.attention)
+    assert report.attention_flops_exact == exact
+    assert report.flops_exact == report.module_flops + exact
+    assert abs(report.flops_exact - report.flops) > 1e6  # the floored grids give another count here
+    d = report.to_dict()
+    assert d["gflops"] == report.gflops and d["gflops_exact"] == report.gflops_exact != d["gflops"]
+    assert "GFLOPs (exact grids)" in report.format_table()

@@ -304,7 +304,7 @@ def _add_bench(sub) -> None:
 def _run_bench(args) -> int:
     import torch
 
-    from .benchmark import environment, format_table, run_isr_sweep, to_jsonable
+    from .bench import environment, format_table, run_isr_sweep, to_jsonable
     from .isr import PAPER_ISR_SWEEP, parse_isr
     from .models import create_model
 

@@ -32,21 +32,9 @@ DEFAULT_OPSET = 18
 log = logging.getLogger(__name__)
 
 
-def _check_side(model: nn.Module, side: int, axis: int, other: int) -> bool:
-    size = (side, other) if axis == 0 else (other, side)
-    try:
-        model.check_input_size(*size)
-    except ValueError:
-        return False
-    return True
-
-
-def min_input_side(model: nn.Module, axis: int = 0, limit: int = 1 << 15) -> int:
+def min_input_side(model: nn.Module, axis: int = 0) -> int:
     """Smallest input height (``axis=0``) or width (``axis=1``) the active ISR setting accepts."""
-    for side in range(1, limit + 1):
-        if _check_side(model, side, axis, limit):
-            return side
-    raise ValueError(f"no input size up to {limit} fits the ISR setting {model.isr}")
+    return model.min_input_size()[axis]
 
 
 @contextlib.contextmanager

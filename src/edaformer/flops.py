@@ -22,8 +22,16 @@ The counting rules are those of the mmcv 1.x hook counter
   fuse norm as ``SyncBatchNorm``, a type the mmcv counter skips; its would-be
   count is reported under ``FlopReport.uncounted``.
 
-Each EFA call adds ``2 * N_query * N_keyvalue * C`` for the attention itself,
-with the real (floored) pooled grid.
+Each EFA adds an analytic attention term. The report's ``flops`` / ``gflops`` follow
+the reference FLOP tool (``tools/get_flops.py`` of the reference code, as described in
+``fixtures/official/README.md``): ``2 * (h * w) * (h / r * w / r) * C`` with TRUE
+division, where ``h, w`` are the input height and width integer-divided by the
+layer's stride (``H // 4``, ``H // 8``, ``H // 16``, ``H // 32`` for encoder stages 1-4;
+``H // 8``, ``H // 16``, ``H // 32`` for decoder levels c2, c3, c4; not the conv output
+grid) and ``r`` the active pooling ratio. ``flops_exact`` / ``gflops_exact`` use
+``2 * N_query * N_keyvalue * C`` with the grids the model really runs (conv output
+grid, floored pooled grid). The two agree whenever every window divides its map
+(all reference rows); elsewhere the reference rule is fractional.
 
 Conventions: ``"mmcv130"`` (LayerNorm counted; the paper's figures) and
 ``"mmcv127"`` (LayerNorm not counted; what the reference FLOP tool prints).
@@ -35,17 +43,21 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checkpoint import CONV_SEG_CHANNELS
+from .models.decoder import AllAttentionDecoder
 from .models.efa import EFA
+from .models.eft import EFTStage
 from .models.segmentor import EDAFormer
 from .utils import unwrap_model
 
-__all__ = ["CONVENTIONS", "AttentionTerm", "FlopReport", "count_flops", "conv_seg_params"]
+__all__ = ["CONVENTIONS", "AttentionTerm", "FlopReport", "count_flops", "conv_seg_params",
+           "reference_attention_flops"]
 
 CONVENTIONS = ("mmcv130", "mmcv127")
 
@@ -88,7 +100,12 @@ _COUNTED: dict[str, frozenset[type]] = {
 # -- report -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionTerm:
-    """One EFA call: query grid, pooled key/value grid, channels and ``2 * Nq * Nkv * C``."""
+    """One EFA call: query grid, pooled key/value grid, channels, stride and its two counts.
+
+    ``flops``: the reference rule ``2 * (h*w) * (h/r * w/r) * C`` with ``h, w = H // stride,
+    W // stride`` (the exact count where the layer's stride is unknown); ``flops_exact``:
+    ``2 * Nq * Nkv * C`` with the real query and floored key/value grids.
+    """
 
     layer: str
     group: str
@@ -96,16 +113,20 @@ class AttentionTerm:
     kv_hw: tuple[int, int]
     channels: int
     pool_ratio: int
-    flops: int
+    stride: int | None
+    flops: float
+    flops_exact: int
 
 
 @dataclass
 class FlopReport:
-    """What :func:`count_flops` measured. ``flops`` = ``module_flops + attention_flops``.
+    """What :func:`count_flops` measured. ``flops`` = ``module_flops + attention_flops`` (reference
+    rule); ``flops_exact`` = ``module_flops + attention_flops_exact`` (real floored grids).
 
     ``by_type`` splits ``module_flops``; ``uncounted`` holds what the same rules give for
     module types the convention leaves out (``LayerNorm`` under ``mmcv127``, ``BatchNorm2d``).
-    ``flops_by_convention`` gives the total under every convention (one pass measures all).
+    ``flops_by_convention`` gives the reference-rule total under every convention (one pass
+    measures all).
     """
 
     model: str | None
@@ -114,7 +135,8 @@ class FlopReport:
     params: int
     params_excluding_conv_seg: int
     module_flops: int
-    attention_flops: int
+    attention_flops: float
+    attention_flops_exact: int
     by_type: dict[str, int]
     uncounted: dict[str, int] = field(default_factory=dict)
     flops_by_convention: dict[str, int] = field(default_factory=dict)
@@ -123,16 +145,26 @@ class FlopReport:
     pool_ratios: dict[str, int] | None = None
 
     @property
-    def flops(self) -> int:
+    def flops(self) -> float:
+        """Total under the reference FLOP tool's attention rule (the published convention)."""
         return self.module_flops + self.attention_flops
 
     @property
     def gflops(self) -> float:
         return self.flops / 1e9
 
-    def attention_by_group(self) -> dict[str, int]:
-        """Attention FLOPs summed per EFA group (encoder stage / decoder level)."""
-        out: dict[str, int] = {}
+    @property
+    def flops_exact(self) -> int:
+        """Total with the attention counted on the real (floored) grids."""
+        return self.module_flops + self.attention_flops_exact
+
+    @property
+    def gflops_exact(self) -> float:
+        return self.flops_exact / 1e9
+
+    def attention_by_group(self) -> dict[str, float]:
+        """Attention FLOPs (reference rule) summed per EFA group (encoder stage / decoder level)."""
+        out: dict[str, float] = {}
         for term in self.attention:
             out[term.group] = out.get(term.group, 0) + term.flops
         return out
@@ -141,6 +173,7 @@ class FlopReport:
         """JSON-ready summary; ``attention`` holds the per-layer terms."""
         d = asdict(self)
         d.update(input_size=list(self.input_size), flops=self.flops, gflops=self.gflops,
+                 flops_exact=self.flops_exact, gflops_exact=self.gflops_exact,
                  attention_by_group=self.attention_by_group())
         d["attention"] = [dict(asdict(t), query_hw=list(t.query_hw), kv_hw=list(t.kv_hw)) for t in self.attention]
         return d
@@ -159,10 +192,11 @@ class FlopReport:
             f"{'params (excluding conv_seg)':28s}{self.params_excluding_conv_seg:>16,d}"
             f"  ({self.params_excluding_conv_seg / 1e6:.2f} M)",
             f"{'GFLOPs':28s}{self.gflops:>16.2f}",
+            f"{'GFLOPs (exact grids)':28s}{self.gflops_exact:>16.2f}",
             "",
             f"{'breakdown':28s}{'GFLOPs':>16s}{'share':>9s}",
         ]
-        rows = [*self.by_type.items(), ("attention (2*Nq*Nkv*C)", self.attention_flops)]
+        rows = [*self.by_type.items(), ("attention (2*hw*hw/r^2*C)", self.attention_flops)]
         for name, value in rows:
             share = value / self.flops if self.flops else 0.0
             lines.append(f"  {name:26s}{value / 1e9:>16.4f}{share:>9.1%}")
@@ -288,13 +322,34 @@ def _check_size(input_size: Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def _attention_strides(modules: Sequence[tuple[str, nn.Module]]) -> dict[int, int]:
+    """``id(EFA) -> stride`` (input pixels per token) for the EFAs of encoder stages and decoder levels."""
+    strides: dict[int, int] = {}
+    for _, m in modules:
+        if isinstance(m, EFTStage):
+            strides.update((id(blk.attn), m.reduction) for blk in m.blocks)
+        elif isinstance(m, AllAttentionDecoder):
+            for blocks, reduction in zip(m.levels(), m.level_reductions):
+                strides.update((id(blk.attn), reduction) for blk in blocks)
+    return strides
+
+
+def reference_attention_flops(height: int, width: int, stride: int, pool_ratio: int, channels: int) -> Fraction:
+    """The reference FLOP tool's term ``2 * (h*w) * (h/r * w/r) * C``, ``h, w = H // s, W // s``, exactly."""
+    h, w = height // stride, width // stride
+    return Fraction(2 * h * w * h * w * channels, pool_ratio * pool_ratio)
+
+
 class _Counter:
     """Forward hooks that accumulate module FLOPs by type, EFA pooling and attention terms."""
 
-    def __init__(self) -> None:
+    def __init__(self, height: int, width: int) -> None:
+        self.input_hw = (height, width)
         self.measured: dict[type, int] = {}
         self.pool_flops = 0
         self.attention: list[AttentionTerm] = []
+        self.attention_reference = Fraction(0)
+        self.strides: dict[int, int] = {}
 
     def module_hook(self, m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self.measured[type(m)] = self.measured.get(type(m), 0) + _RULES[type(m)](m, inputs, output)
@@ -306,11 +361,17 @@ class _Counter:
             kh, kw = m.pooled_hw(qh, qw)
             b, n, c = x.shape
             self.pool_flops += x.numel()
-            self.attention.append(AttentionTerm(layer, m.name, (qh, qw), (kh, kw), c, m.pool_ratio,
-                                                2 * b * n * kh * kw * c))
+            exact = 2 * b * n * kh * kw * c
+            stride = self.strides.get(id(m))
+            reference = exact if stride is None else b * reference_attention_flops(*self.input_hw, stride,
+                                                                                   m.pool_ratio, c)
+            self.attention_reference += reference
+            self.attention.append(AttentionTerm(layer, m.name, (qh, qw), (kh, kw), c, m.pool_ratio, stride,
+                                                float(reference), exact))
         return hook
 
     def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
+        self.strides = _attention_strides(modules)
         handles = []
         for name, m in modules:
             if isinstance(m, EFA):
@@ -319,10 +380,10 @@ class _Counter:
                 handles.append(m.register_forward_hook(self.module_hook))
         return handles
 
-    def totals(self) -> dict[str, int]:
-        """Total FLOPs under every convention."""
-        extra = self.pool_flops + sum(t.flops for t in self.attention)
-        return {c: sum(v for t, v in self.measured.items() if t in types) + extra for c, types in _COUNTED.items()}
+    def totals(self) -> dict[str, float]:
+        """Total FLOPs (reference attention rule) under every convention."""
+        return {c: float(sum(v for t, v in self.measured.items() if t in types) + self.pool_flops
+                         + self.attention_reference) for c, types in _COUNTED.items()}
 
 
 def _run_counted(model: nn.Module, counter: _Counter, height: int, width: int, on_meta: bool) -> None:
@@ -367,7 +428,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
         model.check_input_size(h, w)
     params = list(model.parameters())
     on_meta = all(t.is_meta for t in itertools.chain(params, model.buffers()))
-    counter = _Counter()
+    counter = _Counter(h, w)
     _run_counted(model, counter, h, w, on_meta)
 
     counted = _COUNTED[convention]
@@ -380,7 +441,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
         model=getattr(model, "name", None) or type(model).__name__,
         input_size=(h, w), convention=convention,
         params=n_params + conv_seg_params(model), params_excluding_conv_seg=n_params,
-        module_flops=sum(by_type.values()), attention_flops=sum(t.flops for t in counter.attention),
+        module_flops=sum(by_type.values()), attention_flops=float(counter.attention_reference),
+        attention_flops_exact=sum(t.flops_exact for t in counter.attention),
         by_type=dict(sorted(by_type.items())), uncounted=dict(sorted(uncounted.items())),
         flops_by_convention=counter.totals(), attention=counter.attention,
         isr=str(model.isr) if is_edaformer else None,

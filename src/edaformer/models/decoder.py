@@ -6,7 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .efa import EFABlock, init_weights, resize_bilinear, to_map, to_tokens
+from .efa import EFABlock, init_weights, to_map, to_tokens
+from .fastpath import resize_bilinear
 
 __all__ = ["AllAttentionDecoder", "DECODER_TRAIN_RATIOS"]
 
@@ -31,6 +32,8 @@ class AllAttentionDecoder(nn.Module):
     Blocks live in ``c2``, ``c3`` and ``c4`` (ModuleLists), each with its own pooling ratio.
     """
 
+    level_reductions = (8, 16, 32)  # input pixels per token of levels (c2, c3, c4)
+
     def __init__(self, in_channels: Sequence[int], num_classes: int, embed_dim: int, mlp_ratio: float,
                  drop_path: float = 0.1, dropout: float = 0.1):
         super().__init__()
@@ -50,6 +53,24 @@ class AllAttentionDecoder(nn.Module):
     def levels(self) -> list[nn.ModuleList]:
         """Block lists in (c2, c3, c4) order, the order of the decoder ISR factors."""
         return [self.c2, self.c3, self.c4]
+
+    def set_isr(self, factors: Sequence[int]) -> None:
+        """ISR factors of levels (c2, c3, c4) (each multiplies the level's training pooling ratio)."""
+        levels = self.levels()
+        if len(factors) != len(levels):
+            raise ValueError(f"the decoder needs {len(levels)} ISR factors, got {len(factors)}")
+        for blocks, factor in zip(levels, factors):
+            for blk in blocks:
+                blk.attn.isr_factor = int(factor)
+
+    def pool_ratios(self) -> tuple[int, ...]:
+        """Active pooling ratio of levels (c2, c3, c4)."""
+        return tuple(blocks[0].attn.pool_ratio for blocks in self.levels())
+
+    def check_input_size(self, sizes: Sequence[tuple[int, int]]) -> None:
+        """``ValueError`` when a level's grid (c2, c3, c4 order) is smaller than its pooling window."""
+        for (h, w), blocks in zip(sizes, self.levels()):
+            blocks[0].attn.pooled_hw(h, w)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         c2 = features[-3]

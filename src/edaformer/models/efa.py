@@ -7,28 +7,16 @@ run in channels-last layout.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-__all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights", "resize_bilinear"]
+from . import fastpath
 
-# Opt-in: CPU inference resize outputs of at least this many bytes are allocated on transparent
-# huge pages (see :func:`resize_bilinear`). ``None`` (the default) disables it; the environment
-# variable ``EDAFORMER_HUGE_PAGES=1`` sets 32 MiB at import.
-HUGE_PAGE_MIN_BYTES: int | None = (32 << 20) if os.environ.get("EDAFORMER_HUGE_PAGES", "0") not in ("", "0") else None
-
-# CPU inference runs the FFN of maps with more tokens than this in bands of about this many
-# tokens (see :class:`ConvFFN`); ``None`` disables it (environment at import:
-# ``EDAFORMER_FFN_CHUNK_TOKENS=0``).
-FFN_CHUNK_TOKENS: int | None = int(os.environ.get("EDAFORMER_FFN_CHUNK_TOKENS", "4096") or 0) or None
+__all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights"]
 
 
 def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -39,65 +27,6 @@ def to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """Flatten a map ``(B, C, H, W)`` to tokens ``(B, H*W, C)`` (no copy when channels-last)."""
     return x.permute(0, 2, 3, 1).flatten(1, 2)
-
-
-@functools.lru_cache(maxsize=None)
-def _madvise_hugepage():
-    """``madvise(addr, len, MADV_HUGEPAGE)`` where transparent huge pages can be requested, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            if "[never]" in f.read():
-                return None
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    page = os.sysconf("SC_PAGE_SIZE")
-    madv_hugepage = 14
-
-    def advise(t: torch.Tensor) -> None:
-        start, nbytes = t.data_ptr(), t.untyped_storage().nbytes()
-        aligned = (start + page - 1) // page * page
-        if start + nbytes > aligned:
-            madvise(aligned, start + nbytes - aligned, madv_hugepage)
-    return advise
-
-
-def _huge_page_output(x: torch.Tensor, size) -> bool:
-    if (HUGE_PAGE_MIN_BYTES is None or not isinstance(x, torch.Tensor) or x.device.type != "cpu"
-            or (x.requires_grad and torch.is_grad_enabled())):
-        return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    nbytes = x.shape[0] * x.shape[1] * int(size[0]) * int(size[1]) * x.element_size()
-    return nbytes >= HUGE_PAGE_MIN_BYTES and _madvise_hugepage() is not None
-
-
-def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="bilinear", align_corners=False)``, bit for bit.
-
-    Opt-in (:data:`HUGE_PAGE_MIN_BYTES`): a large CPU inference output (the full-resolution
-    logits: 150 x 512 x 512 floats are 157 MB) is allocated untouched, advised onto transparent
-    huge pages, and then written by the same kernel. First-touching fresh memory 4 KiB page by
-    page costs more than the interpolation itself, and huge pages cut the resize at 512x512 from
-    ~110 ms to ~30 ms on the benchmark machine -- as long as the kernel has recently freed huge
-    pages at hand. In a VM that returns free memory to the host (virtio-balloon free page
-    reporting), a huge-page allocation after an idle second costs ~5x more than 4 KiB pages, so
-    this is off by default (``benchmarks/RESULTS.md`` has the numbers). Autograd, tracing,
-    ``torch.compile``, other devices and kernels without THP always take the plain call.
-    """
-    if not _huge_page_output(x, size):
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    size = (int(size[0]), int(size[1]))
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    out = torch.empty((x.shape[0], x.shape[1], *size), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    _madvise_hugepage()(out)
-    return torch._C._nn.upsample_bilinear2d(x, size, False, None, None, out=out)
 
 
 class EFA(nn.Module):
@@ -170,16 +99,7 @@ class EFA(nn.Module):
 class ConvFFN(nn.Module):
     """``Linear -> [ReLU] -> depthwise 3x3 conv -> GELU -> Linear`` on tokens.
 
-    CPU inference on large maps runs image by image in bands of rows (about
-    :data:`FFN_CHUNK_TOKENS` tokens each): the hidden activations (``mlp_ratio`` times wider than
-    the tokens) then never exist for the whole map at once, stay in cache, and need no fresh
-    page-faulted memory. Each band recomputes the row above and below it that the 3x3
-    convolution needs, so the result is that of the whole-map computation up to float rounding
-    (BLAS may round a smaller matrix product differently in the last bit; at the default band
-    size the float32 logits were bit-identical in the tests).
-    The sub-modules are then called once per band (forward hooks see bands); FLOP counting on
-    the ``meta`` device and everything under autograd, tracing or ``torch.compile`` take the
-    whole-map path.
+    CPU inference on large maps may run in bands of rows (:mod:`.fastpath`, same result).
     """
 
     def __init__(self, dim: int, hidden: int, relu: bool):
@@ -191,45 +111,14 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        rows = self._band_rows(x, h, w)
-        if rows:
-            return self._forward_bands(x, h, w, rows)
+        banded = fastpath.banded_ffn(self, x, h, w)
+        if banded is not None:
+            return banded
         x = self.fc1(x)
         if self.relu is not None:
             x = self.relu(x)
         x = to_tokens(self.dwconv(to_map(x, h, w)))
         return self.fc2(self.act(x))
-
-    def _band_rows(self, x: torch.Tensor, h: int, w: int) -> int:
-        """Rows per band for banded inference, or 0 for the whole-map computation."""
-        if FFN_CHUNK_TOKENS is None or torch.jit.is_scripting() or torch.jit.is_tracing():
-            return 0
-        if torch.compiler.is_compiling() or not isinstance(x, torch.Tensor):
-            return 0  # keep compiled / exported / fx graphs shape-generic and loop-free
-        if x.device.type != "cpu" or x.shape[1] <= FFN_CHUNK_TOKENS:
-            return 0
-        if torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad):
-            return 0  # training: autograd keeps every band's activations anyway
-        rows = max(4, FFN_CHUNK_TOKENS // w)  # >= 4 rows: at most 50% recomputed halo rows
-        return rows if rows < h else 0
-
-    def _forward_bands(self, x: torch.Tensor, h: int, w: int, rows: int) -> torch.Tensor:
-        b, n, c = x.shape
-        out = x.new_empty(b, n, self.fc2.out_features)
-        x_rows = x.reshape(b, h, w, c)
-        out_rows = out.view(b, h, w, -1)
-        gelu_inplace = type(self.act) is nn.GELU
-        for i in range(b):
-            for r0 in range(0, h, rows):
-                r1 = min(h, r0 + rows)
-                a0, a1 = max(0, r0 - 1), min(h, r1 + 1)  # a halo row each side (zero padding at the map edges)
-                t = self.fc1(x_rows[i:i + 1, a0:a1])
-                if self.relu is not None:
-                    t = self.relu(t)
-                t = self.dwconv(t.permute(0, 3, 1, 2))[:, :, r0 - a0:r1 - a0].permute(0, 2, 3, 1)
-                t = torch.ops.aten.gelu_(t, approximate=self.act.approximate) if gelu_inplace else self.act(t)
-                out_rows[i:i + 1, r0:r1] = self.fc2(t)
-        return out
 
 
 class EFABlock(nn.Module):

@@ -40,6 +40,16 @@ class OverlapPatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         return self.norm(to_tokens(x)), h, w
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output grid of the conv for an input grid: ``floor((in + 2p - k) / s) + 1`` per axis."""
+        k, s, p = self.proj.kernel_size, self.proj.stride, self.proj.padding
+        return tuple((n + 2 * p[a] - k[a]) // s[a] + 1 for a, n in enumerate((height, width)))
+
+    def min_input_size(self, out_h: int, out_w: int) -> tuple[int, int]:
+        """Smallest input grid whose output grid is at least ``out_h x out_w`` (and at least 1x1)."""
+        k, s, p = self.proj.kernel_size, self.proj.stride, self.proj.padding
+        return tuple(max(1, s[a] * (max(n, 1) - 1) + k[a] - 2 * p[a]) for a, n in enumerate((out_h, out_w)))
+
 
 class EFTStage(nn.Module):
     """Patch embedding, ``depth`` EFT blocks, LayerNorm; map in, map out."""
@@ -48,6 +58,7 @@ class EFTStage(nn.Module):
                  mlp_ratio: float, train_ratio: int, drop_path: Sequence[float]):
         super().__init__()
         kernel, stride = (7, 4) if index == 0 else (3, 2)
+        self.reduction = 4 * 2 ** index  # input pixels per token along each side
         self.downsample = OverlapPatchEmbed(in_chans, dim, kernel, stride)
         self.blocks = nn.ModuleList(
             EFABlock(dim, num_heads, mlp_ratio, train_ratio, norm_eps=1e-6, drop_path=drop_path[j],
@@ -55,6 +66,16 @@ class EFTStage(nn.Module):
             for j in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.grad_checkpointing = False
+
+    @property
+    def pool_ratio(self) -> int:
+        """Key/value pooling ratio of the stage's blocks under the active ISR factor."""
+        return self.blocks[0].attn.pool_ratio
+
+    def set_isr(self, factor: int) -> None:
+        """Set the ISR factor of every block's attention."""
+        for blk in self.blocks:
+            blk.attn.isr_factor = int(factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, h, w = self.downsample(x)
@@ -92,6 +113,50 @@ class EFT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
+
+    # ISR and input geometry --------------------------------------------------------
+    def set_isr(self, factors: Sequence[int]) -> None:
+        """ISR factors of the four stages (each multiplies the stage's training pooling ratio)."""
+        if len(factors) != len(self.stages):
+            raise ValueError(f"the encoder needs {len(self.stages)} ISR factors, got {len(factors)}")
+        for stage, factor in zip(self.stages, factors):
+            stage.set_isr(factor)
+
+    def pool_ratios(self) -> tuple[int, ...]:
+        """Active pooling ratio of each stage."""
+        return tuple(stage.pool_ratio for stage in self.stages)
+
+    def stage_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Token grid of each stage for an input of ``height x width`` (the patch-embedding convs)."""
+        sizes, hw = [], (height, width)
+        for stage in self.stages:
+            hw = stage.downsample.output_size(*hw)
+            sizes.append(hw)
+        return sizes
+
+    def check_input_size(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The stage grids for ``height x width``; ``ValueError`` when a grid would be empty or
+        smaller than its stage's active pooling window."""
+        sizes = self.stage_sizes(height, width)
+        for i, (stage, (h, w)) in enumerate(zip(self.stages, sizes)):
+            if h < 1 or w < 1:
+                raise ValueError(f"input {height}x{width} is too small for encoder stage {i + 1}")
+            stage.blocks[0].attn.pooled_hw(h, w)
+        return sizes
+
+    def min_input_size(self, stage_minima: Sequence[int] | None = None) -> tuple[int, int]:
+        """Smallest input ``(h, w)`` whose stage grids are at least ``stage_minima[i]`` on each side
+        (default: each stage's active pooling ratio), by inverting each conv's geometry."""
+        minima = self.pool_ratios() if stage_minima is None else tuple(stage_minima)
+        if len(minima) != len(self.stages):
+            raise ValueError(f"stage_minima needs {len(self.stages)} values, got {len(minima)}")
+        best = (1, 1)
+        for j in range(len(self.stages)):
+            need = (minima[j], minima[j])
+            for stage in reversed(self.stages[:j + 1]):
+                need = stage.downsample.min_input_size(*need)
+            best = (max(best[0], need[0]), max(best[1], need[1]))
+        return best
 
     # timm model interface ------------------------------------------------------------
     @torch.jit.ignore
@@ -138,8 +203,6 @@ class EFT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
 
 
 _REFERENCE_ENCODER_RULES = [

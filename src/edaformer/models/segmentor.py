@@ -8,8 +8,9 @@ from torch import nn
 
 from ..isr import ISRSetting, ISRSpec, parse_isr
 from .decoder import AllAttentionDecoder
-from .efa import EFA, resize_bilinear
+from .efa import EFA
 from .eft import EFT
+from .fastpath import resize_bilinear
 
 __all__ = ["EDAFormer"]
 
@@ -42,12 +43,8 @@ class EDAFormer(nn.Module):
     def set_isr(self, spec: ISRSpec) -> "EDAFormer":
         """Set the ISR factors, e.g. ``"2211-222"``; no rebuild, no weight change."""
         setting = parse_isr(spec)
-        for stage, factor in zip(self.encoder.stages, setting.encoder):
-            for blk in stage.blocks:
-                blk.attn.isr_factor = factor
-        for blocks, factor in zip(self.decoder.levels(), setting.decoder):
-            for blk in blocks:
-                blk.attn.isr_factor = factor
+        self.encoder.set_isr(setting.encoder)
+        self.decoder.set_isr(setting.decoder)
         self._isr = setting
         return self
 
@@ -55,27 +52,27 @@ class EDAFormer(nn.Module):
         """Every EFA module with its qualified name, encoder first."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, EFA)]
 
-    def pool_ratios(self) -> dict[str, list[int]]:
+    def pool_ratios(self) -> dict[str, int]:
         """Pooling ratio per encoder stage and decoder level under the active ISR."""
-        out = {f"encoder.stage{i + 1}": stage.blocks[0].attn.pool_ratio
-               for i, stage in enumerate(self.encoder.stages)}
-        out.update({f"decoder.c{i + 2}": blocks[0].attn.pool_ratio
-                    for i, blocks in enumerate(self.decoder.levels())})
+        out = {f"encoder.stage{i + 1}": r for i, r in enumerate(self.encoder.pool_ratios())}
+        out.update({f"decoder.c{i + 2}": r for i, r in enumerate(self.decoder.pool_ratios())})
         return out
 
     def check_input_size(self, height: int, width: int) -> None:
         """Raise ``ValueError`` if the active ISR would pool some map to zero rows/columns."""
-        h, w = height, width
-        grids = []
-        for i, stage in enumerate(self.encoder.stages):
-            k, s = (7, 4) if i == 0 else (3, 2)
-            h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
-            if h < 1 or w < 1:
-                raise ValueError(f"input {height}x{width} is too small for encoder stage {i + 1}")
-            stage.blocks[0].attn.pooled_hw(h, w)
-            grids.append((h, w))
-        for (h, w), blocks in zip(grids[1:], self.decoder.levels()):
-            blocks[0].attn.pooled_hw(h, w)
+        sizes = self.encoder.check_input_size(height, width)
+        self.decoder.check_input_size(sizes[1:])
+
+    def min_input_size(self) -> tuple[int, int]:
+        """Smallest ``(height, width)`` the active ISR setting accepts, in closed form.
+
+        Each encoder stage grid must hold its own pooling window and, for stages 2-4, that of
+        the decoder level reading it; the encoder inverts its conv geometry for those minima.
+        """
+        minima = list(self.encoder.pool_ratios())
+        for i, r in enumerate(self.decoder.pool_ratios(), start=len(minima) - len(self.decoder.levels())):
+            minima[i] = max(minima[i], r)
+        return self.encoder.min_input_size(minima)
 
     # forward -------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,28 +1,19 @@
-"""Timing and memory measurement shared by ``edaformer bench`` and the scripts in ``benchmarks/``.
+"""Timing for ``edaformer bench``: medians with inter-quartile range, interleaved ISR sweeps.
 
-Protocol (see ``benchmarks/README.md``):
+Protocol (see ``benchmarks/README.md``, whose scripts build on this module):
 
 * latency: ``warmup`` untimed calls, then ``runs`` timed calls; the median is reported with the
   inter-quartile range and min/max. CUDA work is synchronized before each clock read. The process
   CPU time of each run is recorded too: on a shared machine it is much less noisy than wall time.
-* several models are compared *interleaved* (one call of each per round, order alternating), so
-  drifting load on a shared machine hits them alike;
-* peak memory: CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the call;
-  CPU the peak resident set size above the resident size just before the call, measured in a fresh
-  child process (``spawn``) per configuration, so that neither the allocator's cache nor earlier
-  runs hide or inflate the figure.
+* several callables are compared *interleaved* (one call of each per round, order alternating), so
+  drifting load on a shared machine hits them alike.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import gc
-import importlib
 import math
-import multiprocessing as mp
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,11 +24,9 @@ from torch import nn
 
 from .utils import resolve_device
 
-__all__ = ["DTYPES", "Timing", "emit_report", "resolve_dtype", "resolve_device", "synchronize", "autocast_context",
-           "time_callable", "time_interleaved", "gflops", "prepare_model", "make_input",
-           "forward_fn", "peak_memory_cuda", "peak_memory_cpu_child", "run_in_child", "measure_peak_rss",
-           "inference_peak_memory", "reset_peak_rss", "current_rss_bytes", "peak_rss_bytes", "build_named",
-           "format_table", "run_isr_sweep", "environment", "to_jsonable"]
+__all__ = ["DTYPES", "Timing", "resolve_dtype", "synchronize", "autocast_context", "time_callable",
+           "time_interleaved", "gflops", "prepare_model", "make_input", "forward_fn", "format_table",
+           "run_isr_sweep", "environment", "to_jsonable"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,7 +129,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], runs: int = 10, warmu
     between rounds so that a slow phase of a shared machine does not favour either."""
     if runs < 1:
         raise ValueError("runs must be >= 1")
-    device = torch.device(device)
+    device = resolve_device(device)
     names = list(fns)
     for _ in range(max(0, warmup)):
         for name in names:
@@ -189,168 +178,6 @@ def forward_fn(model: nn.Module, x: torch.Tensor, device: torch.device, dtype: t
         with torch.inference_mode(), autocast_context(device, dtype):
             return model(x)
     return run
-
-
-# -- memory ----------------------------------------------------------------------------------------
-def peak_memory_cuda(fn: Callable[[], Any], device: torch.device | str = "cuda") -> int:
-    """Bytes allocated at the peak of ``fn()`` above what was allocated before it (CUDA)."""
-    device = torch.device(device)
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    del out
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def _proc_status_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_kb() -> int:
-    hwm = _proc_status_kb("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak
-
-
-def _resolve(path: str) -> Callable:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) of this process; False where not possible."""
-    return _reset_peak_rss()
-
-
-def current_rss_bytes() -> int | None:
-    kb = _proc_status_kb("VmRSS")
-    return None if kb is None else kb * 1024
-
-
-def peak_rss_bytes() -> int:
-    return _peak_rss_kb() * 1024
-
-
-def measure_peak_rss(run: Callable[[], Any]) -> dict:
-    """Peak resident-set growth of ``run()`` in this process: ``{"peak_bytes", "exact"}``.
-
-    Meant for a fresh process (see :func:`run_in_child`): memory the allocator kept from earlier
-    work would otherwise be reused without showing up. ``exact`` is False where the peak mark could
-    not be reset and the process-lifetime peak had to be used (an upper bound).
-    """
-    gc.collect()
-    exact = _reset_peak_rss()
-    before = _proc_status_kb("VmRSS")
-    if before is None:
-        before, exact = _peak_rss_kb(), False
-    out = run()
-    peak = _peak_rss_kb()
-    del out
-    return dict(peak_bytes=max(0, peak - before) * 1024, exact=exact, rss_before_bytes=before * 1024)
-
-
-def _child_main(queue, target: str, kwargs: dict, sys_path: list[str]) -> None:
-    try:
-        sys.path[:0] = list(sys_path)
-        queue.put(dict(ok=True, **_resolve(target)(**kwargs)))
-    except BaseException as e:  # report, never hang the parent
-        queue.put(dict(ok=False, error=f"{type(e).__name__}: {e}"))
-
-
-def run_in_child(target: str, kwargs: Mapping[str, Any], *, sys_path: Sequence[str] = (),
-                 timeout: float = 1800.0) -> dict:
-    """Call ``target`` (``"module:function"``, returning a dict) in a fresh ``spawn`` process.
-
-    Returns the function's dict with ``ok=True``, or ``{"ok": False, "error": ...}``.
-    """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child_main, args=(queue, target, dict(kwargs), list(sys_path)))
-    proc.start()
-    try:
-        result = queue.get(timeout=timeout)
-    except Exception:  # queue.Empty on timeout, or the child died (e.g. out of memory)
-        result = dict(ok=False, error=f"no result (exit code {proc.exitcode}; killed or over {timeout:.0f} s)")
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return result
-
-
-def _smallest_input(model: nn.Module) -> tuple[int, int]:
-    """64 x 64, or the smallest input the model's ISR setting accepts if that is larger."""
-    if hasattr(model, "check_input_size"):
-        from .export import min_input_side
-
-        return max(64, min_input_side(model, 0)), max(64, min_input_side(model, 1))
-    return 64, 64
-
-
-def inference_peak_memory(builder: str, builder_kwargs: dict, batch: int, size: Sequence[int],
-                          dtype: str = "fp32", threads: int | None = None, channels_last: bool = False) -> dict:
-    """(Run in a fresh process.) Build a model with ``builder(**builder_kwargs)`` and measure the
-    peak RSS growth of one inference forward pass at ``batch x size``."""
-    if threads:
-        torch.set_num_threads(threads)
-    model = prepare_model(_resolve(builder)(**builder_kwargs), "cpu", channels_last=channels_last)
-    device, dt = torch.device("cpu"), resolve_dtype(dtype)
-    # initialise the kernels' one-time state on the smallest input the model takes, so the figure
-    # is the forward's own (memory freed by a same-size warm-up would be reused unseen)
-    small = _smallest_input(model)
-    with contextlib.suppress(Exception):  # best effort: the measured call reports real errors
-        forward_fn(model, make_input(1, small, channels_last=channels_last), device, dt)()
-    x = make_input(batch, size, channels_last=channels_last)
-    return measure_peak_rss(forward_fn(model, x, device, dt))
-
-
-def peak_memory_cpu_child(builder: str, builder_kwargs: Mapping[str, Any], batch: int, size: Sequence[int], *,
-                          dtype: str = "fp32", threads: int | None = None, channels_last: bool = False,
-                          sys_path: Sequence[str] = (), timeout: float = 1800.0) -> dict:
-    """Peak resident-memory growth of one CPU inference forward pass, in a fresh child process.
-
-    ``builder`` is ``"module:function"``; ``function(**builder_kwargs)`` must return the model
-    (importable in the child; ``sys_path`` entries are prepended there).
-    """
-    return run_in_child("edaformer.benchmark:inference_peak_memory",
-                        dict(builder=builder, builder_kwargs=dict(builder_kwargs), batch=batch,
-                             size=tuple(int(s) for s in size), dtype=dtype, threads=threads,
-                             channels_last=channels_last),
-                        sys_path=sys_path, timeout=timeout)
-
-
-def build_named(name: str, isr: str | None = None, num_classes: int | None = None, seed: int = 0) -> nn.Module:
-    """A named model (random weights from ``seed``) with an ISR setting: the default benchmark builder."""
-    from .models import create_model
-
-    torch.manual_seed(seed)
-    return create_model(name, num_classes=num_classes, isr=isr).eval()
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -432,6 +259,7 @@ def run_isr_sweep(model: nn.Module, size: Sequence[int], settings: Sequence[str]
 
 
 def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, dicts, tuples as plain JSON values; NaN and infinities become ``None``."""
     if hasattr(obj, "__dataclass_fields__"):
         return to_jsonable(asdict(obj))
     if isinstance(obj, dict):
@@ -441,16 +269,3 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
         return None
     return obj
-
-
-def emit_report(result: Any, text: str, json_target: str | None) -> None:
-    """Print ``text`` (or the JSON of ``result`` when ``json_target`` is ``"-"``); with a
-    path as ``json_target``, also write the JSON there."""
-    payload = json.dumps(to_jsonable(result), indent=2)
-    if json_target == "-":
-        print(payload)
-        return
-    print(text)
-    if json_target:
-        with open(json_target, "w", encoding="utf-8") as f:
-            f.write(payload)

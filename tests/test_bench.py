@@ -1,0 +1,96 @@
+"""edaformer.bench: timing statistics, interleaving, tables, JSON, the ISR sweep and `edaformer bench`."""
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+
+import edaformer
+from edaformer import bench
+from edaformer.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_t():
+    torch.manual_seed(0)
+    return edaformer.create_model("edaformer-t-ade20k").eval()
+
+
+def test_timing_statistics():
+    t = bench.Timing([0.4, 0.1, 0.3, 0.2], [0.1] * 4)
+    assert t.median == pytest.approx(0.25) and t.min == 0.1 and t.max == 0.4
+    assert t.q1 == pytest.approx(0.175) and t.q3 == pytest.approx(0.325)
+    s = t.summary(batch=2)
+    assert s["images_per_s"] == pytest.approx(8.0) and s["runs"] == 4
+
+
+def test_time_interleaved_calls_each_once_per_round():
+    calls = []
+    out = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, runs=3,
+                                 warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert len(out["a"].wall) == len(out["b"].wall) == 3
+
+
+def test_time_interleaved_checks_arguments():
+    with pytest.raises(ValueError, match="runs must be >= 1"):
+        bench.time_interleaved({"a": lambda: None}, runs=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            bench.time_callable(lambda: None, runs=1, device="cuda")
+
+
+def test_format_table():
+    table = bench.format_table([{"a": 1.23456, "b": None}], [("a", "A", ".2f"), ("b", "B", "")])
+    assert table.splitlines() == ["| A | B |", "|---|---|", "| 1.23 | - |"]
+
+
+def test_to_jsonable():
+    value = bench.to_jsonable({1: (bench.Timing([0.5]), math.nan, math.inf)})
+    assert value == {"1": [{"wall": [0.5], "cpu": []}, None, None]}
+    json.dumps(value)
+
+
+def test_environment_names_torch_and_threads():
+    env = bench.environment()
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        bench.resolve_dtype("fp8")
+
+
+def test_run_isr_sweep_restores_isr(model_t):
+    rows = bench.run_isr_sweep(model_t, (64, 64), ["1111-111", "2211-222"], runs=1, warmup=0)
+    assert [r["isr"] for r in rows] == ["1111-111", "2211-222"]
+    assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert rows[1]["gflops"] < rows[0]["gflops"]
+    assert str(model_t.isr) == "1111-111"
+
+
+def test_run_isr_sweep_rejects_a_setting_too_large_for_the_input(model_t):
+    with pytest.raises(ValueError, match="pooling ratio"):
+        bench.run_isr_sweep(model_t, (64, 64), ["1111-111", "4444-444"], runs=1, warmup=0)
+    assert str(model_t.isr) == "1111-111"
+
+
+def test_cli_bench_json():
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["bench", "edaformer-t-ade20k", "--size", "64", "64", "--isr-sweep", "--runs", "1",
+                     "--warmup", "0", "--json"]) == 0
+    report = json.loads(buf.getvalue())
+    assert [r["isr"] for r in report["rows"]] == ["1111-111", "1111-222", "2211-222", "2222-222"]
+    assert report["environment"]["torch"] == torch.__version__
+
+
+def test_cli_bench_table():
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["bench", "edaformer-t-ade20k", "--size", "64", "64", "--isr", "2211-222", "--runs", "2",
+                     "--warmup", "0"]) == 0
+    text = buf.getvalue()
+    assert "| ISR |" in text and "| 2211-222 |" in text
