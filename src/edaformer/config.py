@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from .utils import to_pair
+
 __all__ = ["ConfigError", "Key", "KEYS", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
            "apply_overrides", "validate_config", "save_config", "parse_value"]
 
@@ -211,9 +213,10 @@ class _Size(_List):
         super().__init__(_Int(1), 2, f"a positive integer or a pair {what} of them", optional)
 
     def convert(self, value, name):
-        if _is_int(value) and value >= 1:
-            return [int(value), int(value)]
-        return super().convert(value, name)
+        try:
+            return list(to_pair(value, name))
+        except ValueError:
+            self.fail(value, name)
 
 
 class _Range(_List):
