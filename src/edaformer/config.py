@@ -29,7 +29,7 @@ import yaml
 
 from .utils import to_pair
 
-__all__ = ["ConfigError", "Key", "KEYS", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
+__all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
            "apply_overrides", "validate_config", "save_config", "parse_value"]
 
 BASE_KEY = "_base_"
