@@ -55,7 +55,7 @@ def _add_export_reference(sub) -> None:
     p.add_argument("--out", required=True, help="output .pth path")
 
 
-def _load_weights(name: str, checkpoint: str, num_classes: int | None, **kwargs):
+def _load_weights(name: str, checkpoint: str, num_classes: int | None):
     """The named model with a checkpoint's weights; its class count is the checkpoint's unless given."""
     from .checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
     from .models import create_model
@@ -63,7 +63,7 @@ def _load_weights(name: str, checkpoint: str, num_classes: int | None, **kwargs)
     obj = read_checkpoint(checkpoint)
     if num_classes is None:
         num_classes = checkpoint_num_classes(obj)
-    model = create_model(name, num_classes=num_classes, **kwargs)
+    model = create_model(name, num_classes=num_classes)
     return model, load_checkpoint(model, obj)
 
 
