@@ -17,7 +17,7 @@ from PIL import Image
 
 import edaformer
 from edaformer.cli import main as cli_main
-from edaformer.config import DEFAULTS, ConfigError, load_config, load_yaml, save_config
+from edaformer.config import load_config
 from edaformer.engine import (NonFiniteLossError, WarmupPolyLR, build_optimizer, build_param_groups,
                               build_scheduler, find_resume_checkpoint, segmentation_loss, train)
 
@@ -87,72 +87,6 @@ def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     return env
-
-
-# -- config -------------------------------------------------------------------------------------
-def test_config_inheritance_overrides_and_save(tmp_path):
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "a.yaml").write_text(
-        "optim: {lr: 1e-3, betas: [0.8, 0.9]}\nschedule: {iters: 100}\ndata: {type: folder, root: /r, crop_size: [8, 8]}\n")
-    (tmp_path / "base" / "b.yaml").write_text("_base_: a.yaml\noptim: {weight_decay: 0.5}\nmodel: {name: edaformer-t-ade20k}\n")
-    (tmp_path / "run.yaml").write_text("_base_: [base/b.yaml]\noptim: {betas: [0.7, 0.8]}\ndata: {batch_size: 3}\n")
-    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=2e-4", "data.root=/x", "eval.isr=2211-222",
-                                              "train.amp=bf16", "data.crop_size=[16, 24]", "model.pretrained=null"])
-    assert cfg["optim"] == {"lr": 2e-4, "betas": [0.7, 0.8], "eps": 1e-8, "weight_decay": 0.5, "decoder_lr_mult": 10.0}
-    assert cfg["data"]["root"] == "/x" and cfg["data"]["batch_size"] == 3 and cfg["data"]["crop_size"] == [16, 24]
-    assert cfg["data"]["workers"] == DEFAULTS["data"]["workers"]          # defaults filled in
-    assert cfg["schedule"]["iters"] == 100 and cfg["schedule"]["warmup_iters"] == 1500
-    assert cfg["eval"]["isr"] == "2211-222" and cfg["train"]["amp"] == "bf16"
-    save_config(cfg, tmp_path / "out" / "config.yaml")
-    assert load_config(tmp_path / "out" / "config.yaml") == cfg          # the resolved config round-trips
-
-
-@pytest.mark.parametrize("text, overrides, match", [
-    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\noptimizer: {lr: 1}\n", [],
-     r"unknown config section.*'optimizer'.*did you mean 'optim'"),
-    ("model: {name: m}\ndata: {type: folder}\n", [], r"missing required config key\(s\): data.root, schedule.iters"),
-    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1, warmup: 3}\n", [],
-     r"unknown key\(s\) in section 'schedule'.*'warmup'.*warmup_iters"),
-    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n", ["optim.lr"], "section.key=value"),
-    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n", ["train.amp=fp8"], "train.amp"),
-    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 0}\n", [], "schedule.iters"),
-    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n", ["eval.isr=22-1"], "eval.isr"),
-])
-def test_config_errors(tmp_path, text, overrides, match):
-    (tmp_path / "c.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=match):
-        load_config(tmp_path / "c.yaml", overrides)
-
-
-def test_config_base_cycle_and_missing_file(tmp_path):
-    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
-    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
-    with pytest.raises(ConfigError, match="circular"):
-        load_config(tmp_path / "a.yaml")
-    with pytest.raises(FileNotFoundError):
-        load_config(tmp_path / "nope.yaml")
-
-
-def test_repository_configs():
-    assert load_yaml(DEFAULT_YAML) == DEFAULTS | {"schedule": DEFAULTS["schedule"] | {"iters": 160000}}
-    files = sorted((REPO / "configs").glob("*.yaml"))
-    assert {f.stem for f in files} >= {f"edaformer-{s}-{d}" for s in "tb"
-                                       for d in ("ade20k", "cityscapes", "cocostuff", "camvid")}
-    for f in files:
-        cfg = load_config(f)
-        assert cfg["optim"]["lr"] == 6e-5 and cfg["optim"]["decoder_lr_mult"] == 10
-        assert cfg["model"]["name"] in edaformer.list_models()
-    city_b = load_config(REPO / "configs" / "edaformer-b-cityscapes.yaml")
-    assert city_b["data"]["batch_size"] == 1 and city_b["eval"]["mode"] == "slide"
-    assert city_b["eval"]["stride"] == [768, 768] and city_b["data"]["crop_size"] == [1024, 1024]
-    assert load_config(REPO / "configs" / "edaformer-t-cocostuff.yaml")["schedule"]["iters"] == 80000
-    camvid = load_config(REPO / "configs" / "edaformer-t-camvid.yaml")
-    assert camvid["model"]["num_classes"] == 11 and camvid["data"]["ignore_index"] == 11
-    from edaformer.data.palettes import get_dataset_info
-
-    info = get_dataset_info("camvid")
-    assert tuple(camvid["data"]["classes"]) == info.classes
-    assert tuple(map(tuple, camvid["data"]["palette"])) == info.palette
 
 
 # -- optimizer, schedule, loss --------------------------------------------------------------------

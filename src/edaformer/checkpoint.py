@@ -9,6 +9,7 @@ fuse / classifier``. :func:`reference_to_native` and :func:`native_to_reference`
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from torch import nn
 
 from .models.eft import reference_encoder_key
 
-__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "reference_to_native",
+__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "checkpoint_num_classes", "reference_to_native",
            "native_to_reference", "export_reference", "CheckpointMismatchError", "FORMAT"]
 
 FORMAT = "edaformer"
@@ -110,18 +111,69 @@ def native_to_reference(state_dict: Mapping[str, torch.Tensor],
     return out
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
+_PICKLE_PROTOCOL = 0x80  # the first byte of a pickle of protocol 2 or later (legacy torch.save files)
+
+
+def _not_a_checkpoint_reason(path: Path) -> str | None:
+    """Why ``path`` is clearly not a ``torch.save`` file (None when it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTOCOL:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return "it is not a PyTorch checkpoint (.pth / .pt written by torch.save)"
+    kind = "a YAML config" if path.suffix.lower() in (".yaml", ".yml") or re.match(r"^\s*[\w_]+\s*:", text) \
+        else "a text file"
+    return f"it is {kind}, not a PyTorch checkpoint (.pth / .pt written by torch.save)"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU."""
+    """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for a
+    folder, an empty or text file, a file that is no ``torch.save`` output, or one that holds
+    Python objects other than tensors and plain containers (never unpickled, for safety).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    reason = _not_a_checkpoint_reason(path)
+    if reason is None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"unsupported GLOBAL (\S+)", str(e), re.IGNORECASE)
+            reason = (f"it holds a Python object ({found[1]}) beyond tensors and plain containers, which is not "
+                      "loaded for safety" if found else "it is not a readable PyTorch checkpoint (corrupt or "
+                      "another format)")
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reason = f"it is corrupt or truncated ({type(e).__name__}{': ' + first if first else ''})"
+    if reason is not None:
+        raise ValueError(f"could not read checkpoint {path}: {reason}")
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return dict(obj)
+
+
+def checkpoint_num_classes(checkpoint: str | os.PathLike | Mapping[str, Any]) -> int | None:
+    """The class count a checkpoint (a path or a loaded dict) was trained for, from its classifier
+    weight in any supported format; None for an encoder-only checkpoint."""
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state_dict, _ = _unwrap(obj)
+    for key, value in _strip_wrappers(state_dict).items():
+        if isinstance(value, torch.Tensor) and key in ("decoder.classifier.weight", "decode_head.linear_pred.weight"):
+            return int(value.shape[0])
+    return None
 
 
 def _unwrap(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
