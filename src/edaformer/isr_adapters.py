@@ -98,7 +98,7 @@ class _KVPool:
                                  f"grid of the linear spatial reduction (adaptive pooling to {h}x{w}); "
                                  "use a smaller ISR factor")
             qh, qw = self.query_hw
-            raise ValueError(f"encoder stage {self.stage}: pooling ratio {self.ratio * f} (model {self.ratio} x "
+            raise ValueError(f"encoder stage {self.stage}: pooling ratio {self.ratio * f} (train {self.ratio} x "
                              f"ISR {f}) does not fit the {qh}x{qw} feature map; use a smaller ISR factor "
                              "or a larger input")
         grid = x.transpose(1, 2).reshape(b, c, h, w)
