@@ -331,3 +331,32 @@ def test_no_transformers_import_and_none_needed():
     assert done.returncode == 0, done.stderr
     assert "imported: False" in done.stdout
     assert "TypeError: Linear is not a supported model" in done.stdout
+
+
+def test_flops_match_published_figures():
+    transformers = pytest.importorskip("transformers", reason="SegFormer models need the 'hf' extra (transformers)")
+    import timm
+
+    config = transformers.SegformerConfig(num_labels=150)  # the defaults are SegFormer-B0 (MiT-b0, 256-wide head)
+    with torch.device("meta"):
+        segformer_b0 = transformers.SegformerForSemanticSegmentation(config)
+        pvt_b0 = timm.create_model("pvt_v2_b0", pretrained=False)
+    assert round(count_flops_external(segformer_b0, (512, 512)).gflops, 1) == 8.4  # SegFormer paper, ADE20K
+    assert round(count_flops_external(pvt_b0, (224, 224)).gflops, 1) == 0.6  # PVTv2 paper, ImageNet
+
+
+def test_pickled_and_feature_models_keep_the_setting(tmp_path):
+    import timm
+
+    model = timm.create_model("pvt_v2_b0", pretrained=False, features_only=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    base = [t.clone() for t in run(model, x)]
+    set_isr(model, "2211")
+    reduced = run(model, x)
+    assert [t.shape for t in reduced] == [t.shape for t in base] and not torch.equal(reduced[0], base[0])
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert get_isr(loaded) == (2, 2, 1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(run(loaded, x), reduced))
+    set_isr(loaded, "1111")
+    assert all(torch.equal(a, b) for a, b in zip(run(loaded, x), base))
