@@ -318,7 +318,8 @@ class ExternalFlopReport:
 
 def _conv(m: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> int:
     per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
-    return (per_position + (m.out_channels if m.bias is not None else 0)) * output.shape[0] * math.prod(output.shape[2:])
+    bias = m.out_channels if m.bias is not None else 0
+    return (per_position + bias) * output.shape[0] * math.prod(output.shape[2:])
 
 
 def _linear(m: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
