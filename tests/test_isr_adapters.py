@@ -302,14 +302,19 @@ def test_attention_flops_shrink_by_the_pooled_grid(name):
     assert base.flops == base.module_flops + base.attention_flops and reduced.flops < base.flops
 
 
-def test_flop_rules_on_a_known_layer():
-    model = pvt()
-    report = count_flops_external(model, (64, 64))
-    # stage-1 patch embedding: 7x7 conv, 3 -> 8 channels, stride 4 -> 16x16 positions, with bias
-    stem = (7 * 7 * 3 * 8 + 8) * 16 * 16
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs[0] is model.patch_embed.proj and report.by_type["Conv2d"] > stem
-    assert report.attention[0].flops == 2 * 256 * 4 * 8  # 16x16 queries, 2x2 keys/values, 8 channels
+def test_conv_and_attention_flop_rules():
+    report = count_flops_external(pvt(), (64, 64))  # stage grids 16, 8, 4, 2
+
+    def conv(k, c_in, c_out, positions, groups=1):
+        return (k * k * c_in // groups * c_out + c_out) * positions
+
+    stem_and_downsampling = conv(7, 3, 8, 256) + conv(3, 8, 16, 64) + conv(3, 16, 24, 16) + conv(3, 24, 32, 4)
+    reductions = 2 * conv(8, 8, 8, 4) + conv(4, 16, 16, 4) + conv(2, 24, 24, 4)  # every one ends at 2x2
+    depthwise = sum(depth * conv(3, 2 * c, 2 * c, side * side, groups=2 * c)
+                    for depth, c, side in zip(DEPTHS, DIMS, (16, 8, 4, 2)))
+    assert report.by_type["Conv2d"] == stem_and_downsampling + reductions + depthwise
+    assert [call.flops for call in report.attention] == [2 * 256 * 4 * 8] * 2 + [2 * 64 * 4 * 16, 2 * 16 * 4 * 24,
+                                                                                 2 * 4 * 4 * 32]
 
 
 def test_no_transformers_import_and_none_needed():
