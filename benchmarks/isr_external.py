@@ -2,22 +2,20 @@
 
 FLOPs come from :func:`edaformer.isr_adapters.count_flops_external` on models built on ``meta``
 (no weights, no download). ``--time`` also runs randomly initialised models on CPU, the settings
-interleaved round-robin in one process, and reports each setting's median latency relative to
-the first setting.
+interleaved round-robin in one process (:func:`edaformer.benchmark.time_interleaved`), and reports
+each setting's median latency relative to the first setting.
 
     python benchmarks/isr_external.py --size 512x512 --specs 1111,2211,2222
-    python benchmarks/isr_external.py --models segformer-b0 --time --repeats 10 --threads 1
+    python benchmarks/isr_external.py --models segformer-b0 --time --repeats 10 --threads 1 --json -
 """
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 
 import edaformer
+from edaformer import benchmark as bm
 from edaformer.isr_adapters import count_flops_external
 
 # MiT encoders of SegFormer B0-B5: hidden sizes, depths, decode-head width (150 ADE20K classes).
@@ -67,19 +65,35 @@ def time_rows(names, specs, size, repeats: int, warmup: int) -> list[dict]:
     for name in names:
         model = build(name, "cpu")
         x = torch.randn(1, 3, *size)
-        times: dict[str, list[float]] = {s: [] for s in specs}
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                for spec in specs:
-                    edaformer.set_isr(model, spec)
-                    start = time.perf_counter()
-                    model(x)
-                    if i >= warmup:
-                        times[spec].append(time.perf_counter() - start)
-        first = statistics.median(times[specs[0]])
-        rows += [{"model": name, "isr": s, "median_s": round(statistics.median(t), 4),
-                  "relative": round(statistics.median(t) / first, 3)} for s, t in times.items()]
+
+        def call(spec: str):
+            def run():
+                edaformer.set_isr(model, spec)
+                with torch.inference_mode():
+                    return model(x)
+            return run
+
+        timings = bm.time_interleaved({s: call(s) for s in specs}, repeats, warmup)
+        first = timings[specs[0]].median
+        rows += [{"model": name, "isr": s, "median_ms": round(1e3 * t.median, 1), "iqr_ms": round(1e3 * t.iqr, 1),
+                  "relative": round(t.median / first, 3)} for s, t in timings.items()]
     return rows
+
+
+def format_text(result: dict) -> str:
+    specs = list(dict.fromkeys(r["isr"] for r in result["flops"]))
+    lines = [f"GFLOPs at {result['size'][0]}x{result['size'][1]} (attention term in brackets)",
+             "| model | " + " | ".join(specs) + " |", "|---" * (len(specs) + 1) + "|"]
+    for name in dict.fromkeys(r["model"] for r in result["flops"]):
+        cells = [f"{r['gflops']:.2f} ({r['attention_gflops']:.2f})" for r in result["flops"] if r["model"] == name]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "latency" in result:
+        env = result["environment"]
+        lines += ["", f"CPU latency, median ms (relative to {specs[0]}); torch {env['torch']}, "
+                      f"{env['torch_threads']} thread(s)"]
+        lines += [f"  {r['model']:14s} {r['isr']}: {r['median_ms']:9.1f} ms  IQR {r['iqr_ms']:7.1f}  "
+                  f"x{r['relative']:.3f}" for r in result["latency"]]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -91,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = parser.parse_args(argv)
     names, specs = args.models.split(","), args.specs.split(",")
     unknown = sorted(set(names) - set(MODELS))
@@ -98,11 +113,11 @@ def main(argv=None) -> None:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = {"size": list(args.size), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"size": list(args.size), "environment": bm.environment(),
               "flops": flops_rows(names, specs, args.size)}
     if args.time:
         result["latency"] = time_rows(names, specs, args.size, args.repeats, args.warmup)
-    print(json.dumps(result, indent=1))
+    bm.emit_report(result, format_text(result), args.json)
 
 
 if __name__ == "__main__":
