@@ -283,6 +283,7 @@ def test_attention_flops_shrink_by_the_pooled_grid(name):
     reduced = count_flops_external(model, size)
     assert next(model.parameters()).device.type == "cpu" and hooks(model) == isr_hooks > own_hooks  # on a copy
     assert reduced.isr == (2, 2, 1, 1) and base.isr == (1, 1, 1, 1)
+    assert reduced.params == base.params == sum(p.numel() for p in model.parameters())
 
     # 2 * N_q * N_kv * C per call: stage 1 has 2 layers of 24x24 queries, 3x3 keys/values -> floor to 1x1
     assert [(call.stage, call.n_query, call.n_kv) for call in base.attention] == [

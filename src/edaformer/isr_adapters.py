@@ -289,6 +289,7 @@ class ExternalFlopReport:
     model: str
     input_size: tuple[int, int]
     isr: tuple[int, ...]
+    params: int
     by_type: dict[str, int]
     attention: tuple[AttentionCall, ...]
 
@@ -428,5 +429,5 @@ def count_flops_external(model: nn.Module, input_size: Sequence[int] = (512, 512
     finally:
         for handle in handles:
             handle.remove()
-    return ExternalFlopReport(type(target).__name__, (h, w), factors, dict(sorted(counter.by_type.items())),
-                              tuple(counter.attention))
+    return ExternalFlopReport(type(target).__name__, (h, w), factors, sum(p.numel() for p in target.parameters()),
+                              dict(sorted(counter.by_type.items())), tuple(counter.attention))
