@@ -63,6 +63,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "deterministic": False,
         "checkpoint_interval": 16000,
+        "checkpoint_minutes": 0,   # also checkpoint every this many minutes (0: off)
         "eval_interval": 16000,    # 0: validate only at the end
         "log_interval": 50,
         "keep_checkpoints": 3,     # iter_<n>.pth files kept (latest.pth and best_mIoU.pth always)
