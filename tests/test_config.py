@@ -163,7 +163,7 @@ def test_key_table_matches_its_readers():
     """The model keys are EDAFormer arguments, the data keys build_dataset's; defaults pass their type."""
     from edaformer.models.segmentor import EDAFormer
 
-    assert set(KEYS["model"]) <= set(inspect.signature(EDAFormer.__init__).parameters) | {"name", "pretrained"}
+    assert set(KEYS["model"]) <= set(inspect.signature(EDAFormer.__init__).parameters) | {"name", "pretrained", "init_from"}
     documented = _build_dataset_keys()
     assert {"type", "root", "crop_size", "img_suffix", "seg_suffix", "classes", "palette"} <= documented
     assert documented <= set(KEYS["data"]), documented - set(KEYS["data"])
@@ -171,3 +171,16 @@ def test_key_table_matches_its_readers():
         for name, key in keys.items():
             if key.default is not UNSET:
                 assert key.type.check(key.default, name) == key.default, (section, name)
+
+
+FINETUNE = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "edaformer-t-camvid-finetune-2222-222.yaml"
+
+
+def test_finetune_recipe_starts_from_a_trained_model_at_raised_ratios():
+    raw = load_yaml(FINETUNE)
+    assert raw["model"]["init_from"].endswith("best_mIoU.pth") and raw["model"]["train_isr"] == "2222-222"
+    if "train_isr" not in KEYS["model"]:
+        pytest.skip("model.train_isr is not a config key in this version")
+    cfg = load_config(FINETUNE)
+    assert cfg["model"]["name"] == "edaformer-t-ade20k" and cfg["model"]["num_classes"] == 11
+    assert cfg["schedule"]["iters"] == 500 and cfg["data"]["type"] == "folder"

@@ -283,6 +283,7 @@ KEYS: dict[str, dict[str, Key]] = {
         num_classes=(None, _Int(1, optional=True)),          # None: the dataset's class count
         drop_path_rate=(0.2, _Float(**_PROB, open_max=True)),  # encoder stochastic depth (linear 0 -> rate)
         pretrained=(None, _Str(optional=True)),              # optional ImageNet encoder checkpoint
+        init_from=(None, _Str(optional=True)),               # trained checkpoint: all weights, strict, fresh runs only
         decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True)),  # decoder stochastic depth [0.1]
         dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
         in_chans=(UNSET, _Int(1)),                           # input channels [3]

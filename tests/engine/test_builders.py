@@ -58,3 +58,86 @@ def test_segmentation_loss_keeps_float64_and_promotes_half():
     labels = torch.randint(0, 3, (1, 4, 4))
     assert segmentation_loss(logits, labels).dtype == torch.float64
     assert segmentation_loss(logits.to(torch.bfloat16), labels).dtype == torch.float32
+
+
+# -- model.init_from ----------------------------------------------------------------------------
+NAME = "edaformer-t-ade20k"
+
+
+def _trained_checkpoint(path, num_classes=4, seed=1):
+    from edaformer.checkpoint import save_checkpoint
+    from edaformer.engine.state import checkpoint_payload
+
+    torch.manual_seed(seed)
+    model = edaformer.create_model(NAME, num_classes=num_classes)
+    save_checkpoint(checkpoint_payload(model, {"iteration": 160, "mIoU": 0.5}), path)
+    return model
+
+
+def test_init_from_loads_every_weight_strictly_and_logs_it(tmp_path, caplog):
+    from edaformer.engine import build_model
+
+    source = _trained_checkpoint(tmp_path / "trained.pth")
+    caplog.set_level("INFO", logger="edaformer")
+    model = build_model({"name": NAME, "init_from": str(tmp_path / "trained.pth"),
+                         "pretrained": str(tmp_path / "never-read.pth")}, num_classes=4)
+    expected = source.state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+    text = caplog.text
+    assert f"all {len(expected)} tensors loaded" in text and "iteration 160" in text
+    assert "model.pretrained" in text and "not loaded" in text
+
+
+def test_init_from_is_skipped_without_load_pretrained(tmp_path):
+    """A resumed run or an evaluation takes its weights elsewhere: the file is not even read."""
+    from edaformer.engine import build_model
+
+    model = build_model({"name": NAME, "num_classes": 4, "init_from": str(tmp_path / "missing.pth")}, 4,
+                        load_pretrained=False)
+    assert model.num_classes == 4
+
+
+def test_init_from_errors_name_the_file_and_both_class_counts(tmp_path):
+    from edaformer.checkpoint import CheckpointMismatchError, save_checkpoint
+    from edaformer.engine import build_model
+
+    path = tmp_path / "trained.pth"
+    _trained_checkpoint(path, num_classes=4)
+    with pytest.raises(CheckpointMismatchError, match=r"trained\.pth was trained for 4 classes but the model has 5"):
+        build_model({"name": NAME, "init_from": str(path)}, num_classes=5)
+    encoder = edaformer.create_model(NAME, num_classes=4).encoder.state_dict()
+    save_checkpoint({"state_dict": encoder}, tmp_path / "imagenet.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"imagenet\.pth holds no classifier.*model\.pretrained"):
+        build_model({"name": NAME, "init_from": str(tmp_path / "imagenet.pth")}, num_classes=4)
+    state = edaformer.create_model(NAME, num_classes=4).state_dict()
+    del state["decoder.fuse.conv.weight"]
+    save_checkpoint({"state_dict": state}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)partial\.pth.*missing keys.*decoder\.fuse\.conv\.weight"):
+        build_model({"name": NAME, "init_from": str(tmp_path / "partial.pth")}, num_classes=4)
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        build_model({"name": NAME, "init_from": str(tmp_path / "nothere.pth")}, num_classes=4)
+
+
+def test_fresh_run_starts_from_init_from_and_a_resumed_run_from_its_checkpoint(tmp_path, caplog):
+    """lr 0: the weights stay those loaded. The resume ignores a changed (here: missing) init_from."""
+    from edaformer.config import load_config
+    from edaformer.engine import train
+    from training_data import make_dataset, state, write_config
+
+    source = _trained_checkpoint(tmp_path / "trained.pth")
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg_path = write_config(tmp_path / "ft.yaml", data, model={"init_from": str(tmp_path / "trained.pth")},
+                            optim={"lr": 0.0}, schedule={"iters": 1, "warmup_iters": 0},
+                            train={"checkpoint_interval": 1, "deterministic": False})
+    caplog.set_level("INFO", logger="edaformer")
+    train(load_config(cfg_path), tmp_path / "run", device="cpu", verify_data="off")
+    params = dict(source.named_parameters())
+    first = state(tmp_path / "run" / "latest.pth")
+    assert all(torch.equal(first["state_dict"][k], p) for k, p in params.items())
+    assert "all 0 tensors" not in caplog.text and "init_from" in caplog.text
+    caplog.clear()
+    cfg = load_config(cfg_path, ["schedule.iters=2", f"model.init_from={tmp_path / 'gone.pth'}"])
+    train(cfg, tmp_path / "run", resume="auto", device="cpu", verify_data="off")
+    second = state(tmp_path / "run" / "latest.pth")
+    assert second["iteration"] == 2 and "init_from" not in caplog.text
+    assert all(torch.equal(second["state_dict"][k], p) for k, p in params.items())

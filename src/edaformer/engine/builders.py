@@ -7,6 +7,7 @@ stepped per iteration; pixel-wise cross-entropy (ignore index 255) on logits at 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -16,23 +17,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
 
-__all__ = ["build_model", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
+__all__ = ["build_model", "load_init_from", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
            "WarmupPolyLR", "build_scheduler", "segmentation_loss", "resolve_amp"]
 
 log = logging.getLogger("edaformer")
 
 
 def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained: bool = True) -> nn.Module:
-    """``create_model`` from the ``model`` config section; optionally load the ImageNet encoder."""
+    """``create_model`` from the ``model`` config section, then its starting weights.
+
+    With ``load_pretrained`` (a fresh run): ``model.init_from`` loads every weight of a trained
+    checkpoint, strictly (see :func:`load_init_from`); otherwise ``model.pretrained`` loads an
+    ImageNet encoder non-strictly. A resumed run or an evaluation passes False: its weights come
+    from its own checkpoint.
+    """
     from ..models import create_model
 
-    extra = {k: v for k, v in model_cfg.items() if k not in ("name", "num_classes", "pretrained") and v is not None}
+    extra = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_ARGUMENTS and v is not None}
     model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
-    path = model_cfg.get("pretrained")
-    if load_pretrained and path:
+    if not load_pretrained:
+        return model
+    init_from, path = model_cfg.get("init_from"), model_cfg.get("pretrained")
+    if init_from:
+        if path:
+            log.info("model.pretrained %s not loaded: model.init_from sets every weight", path)
+        load_init_from(model, init_from)
+    elif path:
         report = load_checkpoint(model, path, strict=False)
         log.info("pretrained weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
         for what in ("missing", "unexpected", "mismatched"):
@@ -40,6 +53,36 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained:
                 shown = ", ".join(report[what][:8]) + (" ..." if len(report[what]) > 8 else "")
                 log.warning("pretrained weights: %d %s: %s", len(report[what]), what, shown)
     return model
+
+
+# ``model`` config keys that are no EDAFormer constructor argument
+_NOT_MODEL_ARGUMENTS = ("name", "num_classes", "pretrained", "init_from")
+
+
+def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load all weights of the trained checkpoint ``path`` into ``model`` (``model.init_from``).
+
+    The checkpoint must be a whole segmentor of the same class count: an encoder-only file or
+    another class count raises :class:`CheckpointMismatchError` naming the file (and both
+    counts); any missing, unexpected or mis-shaped tensor too (strict loading).
+    """
+    obj = read_checkpoint(path)
+    found = checkpoint_num_classes(obj)
+    if found is None:
+        raise CheckpointMismatchError(f"model.init_from {path} holds no classifier (an encoder-only checkpoint?): "
+                                      "it must be a whole trained model; an ImageNet encoder goes in model.pretrained")
+    if found != model.num_classes:
+        raise CheckpointMismatchError(f"model.init_from {path} was trained for {found} classes but the model has "
+                                      f"{model.num_classes} (model.num_classes, or the dataset's class count)")
+    try:
+        report = load_checkpoint(model, obj, strict=True)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"model.init_from {path}: {e}") from None
+    meta = report["meta"]
+    origin = ", ".join(f"{key} {meta[key]}" for key in ("iteration", "mIoU", "isr") if key in meta)
+    log.info("init_from %s (%s format%s): all %d tensors loaded", path, report["format"],
+             f"; {origin}" if origin else "", report["loaded"])
+    return report
 
 
 def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:

@@ -186,7 +186,7 @@ class ResumeConfigError(ValueError):
 # config keys that define what is trained on what: a change makes the checkpoint another run
 _FIXED_DATA_KEYS = ("type", "classes", "ignore_index", "reduce_zero_label", "img_suffix", "seg_suffix",
                     "train_split", "val_split")
-_UNUSED_ON_RESUME = ("model.pretrained",)
+_UNUSED_ON_RESUME = ("model.pretrained", "model.init_from")
 
 
 def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
