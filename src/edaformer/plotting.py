@@ -1,4 +1,5 @@
-"""PNG plots: the ISR trade-off (mIoU against GFLOPs) and training curves (loss, mIoU)."""
+"""PNG plots: the ISR trade-off (mIoU against GFLOPs), the ISR tuner's Pareto front and training
+curves (loss, mIoU)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from typing import Any
 
 log = logging.getLogger("edaformer")
 
-__all__ = ["plot_sweep", "plot_training_log"]
+__all__ = ["plot_sweep", "plot_pareto", "plot_training_log"]
 
 
 def _pyplot():
@@ -52,6 +53,37 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: s
     ax.set_ylabel("mIoU (%)")
     ax.set_title(title or "ISR sweep")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pareto(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], path: str | os.PathLike, *,
+                cost: str = "gflops", chosen: str | None = None, budget: float | None = None,
+                title: str = "") -> Path | None:
+    """mIoU against ``cost`` (``gflops`` or ``ms``) of every evaluated setting, the Pareto ``front``
+    joined, the ``chosen`` setting marked and a cost ``budget`` drawn; None if matplotlib is missing.
+    Rows hold ``isr``, ``mIoU`` (a fraction) and the cost key."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ax.scatter([r[cost] for r in points], [100 * r["mIoU"] for r in points], s=12, color="tab:gray", alpha=0.6,
+               label="evaluated")
+    xs, ys = [r[cost] for r in front], [100 * r["mIoU"] for r in front]
+    ax.plot(xs, ys, "o-", color="tab:blue", label="Pareto front")
+    for x, y, r in zip(xs, ys, front):
+        ax.annotate(r["isr"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    best = [r for r in points if r["isr"] == chosen]
+    if best:
+        ax.plot([best[0][cost]], [100 * best[0]["mIoU"]], "*", ms=14, color="tab:red", label=f"chosen {chosen}")
+    if budget is not None:
+        ax.axvline(budget, color="tab:red", ls="--", lw=1, label="budget")
+    ax.set_xlabel("GFLOPs" if cost == "gflops" else "latency (ms)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title(title or "ISR settings", fontsize=9)
+    ax.locator_params(axis="x", nbins=5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
