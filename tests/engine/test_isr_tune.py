@@ -125,6 +125,25 @@ def test_max_drop_search_equals_exhaustive_evaluation_with_fewer_evaluations(tin
             assert len(calls) < 10  # the cheapest settings are within 100 points: a short search
 
 
+def test_max_drop_search_on_a_model_that_loses_accuracy_when_reduced(tiny):
+    """Trained models lose mIoU as GFLOPs fall (the random tiny one need not): the search walks
+    up from the cheapest settings; still the exhaustive answer, with fewer evaluations."""
+    g = torch.Generator().manual_seed(0)
+    gflops = {s: gf for s, (gf, _) in tiny["table"].items()}
+    top, spread = gflops["1111-111"], gflops["1111-111"] - min(gflops.values())
+    table = {s: (gf, 0.5 - 0.2 * (top - gf) / spread + 0.005 * float(torch.rand((), generator=g)))
+             for s, gf in gflops.items()}  # 1111-111 to the cheapest: -20 points, +-0.5 noise
+    ref = table["1111-111"][1]
+    counts = []
+    for drop in (0.5, 2.0, 5.0, 10.0):
+        score, calls = _counting(table)
+        chosen, _ = search(_candidates(table), Budget("max_drop", drop), score)
+        fewest_g, neg_m = min((gf, -m) for gf, m in table.values() if m >= ref - drop / 100 - 1e-12)
+        assert (chosen.gflops, chosen.mIoU) == (fewest_g, -neg_m)
+        counts.append(len(calls))
+    assert counts == sorted(counts, reverse=True) and 2 < counts[-1] < counts[1] < len(table)  # looser: shorter
+
+
 def test_tune_isr_end_to_end_with_the_real_evaluation(tiny):
     """The whole pipeline (counter, search, evaluate, timer) on the tiny model and grid."""
     table = tiny["table"]
