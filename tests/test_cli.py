@@ -80,6 +80,7 @@ DEVICE_ARGV = {
     "predict": ["predict", "image.png", "--model", NAME, "--checkpoint", "w.pth"],
     "train": ["train", "config.yaml"],
     "eval": ["eval", "config.yaml", "--checkpoint", "w.pth"],
+    "isr-tune": ["isr-tune", "config.yaml", "--checkpoint", "w.pth", "--max-drop", "1"],
     "bench": ["bench", NAME, "--size", "64", "64"],
 }
 
