@@ -218,7 +218,9 @@ def test_pool_is_passed_only_when_given():
     stub = Stub()
     apply_isr(stub, "2211-222")
     apply_isr(stub, "2211-222", pool="max")
-    assert stub.calls == [("2211-222", "avg"), ("2211-222", "max")]
+    stub.isr_pool = "overlap"  # a model's own pool kind is kept
+    apply_isr(stub, "1111-111")
+    assert stub.calls == [("2211-222", "avg"), ("2211-222", "max"), ("1111-111", "overlap")]
     with pytest.raises(ValueError, match="--pool max: .*takes no pool option"):
         apply_isr(type("Plain", (), {"set_isr": lambda self, spec: None})(), "2211-222", pool="max")
 
@@ -303,12 +305,17 @@ def test_isr_tune_command_errors(trained, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     assert main([*base, "--max-drop", "-1"]) == 2
     assert "must be a number >= 0" in capsys.readouterr().err
-    from edaformer.models.segmentor import EDAFormer
     import inspect
+
+    from edaformer.engine.evaluate import evaluate
+    from edaformer.models.segmentor import EDAFormer
 
     if "pool" not in inspect.signature(EDAFormer.set_isr).parameters:
         assert main([*base, "--max-drop", "1", "--pool", "max"]) == 2
         assert "--pool max: EDAFormer.set_isr takes no pool option" in capsys.readouterr().err
+    elif "pool" not in inspect.signature(evaluate).parameters:  # mIoU would be measured with avg pooling
+        assert main([*base, "--max-drop", "1", "--pool", "max"]) == 2
+        assert "ISR pool 'max': the evaluation of this version scores average pooling only" in capsys.readouterr().err
 
 
 def test_plot_pareto_png(tmp_path):

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, Subset
 from ..isr import PAPER_ISR_SWEEP, TRAINING_ISR, parse_isr
 
 __all__ = ["Budget", "Candidate", "TuneResult", "grid_settings", "calibration_subset", "measure_gflops",
-           "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting",
+           "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting", "check_scoring_pool",
            "eval_kwargs_from_config", "stored_isr", "write_isr_checkpoint", "default_write_path",
            "format_pareto_table", "plot_result", "parse_factors", "BUDGET_KINDS", "MAX_GRID"]
 
@@ -171,7 +171,9 @@ class TuneResult:
 
 # -- costs -----------------------------------------------------------------------------------------
 def apply_isr(model: nn.Module, setting: str, pool: str | None = None) -> nn.Module:
-    """``model.set_isr(setting)``, passing ``pool=`` only when given (models that take it)."""
+    """``model.set_isr(setting)``, passing ``pool=`` only when given or when the model has a pool
+    kind of its own (``model.isr_pool``, kept)."""
+    pool = pool if pool is not None else getattr(model, "isr_pool", None)
     if pool is None:
         model.set_isr(setting)
         return model
@@ -305,15 +307,29 @@ def eval_kwargs_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 test_scale=data_cfg.get("test_scale") or data_cfg.get("scale"), workers=data_cfg["workers"])
 
 
+def check_scoring_pool(model: nn.Module, pool: str | None) -> None:
+    """Raise ``ValueError`` when the evaluation would not keep a pool kind other than ``avg``
+    (an ``evaluate`` without a ``pool`` argument applies its ISR setting with the default pool)."""
+    from .evaluate import evaluate
+
+    pool = pool if pool is not None else getattr(model, "isr_pool", None)
+    if pool not in (None, "avg") and "pool" not in inspect.signature(evaluate).parameters:
+        raise ValueError(f"ISR pool {pool!r}: the evaluation of this version scores average pooling only, "
+                         "so the mIoU of this pool kind cannot be measured")
+
+
 def score_setting(model: nn.Module, dataset: Dataset, setting: str, eval_kwargs: Mapping[str, Any],
                   pool: str | None = None) -> float:
     """mIoU (a fraction) of ``model`` under ``setting`` on ``dataset``, by the evaluation protocol."""
     from .evaluate import evaluate
 
+    check_scoring_pool(model, pool)
+    pool = pool if pool is not None else getattr(model, "isr_pool", None)
+    extra = {"pool": pool} if "pool" in inspect.signature(evaluate).parameters and pool is not None else {}
     previous = str(model.isr)
     apply_isr(model, setting, pool)
     try:
-        return float(evaluate(model, dataset, isr=setting, **eval_kwargs)["mIoU"])
+        return float(evaluate(model, dataset, isr=setting, **eval_kwargs, **extra)["mIoU"])
     except ValueError as e:
         raise ValueError(f"ISR {setting}: {e}") from None
     finally:
@@ -330,6 +346,10 @@ def tune_isr(model: nn.Module, dataset: Dataset, budget: Budget, *, settings: Se
     replaces :func:`score_setting` (tests).
     """
     size = tuple(int(s) for s in flops_input_size)
+    if pool is not None:
+        apply_isr(model, str(model.isr), pool)  # a pool kind the model does not take fails here, first
+    if score is None:
+        check_scoring_pool(model, pool)
     settings = list(dict.fromkeys(str(parse_isr(s)) for s in settings))
     if REFERENCE not in settings:
         settings.insert(0, REFERENCE)
