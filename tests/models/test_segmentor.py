@@ -45,10 +45,12 @@ def test_set_isr_changes_ratios_without_touching_weights(tiny):
 
 def test_set_isr_hands_the_factors_to_encoder_and_decoder(tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(tiny.encoder, "set_isr", lambda f: calls.append(("encoder", f)))
-    monkeypatch.setattr(tiny.decoder, "set_isr", lambda f: calls.append(("decoder", f)))
+    monkeypatch.setattr(tiny.encoder, "set_isr", lambda f, pool: calls.append(("encoder", f, pool)))
+    monkeypatch.setattr(tiny.decoder, "set_isr", lambda f, pool: calls.append(("decoder", f, pool)))
     tiny.set_isr("2,2,1,1-2,2,3")
-    assert calls == [("encoder", (2, 2, 1, 1)), ("decoder", (2, 2, 3))]
+    tiny.set_isr("2,2,1,1-2,2,2", pool="max")
+    assert calls == [("encoder", (2, 2, 1, 1), "avg"), ("decoder", (2, 2, 3), "avg"),
+                     ("encoder", (2, 2, 1, 1), "max"), ("decoder", (2, 2, 2), "max")]
     monkeypatch.undo()
     tiny.set_isr("1111-111")
 
