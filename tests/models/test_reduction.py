@@ -203,3 +203,16 @@ def test_model_rejects_merge_factor_three_and_keeps_its_setting(tiny):
 def test_create_model_with_isr_pool():
     model = edaformer.create_model("edaformer-t-ade20k", num_classes=3, isr="1111-222", isr_pool="merge")
     assert model.isr_pool == "merge" and str(model.isr) == "1111-222"
+
+
+def test_merge_runs_under_cpu_bf16_autocast(tiny):
+    x = torch.randn(1, 3, 64, 64)
+    with edaformer.isr(tiny, "2211-222"):
+        tiny.set_isr("2211-222", pool="merge")
+        with torch.inference_mode():
+            ref = tiny(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = tiny(x)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+    assert tiny.isr_pool == "avg"

@@ -44,7 +44,7 @@ def test_ablation_configs_build_their_model(variant):
     import torch
 
     from edaformer.config import load_config
-    from edaformer.engine.train import build_model
+    from edaformer.engine import build_model
     from fixtures import ROOT
 
     cfg = load_config(ROOT / "configs" / "ablations" / f"edaformer-t-camvid-{variant}.yaml")
@@ -55,3 +55,8 @@ def test_ablation_configs_build_their_model(variant):
         model = build_model(cfg["model"], num_classes=11, load_pretrained=False)
     options = {**dict(decoder_depths=[3, 2, 1], decoder_op="efa", train_isr="1111-111"), **ABLATIONS[variant]}
     assert model.architecture_options() == options and model.decoder.num_classes == 11
+
+
+def test_unknown_model_option_is_a_value_error():
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) 'decoder_depth'; known: .*decoder_depths"):
+        edaformer.create_model("edaformer-t-ade20k", decoder_depth=(2, 2, 2))

@@ -1,6 +1,7 @@
 """Named EDAFormer configurations and :func:`create_model`."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from .eft import EFT_CONFIGS
@@ -60,6 +61,10 @@ def create_model(name: str, num_classes: int | None = None, *, isr: str | None =
     training pooling ratios raised by those factors). ``isr`` / ``isr_pool``: the run-time ISR
     setting and its pooling kind (:meth:`EDAFormer.set_isr`)."""
     spec = get_model_spec(name)
+    known = [p for p in inspect.signature(EDAFormer).parameters if p != "num_classes"]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     kwargs = dict(EFT_CONFIGS[spec.size], num_classes=spec.num_classes if num_classes is None else num_classes,
                   decoder_dim=spec.decoder_dim, decoder_mlp_ratio=spec.decoder_mlp_ratio)
     kwargs.update(overrides)
