@@ -113,7 +113,8 @@ _COUNTED: dict[str, frozenset[type]] = {
 class AttentionTerm:
     """One EFA call: query grid, pooled key/value grid, channels, stride and its two counts.
 
-    ``pool``: the ISR pooling kind; ``kv_tokens``: key/value tokens attended to (the pooled
+    ``pool``: the reduction this layer ran (``avg``, ``max``, ``overlap`` or ``merge``; a layer
+    at ISR factor 1 runs ``avg``); ``kv_tokens``: key/value tokens attended to (the pooled
     grid, or fewer after merging); ``merge_flops``: the merging step's own cost.
 
     ``flops``: the reference rule ``2 * (h*w) * (h/r * w/r) * C`` with ``h, w = H // stride,
@@ -401,7 +402,8 @@ class _Counter:
                 reference /= 2
             self.attention_reference += reference
             self.attention.append(AttentionTerm(layer, m.name, (qh, qw), (kh, kw), c, m.pool_ratio, stride,
-                                                float(reference), exact, m.pool, step.tokens, merging))
+                                                float(reference), exact, "merge" if step.merged else step.op,
+                                                step.tokens, merging))
         return hook
 
     def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:

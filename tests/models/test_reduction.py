@@ -216,3 +216,10 @@ def test_merge_runs_under_cpu_bf16_autocast(tiny):
     assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
     assert (low.float() - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
     assert tiny.isr_pool == "avg"
+
+
+def test_merge_grid_error_names_the_training_ratio():
+    attn = _module(train_ratio=4)
+    attn.set_isr(2, "merge")
+    with pytest.raises(ValueError, match=r"pooling ratio 4 \(train 4, ISR 2 by merging\) does not fit the 3x8"):
+        attn.pooled_hw(3, 8)

@@ -74,9 +74,10 @@ class EFA(nn.Module):
         """Key/value grid for an ``h x w`` query grid; raises when it would be empty."""
         r = self.pool_ratio
         if h < r or w < r:
-            raise ValueError(
-                f"{self.name}: pooling ratio {r} (train {self.train_ratio} x ISR {self.isr_factor}) "
-                f"does not fit the {h}x{w} feature map; use a smaller ISR factor or a larger input")
+            how = (f"train {self.train_ratio}, ISR {self.isr_factor} by merging" if self.pool == "merge"
+                   else f"train {self.train_ratio} x ISR {self.isr_factor}")
+            raise ValueError(f"{self.name}: pooling ratio {r} ({how}) does not fit the {h}x{w} feature map; "
+                             f"use a smaller ISR factor or a larger input")
         return h // r, w // r
 
     def kv_reduction(self, h: int, w: int) -> reduction.KVReduction:
