@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import edaformer
-from edaformer.checkpoint import (CheckpointMismatchError, native_to_reference, read_checkpoint,
-                                  reference_to_native)
+from edaformer.checkpoint import (CheckpointMismatchError, checkpoint_num_classes, native_to_reference,
+                                  read_checkpoint, reference_to_native)
 from fixtures import manifest, requires_fixtures
 
 
@@ -90,13 +90,46 @@ def test_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read checkpoint .*junk.pth"):
+    junk.write_bytes(b"\x00\x01 not a checkpoint")
+    with pytest.raises(ValueError, match=r"could not read checkpoint .*junk.pth: it is not a PyTorch checkpoint"):
         read_checkpoint(junk)
     pickled = tmp_path / "obj.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "fn": os.getcwd}, pickled)
-    with pytest.raises(ValueError, match="could not read checkpoint"):  # weights_only refuses arbitrary objects
+    with pytest.raises(ValueError, match=r"obj.pth: it holds a Python object \(\S*getcwd\) .* not loaded for safety"):
         read_checkpoint(pickled)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("config.yaml", "model: {name: edaformer-t-ade20k}\n", r"config.yaml: it is a YAML config, not a PyTorch checkpoint"),
+    ("notes.pth", "just some words\n", r"notes.pth: it is a text file, not a PyTorch checkpoint"),
+    ("empty.pth", "", r"empty.pth: the file is empty"),
+])
+def test_non_checkpoint_files_say_what_they_are(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=match) as err:
+        read_checkpoint(tmp_path / name)
+    assert "weights_only" not in str(err.value)
+
+
+def test_truncated_checkpoint_and_directory(model, tmp_path):
+    path = edaformer.save_checkpoint({"x": torch.zeros(10)}, tmp_path / "full.pth")
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"could not read checkpoint .*cut.pth: it is corrupt or truncated") as err:
+        read_checkpoint(tmp_path / "cut.pth")
+    assert "weights_only" not in str(err.value)
+    with pytest.raises(ValueError, match=r"checkpoint .* is a directory"):
+        read_checkpoint(tmp_path)
+
+
+def test_checkpoint_num_classes_in_every_format(model, tmp_path):
+    small = edaformer.create_model("edaformer-t-ade20k", num_classes=7)
+    native = edaformer.save_checkpoint(small, tmp_path / "native.pth")
+    reference = edaformer.export_reference(small, tmp_path / "ref.pth")
+    assert checkpoint_num_classes(native) == 7 and checkpoint_num_classes(str(reference)) == 7
+    assert checkpoint_num_classes({"model": {"module." + k: v for k, v in small.state_dict().items()}}) == 7
+    assert checkpoint_num_classes(model.state_dict()) == 150
+    encoder_only = {k: v for k, v in small.state_dict().items() if k.startswith("encoder.")}
+    assert checkpoint_num_classes(encoder_only) is None
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -1,4 +1,10 @@
-"""ONNX export: onnxruntime agrees with PyTorch, fixed and dynamic input sizes, ISR baked in."""
+"""ONNX export: onnxruntime agrees with PyTorch, fixed and dynamic input sizes, ISR baked in, metadata."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +16,8 @@ import onnx  # noqa: E402
 
 import edaformer  # noqa: E402
 from edaformer.cli import main  # noqa: E402
-from edaformer.export import export_onnx, min_input_side, verify_onnx  # noqa: E402
+from edaformer.data import MEAN, STD  # noqa: E402
+from edaformer.export import export_onnx, min_input_side, onnx_metadata, verify_onnx  # noqa: E402
 
 NAME = "edaformer-t-ade20k"
 TOL = 1e-4
@@ -43,8 +50,9 @@ def test_cli_export_fixed_size_matches_onnxruntime(model, tmp_path):
 def test_dynamic_export_runs_other_sizes(model, tmp_path):
     out = export_onnx(model, tmp_path / "dyn.onnx", size=(128, 128), isr="1111-222", dynamic=True)
     dims = _input_dims(out)
-    assert dims[:2] == [1, 3] and all(isinstance(d, str) for d in dims[2:])
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], *dims[2:]))
     results = verify_onnx(model, out, [(128, 128), (96, 160), (77, 131)], isr="1111-222")
+    results += verify_onnx(model, out, [(96, 160)], isr="1111-222", batch=2)
     assert all(r["max_abs_diff"] <= TOL for r in results), results
     assert str(model.isr) == "1111-111"
 
@@ -63,3 +71,46 @@ def test_min_input_side(model):
         model.check_input_size(side, side)
         with pytest.raises(ValueError):
             model.check_input_size(side - 1, side)
+
+
+def _metadata(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+@pytest.mark.slow
+def test_cli_dynamic_export_is_quiet_carries_metadata_and_runs_any_batch_and_size(tmp_path):
+    torch.manual_seed(1)
+    seven = edaformer.create_model(NAME, num_classes=7).eval()
+    names, colours = [f"c{i}" for i in range(7)], [[i, 2 * i, 3 * i] for i in range(7)]
+    ckpt = edaformer.export_reference(seven, tmp_path / "seven.pth", meta={"CLASSES": names, "PALETTE": colours})
+    out = tmp_path / "seven.onnx"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(src),
+                                                                                       os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "edaformer", "export", NAME, "--checkpoint", str(ckpt), "--size", "64",
+                          "64", "--dynamic", "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    printed = (run.stdout + run.stderr).splitlines()
+    assert len(printed) < 10, printed
+    meta = _metadata(out)
+    assert json.loads(meta["classes"]) == names and json.loads(meta["palette"]) == colours
+    assert meta["num_classes"] == "7" and meta["isr"] == "1111-111" and meta["dynamic"] == "batch, height, width"
+    assert json.loads(meta["mean"]) == list(MEAN) and json.loads(meta["std"]) == list(STD)
+    assert json.loads(meta["test_protocol"]) == {"mode": "whole", "test_scale": [2048, 512], "size_divisor": 32}
+    assert "multiple of 32" in meta["resize"]
+    assert _input_dims(out) == ["batch", 3, "height", "width"]
+    for batch in (1, 3):
+        results = verify_onnx(seven, out, [(64, 64), (96, 128)], batch=batch)
+        assert all(r["max_abs_diff"] <= TOL for r in results), (batch, results)
+
+
+def test_metadata_classes_fall_back_to_the_dataset_or_generated():
+    city = edaformer.create_model("edaformer-t-cityscapes")
+    meta = onnx_metadata(city, classes=["only", "two"])
+    assert json.loads(meta["classes"])[:2] == ["road", "sidewalk"]
+    protocol = json.loads(meta["test_protocol"])
+    assert protocol["mode"] == "slide" and protocol["crop_size"] == [1024, 1024] and protocol["stride"] == [768, 768]
+    assert "1024x1024 windows every 768x768" in meta["resize"]
+    odd = edaformer.create_model(NAME, num_classes=5)
+    meta = onnx_metadata(odd)
+    assert len(json.loads(meta["classes"])) == 5 and len(json.loads(meta["palette"])) == 5

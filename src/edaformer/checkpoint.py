@@ -8,10 +8,13 @@ fuse / classifier``. :func:`reference_to_native` and :func:`native_to_reference`
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import pickle
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,9 @@ from torch import nn
 
 from .models.eft import reference_encoder_key
 
-__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "reference_to_native",
-           "native_to_reference", "export_reference", "CheckpointMismatchError", "FORMAT"]
+__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "checkpoint_num_classes", "reference_to_native",
+           "native_to_reference", "export_reference", "CheckpointMismatchError", "CorruptCheckpointError",
+           "CheckpointWriteError", "tensor_checksum", "FORMAT"]
 
 FORMAT = "edaformer"
 
@@ -36,6 +40,17 @@ CONV_SEG_CHANNELS = 128  # the reference head's unused conv_seg takes 128 channe
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not match the model."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file's tensors do not match the checksum stored when it was written."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. no space left on device); the previous file is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 def _reference_decoder_key(key: str) -> str:
@@ -110,18 +125,102 @@ def native_to_reference(state_dict: Mapping[str, torch.Tensor],
     return out
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
+_PICKLE_PROTOCOL = 0x80  # the first byte of a pickle of protocol 2 or later (legacy torch.save files)
+
+
+def _not_a_checkpoint_reason(path: Path) -> str | None:
+    """Why ``path`` is clearly not a ``torch.save`` file (None when it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTOCOL:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return "it is not a PyTorch checkpoint (.pth / .pt written by torch.save)"
+    kind = "a YAML config" if path.suffix.lower() in (".yaml", ".yml") or re.match(r"^\s*[\w_]+\s*:", text) \
+        else "a text file"
+    return f"it is {kind}, not a PyTorch checkpoint (.pth / .pt written by torch.save)"
+
+
+def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested dict / list structure with its key path, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj, key=str):
+            if not (path == "" and key == "checksum"):
+                yield from _tensors(obj[key], f"{path}/{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            yield from _tensors(item, f"{path}/{i}")
+
+
+def tensor_checksum(obj: Any) -> str | None:
+    """SHA-256 over every tensor's key path, dtype, shape and bytes (None when there is no tensor)."""
+    digest, found = hashlib.sha256(), False
+    for key, t in _tensors(obj):
+        found = True
+        t = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(memoryview(t.view(torch.uint8).numpy()))
+    return digest.hexdigest() if found else None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU."""
+    """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU.
+
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for a
+    folder, an empty or text file, a file that is no ``torch.save`` output, or one that holds
+    Python objects other than tensors and plain containers (never unpickled, for safety).
+
+    A file written by :func:`save_checkpoint` carries a checksum of its tensors; a mismatch
+    (a corrupted file) raises :class:`CorruptCheckpointError`.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    reason = _not_a_checkpoint_reason(path)
+    if reason is None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"unsupported GLOBAL (\S+)", str(e), re.IGNORECASE)
+            reason = (f"it holds a Python object ({found[1]}) beyond tensors and plain containers, which is not "
+                      "loaded for safety" if found else "it is not a readable PyTorch checkpoint (corrupt or "
+                      "another format)")
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            reason = f"it is corrupt or truncated ({type(e).__name__}{': ' + first if first else ''})"
+    if reason is not None:
+        raise ValueError(f"could not read checkpoint {path}: {reason}")
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    stored = obj.get("checksum")
+    if isinstance(stored, Mapping) and stored.get("algorithm") == "sha256":
+        if tensor_checksum(obj) != stored.get("tensors"):
+            raise CorruptCheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the checksum "
+                                         "stored when it was written")
     return dict(obj)
+
+
+def checkpoint_num_classes(checkpoint: str | os.PathLike | Mapping[str, Any]) -> int | None:
+    """The class count a checkpoint (a path or a loaded dict) was trained for, from its classifier
+    weight in any supported format; None for an encoder-only checkpoint."""
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state_dict, _ = _unwrap(obj)
+    for key, value in _strip_wrappers(state_dict).items():
+        if isinstance(value, torch.Tensor) and key in ("decoder.classifier.weight", "decode_head.linear_pred.weight"):
+            return int(value.shape[0])
+    return None
 
 
 def _unwrap(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -206,25 +305,63 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     return report
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class _RecordingWriter:
+    """A file wrapper that remembers the ``OSError`` of a failed write (``torch.save`` replaces it
+    by a ``RuntimeError`` that hides the cause)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(obj: Mapping[str, Any] | nn.Module, path: str | os.PathLike) -> Path:
     """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
 
-    A module is saved in this library's format (state dict plus its name and classes).
+    A module is saved in this library's format (state dict plus its name and classes). A dict in
+    this format (``format: edaformer``) also gets a ``checksum`` of its tensors, verified by
+    :func:`read_checkpoint`; other dicts (e.g. reference-format exports) are written as given. The file
+    mode follows the umask. A full disk raises :class:`CheckpointWriteError` and leaves the
+    previous file at ``path`` untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, nn.Module):
         obj = {"format": FORMAT, "model": getattr(obj, "name", None),
                "num_classes": getattr(obj, "num_classes", None), "state_dict": obj.state_dict()}
+    checksum = tensor_checksum(obj) if obj.get("format") == FORMAT else None
+    if checksum is not None:
+        obj = {**obj, "checksum": {"algorithm": "sha256", "tensors": checksum}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    writer = None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            raise CheckpointWriteError(errno.ENOSPC, f"no space left on device while writing {path} "
+                                       "(the previous file there is kept)") from e
         raise
     return path
 

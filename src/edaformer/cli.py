@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from . import __version__
@@ -29,7 +30,7 @@ def _command(sub, name: str, run, **kwargs) -> argparse.ArgumentParser:
 # -- convert ---------------------------------------------------------------------------
 def _add_convert(sub) -> None:
     p = _command(sub, "convert", _run_convert, help="write the *_labelTrainIds.png label files a dataset reads")
-    p.add_argument("dataset", choices=["cityscapes", "cocostuff"])
+    p.add_argument("dataset", choices=["cityscapes", "cocostuff"], help="which dataset's labels to convert")
     p.add_argument("root", help="dataset root (holding gtFine/ for cityscapes, annotations/ for cocostuff)")
     p.add_argument("--workers", type=int, default=4, help="threads (default 4)")
     p.add_argument("--skip-existing", action="store_true", help="keep label files that already exist")
@@ -50,16 +51,26 @@ def _add_export_reference(sub) -> None:
     p = _command(sub, "export-reference", _run_export_reference, help="write a checkpoint in the reference (mmseg) format")
     p.add_argument("checkpoint", help="checkpoint to convert (any supported format)")
     p.add_argument("--model", required=True, help="model name, see `edaformer list`")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--out", required=True, help="output .pth path")
 
 
-def _run_export_reference(args) -> int:
-    from .checkpoint import export_reference, load_checkpoint
+def _load_weights(name: str, checkpoint: str, num_classes: int | None):
+    """The named model with a checkpoint's weights; its class count is the checkpoint's unless given."""
+    from .checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
     from .models import create_model
 
-    model = create_model(args.model, num_classes=args.num_classes)
-    report = load_checkpoint(model, args.checkpoint)
+    obj = read_checkpoint(checkpoint)
+    if num_classes is None:
+        num_classes = checkpoint_num_classes(obj)
+    model = create_model(name, num_classes=num_classes)
+    return model, load_checkpoint(model, obj)
+
+
+def _run_export_reference(args) -> int:
+    from .checkpoint import export_reference
+
+    model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
     path = export_reference(model, args.out, meta=report["meta"])
     print(f"wrote {path} (from {report['format']} format)")
     return 0
@@ -160,6 +171,11 @@ def _add_train(sub) -> None:
     p.add_argument("--work-dir", default=None, help="output folder (default work_dirs/<config name>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint in the work dir (auto, the default) or from PATH")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in a work dir that holds an earlier run (its files are moved aside)")
+    p.add_argument("--verify-data", choices=["fast", "full", "off"], default="fast",
+                   help="check the data before the first step: fast (headers and labels, the default), "
+                        "full (also decode every image) or off")
     p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
                    help="mixed precision on CUDA (bf16 when given without a value)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -167,21 +183,44 @@ def _add_train(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
 
 
+def _resume_command(args, work_dir) -> str:
+    """The command line that continues this run."""
+    import shlex
+
+    cmd = ["edaformer", "train", args.config, "--work-dir", str(work_dir), "--resume", "auto"]
+    if args.set:
+        cmd += ["--set", *args.set]
+    if args.amp:
+        cmd += ["--amp", args.amp]
+    if args.device:
+        cmd += ["--device", args.device]
+    return shlex.join(cmd)
+
+
 def _run_train(args) -> int:
     from pathlib import Path
 
+    from .checkpoint import CheckpointWriteError
     from .config import load_config
-    from .engine import NonFiniteLossError, train
+    from .engine import NonFiniteLossError, TrainingAborted, TrainingInterrupted, train
+    from .engine.signals import exit_code
 
     cfg = load_config(args.config, args.set)
     if args.amp:
         cfg["train"]["amp"] = args.amp
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / Path(args.config).stem
     try:
-        train(cfg, work_dir, resume=args.resume, device=args.device)
-    except NonFiniteLossError as e:
+        train(cfg, work_dir, resume=args.resume, device=args.device, force=args.force, verify_data=args.verify_data)
+    except (NonFiniteLossError, CheckpointWriteError) as e:
         print(f"edaformer train: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"edaformer train: {e}\ncontinue with: {_resume_command(args, work_dir)}", file=sys.stderr)
+        return exit_code(e.signum)
+    except TrainingAborted as e:
+        print(f"edaformer train: {e}: the checkpoint being written was discarded, the earlier ones are intact\n"
+              f"continue with: {_resume_command(args, work_dir)}", file=sys.stderr)
+        return exit_code(e.signum)
     return 0
 
 
@@ -261,7 +300,7 @@ def _add_flops(sub) -> None:
     p.add_argument("model", help="model name, see `edaformer list`")
     p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
     p.add_argument("--isr", default="1111-111", help="ISR factors, encoder-decoder (default: 1111-111)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None, help="default: the model's dataset's")
     p.add_argument("--convention", choices=["mmcv130", "mmcv127"], default="mmcv130",
                    help="mmcv130: LayerNorm counted, as published (default); mmcv127: not counted")
     p.add_argument("--json", action="store_true", help="end the output with one JSON line")
@@ -289,15 +328,16 @@ def _add_bench(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: 1111-111)")
     g.add_argument("--isr-sweep", action="store_true", help="the paper's four ISR settings")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (default fp32)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--runs", type=int, default=10, help="timed runs (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
     p.add_argument("--checkpoint", default=None, help="weights to load (default: random init)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="default: the checkpoint's, without one the model's dataset's")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
@@ -313,11 +353,10 @@ def _run_bench(args) -> int:
     settings = list(PAPER_ISR_SWEEP) if args.isr_sweep else [str(parse_isr(args.isr or "1111-111"))]
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model(args.model, num_classes=args.num_classes)
     if args.checkpoint:
-        from .checkpoint import load_checkpoint
-
-        load_checkpoint(model, args.checkpoint)
+        model, _ = _load_weights(args.model, args.checkpoint, args.num_classes)
+    else:
+        model = create_model(args.model, num_classes=args.num_classes)
     rows = run_isr_sweep(model, tuple(args.size), settings, batch=args.batch, runs=args.runs, warmup=args.warmup,
                          device=args.device, dtype=args.dtype, channels_last=args.channels_last)
     base = rows[0]["median_ms"]
@@ -338,38 +377,55 @@ def _run_bench(args) -> int:
 
 
 # -- export ----------------------------------------------------------------------------
+_EXPORT_DESCRIPTION = """\
+Export a model with its checkpoint to ONNX, one ISR setting baked in. Input "image": float32
+(N, 3, H, W), RGB, (pixel - mean) / std on 0-255 pixel values with mean (123.675, 116.28, 103.53)
+and std (58.395, 57.12, 57.375). Output "logits": (N, classes, H, W) at the input size.
+Test-time resize, as `edaformer predict` does it: fit the image into the dataset's (long, short)
+box keeping its aspect ratio (ADE20K / COCO-Stuff (2048, 512), Cityscapes (2048, 1024)), then
+round both sides up to a multiple of 32 (Cityscapes models: 1024x1024 windows every 768 pixels
+instead). The file's metadata_props carry all of this: model, num_classes, classes, palette, isr,
+input, mean, std, test_protocol, resize, output, dynamic."""
+
+
 def _add_export(sub) -> None:
-    p = _command(sub, "export", _run_export, help="export to ONNX with an ISR setting baked in")
+    p = _command(sub, "export", _run_export, help="export to ONNX with an ISR setting baked in",
+                 description=_EXPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model name, see `edaformer list`")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
     p.add_argument("--isr", default="1111-111", help="ISR factors to bake in (default: 1111-111)")
     p.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"),
                    help="input height and width (the example size with --dynamic)")
-    p.add_argument("--dynamic", action="store_true", help="symbolic height and width (>= the ISR's minimum)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the model's")
+    p.add_argument("--dynamic", action="store_true",
+                   help="symbolic batch, height and width (sides >= the ISR's minimum)")
+    p.add_argument("--batch", type=int, default=1, help="batch size of a fixed-size graph (default 1)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: edaformer.export.DEFAULT_OPSET)")
     p.add_argument("--check", action="store_true", help="compare with PyTorch in onnxruntime after export")
     p.add_argument("--out", required=True, help="output .onnx path")
 
 
 def _run_export(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .export import DEFAULT_OPSET, export_onnx, verify_onnx
+    from .export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
     from .isr import parse_isr
-    from .models import create_model
 
+    require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
-    model = create_model(args.model, num_classes=args.num_classes).eval()
-    load_checkpoint(model, args.checkpoint)
-    path = export_onnx(model, args.out, size=tuple(args.size), isr=setting, dynamic=args.dynamic,
-                       opset=args.opset or DEFAULT_OPSET)
-    print(f"wrote {path} (ISR {setting}, {'dynamic HxW' if args.dynamic else f'{args.size[0]}x{args.size[1]}'})")
+    model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
+    meta = report.get("meta") or {}
+    path = export_onnx(model.eval(), args.out, size=tuple(args.size), isr=setting, dynamic=args.dynamic,
+                       opset=args.opset or DEFAULT_OPSET, batch=args.batch, verbose=getattr(args, "verbose", False),
+                       classes=meta.get("CLASSES"), palette=meta.get("PALETTE"))
+    shape = "dynamic batch and HxW" if args.dynamic else f"{args.batch}x{args.size[0]}x{args.size[1]}"
+    print(f"wrote {path} ({model.name}, {model.num_classes} classes, ISR {setting}, {shape})")
     if args.check:
-        sizes = [tuple(args.size)]
+        runs = [(args.batch, [tuple(args.size)])]
         if args.dynamic:
-            sizes.append((args.size[0] + 32, args.size[1] + 64))
-        for r in verify_onnx(model, path, sizes, isr=setting):
-            print(f"onnxruntime vs PyTorch at {r['size'][0]}x{r['size'][1]}: max abs diff {r['max_abs_diff']:.2e}")
+            runs = [(1, [tuple(args.size), (args.size[0] + 32, args.size[1] + 64)]), (2, [tuple(args.size)])]
+        for batch, sizes in runs:
+            for r in verify_onnx(model, path, sizes, batch=batch, isr=setting):
+                print(f"onnxruntime vs PyTorch, batch {batch} at {r['size'][0]}x{r['size'][1]}: "
+                      f"max abs diff {r['max_abs_diff']:.2e}")
     return 0
 
 
@@ -382,25 +438,79 @@ _DESCRIPTION = ("EDAFormer semantic segmentation: train, evaluate, segment image
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edaformer", description=_DESCRIPTION, parents=[_VERBOSE])
-    parser.add_argument("--version", action="version", version=f"edaformer {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"edaformer {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="`edaformer COMMAND --help` for its options")
     for add in COMMANDS:
         add(sub)
     return parser
 
 
+class _OthersQuiet(logging.Filter):
+    """Pass this package's records, and other libraries' from ``level`` up."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or record.name == "edaformer" or record.name.startswith("edaformer.")
+
+
+def _configure_logging(verbose: bool) -> None:
+    """INFO from this package (DEBUG with -v); other libraries only warn (INFO with -v)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(_OthersQuiet(logging.INFO if verbose else logging.WARNING))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def error_message(error: BaseException) -> str:
+    """An exception's own message; for one re-raised from a DataLoader worker, without the worker
+    traceback that torch puts into the message."""
+    text = str(error)
+    if _WORKER_TRACEBACK in text:
+        tail = text[text.rindex(_WORKER_TRACEBACK):]
+        name = re.escape(type(error).__name__)
+        lines = list(re.finditer(rf"(?m)^(?:[\w.]+\.)?{name}: ", tail)) or list(re.finditer(r"(?m)^[A-Za-z_][\w.]*: ", tail))
+        if lines:
+            text = tail[lines[-1].end():]
+    return text.strip()
+
+
+# Errors of the user's input: printed as one message, exit status 2.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    verbose = bool(getattr(args, "verbose", False))
+    _configure_logging(verbose)
+    prog = f"edaformer {args.command}"
+    from .export import OnnxExtrasMissing
+    from .utils import resolve_device
+
     try:
+        if getattr(args, "device", None) is not None:
+            resolve_device(args.device)  # every --device fails the same way, before any work
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"edaformer {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # on a fresh line after ^C or a progress bar
         return 130
+    except (*_USER_ERRORS, OnnxExtrasMissing) as e:
+        log.debug("traceback", exc_info=True)
+        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if verbose:
+            raise
+        print(f"{prog}: error: {type(e).__name__}: {error_message(e)} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

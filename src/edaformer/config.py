@@ -7,16 +7,21 @@ A config file may name one or more base files (paths relative to itself)::
 
 Bases are merged in order, then the file itself on top (dicts merge key by key, everything
 else is replaced). ``--set optim.lr=1e-4 data.root=/x`` overrides are applied last, each value
-parsed as YAML. :func:`load_config` returns the resolved config, checked by
-:func:`validate_config`, with the defaults of :data:`DEFAULTS` filled in.
+parsed as YAML (``1e-4`` a float, ``[1, 2]`` a list; ``352,352`` a list too for list-typed keys,
+and text as it is for string-typed keys). Every key is declared in :data:`KEYS` with its default
+and type: an unknown key or a value of the wrong type is a :class:`ConfigError` naming the key,
+what it expects and the file or override it came from. :func:`load_config` returns the resolved
+config with the defaults of :data:`DEFAULTS` filled in.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,67 +29,10 @@ import yaml
 
 from .utils import to_pair
 
-__all__ = ["ConfigError", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
+__all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
            "apply_overrides", "validate_config", "save_config", "parse_value"]
 
 BASE_KEY = "_base_"
-
-# Every section and its default values; ``None`` means "derived at run time" (see comments).
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {
-        "name": None,              # required: a name from `edaformer list`
-        "num_classes": None,       # None: the dataset's class count
-        "drop_path_rate": 0.2,     # encoder stochastic depth (linear 0 -> rate)
-        "pretrained": None,        # optional ImageNet encoder checkpoint
-    },
-    "data": {
-        "type": None,              # required: ade20k | cityscapes | cocostuff | folder
-        "root": None,              # required
-        "ignore_index": 255,
-        "batch_size": 4,           # per GPU / process
-        "workers": 4,              # per GPU / process
-    },
-    "optim": {
-        "lr": 6e-5,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "weight_decay": 0.01,
-        "decoder_lr_mult": 10.0,
-    },
-    "schedule": {
-        "iters": None,             # required
-        "warmup_iters": 1500,
-        "warmup_ratio": 1e-6,
-        "power": 1.0,
-        "min_lr": 0.0,
-    },
-    "train": {
-        "amp": False,              # false | bf16 | fp16 (CUDA only)
-        "seed": 0,
-        "deterministic": False,
-        "checkpoint_interval": 16000,
-        "eval_interval": 16000,    # 0: validate only at the end
-        "log_interval": 50,
-        "keep_checkpoints": 3,     # iter_<n>.pth files kept (latest.pth and best_mIoU.pth always)
-        "grad_checkpointing": False,
-    },
-    "eval": {
-        "mode": "whole",           # whole | slide
-        "crop_size": None,         # slide window; None: data.crop_size
-        "stride": None,            # slide stride; None: 2/3 of the window
-        "isr": None,               # None: the training setting 1111-111
-        "tta": False,              # multi-scale + flip
-        "tta_scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75],
-        "tta_flip": True,
-        "flops_input_size": None,  # (H, W) for GFLOPs in the ISR sweep; None: data.crop_size
-    },
-}
-
-REQUIRED = {"model": ["name"], "data": ["type", "root"], "schedule": ["iters"]}
-
-# Sections whose keys are checked against DEFAULTS. ``model`` keys beyond the defaults go to
-# ``create_model`` as overrides and ``data`` keys to ``edaformer.data.build_dataset``.
-_STRICT_SECTIONS = ("optim", "schedule", "train", "eval")
 
 
 class ConfigError(ValueError):
@@ -109,16 +57,357 @@ def parse_value(text: str) -> Any:
         raise ConfigError(f"cannot parse value {text!r}: {e}") from None
 
 
+# -- value types -------------------------------------------------------------------------------
+class _Type:
+    """A value type: ``check(value, name)`` returns the normalised value or raises ConfigError;
+    ``parse(text)`` reads an override's text."""
+
+    expected = "a value"
+
+    def __init__(self, optional: bool = False):
+        self.optional = optional
+
+    def check(self, value: Any, name: str) -> Any:
+        if value is None:
+            if self.optional:
+                return None
+            self.fail(value, name)
+        return self.convert(value, name)
+
+    def convert(self, value: Any, name: str) -> Any:
+        return value
+
+    def fail(self, value: Any, name: str):
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(f"{name} must be {self.expected}{' or null' if self.optional else ''}, got {shown}")
+
+    def parse(self, text: str) -> Any:
+        return parse_value(text)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class _Int(_Type):
+    def __init__(self, minimum: int = 0, maximum: int | None = None, optional: bool = False):
+        super().__init__(optional)
+        self.minimum, self.maximum = minimum, maximum
+        self.expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+
+    def convert(self, value, name):
+        if not _is_int(value) or value < self.minimum or (self.maximum is not None and value > self.maximum):
+            self.fail(value, name)
+        return int(value)
+
+
+class _Float(_Type):
+    """A number in ``[minimum, maximum]`` (``[minimum, maximum)`` with ``open_max``)."""
+
+    def __init__(self, minimum: float = 0.0, maximum: float | None = None, open_max: bool = False,
+                 positive: bool = False, optional: bool = False):
+        super().__init__(optional)
+        self.minimum, self.maximum, self.open_max, self.positive = minimum, maximum, open_max, positive
+        low = "> 0" if positive else f">= {minimum:g}"
+        if maximum is None:
+            self.expected = f"a number {low}"
+        else:
+            self.expected = f"a number in {'(' if positive else '['}{minimum:g}, {maximum:g}{')' if open_max else ']'}"
+
+    def ok(self, value: Any) -> bool:
+        if not _is_number(value) or value < self.minimum or (self.positive and value <= 0):
+            return False
+        return self.maximum is None or (value < self.maximum if self.open_max else value <= self.maximum)
+
+    def convert(self, value, name):
+        if not self.ok(value):
+            self.fail(value, name)
+        return float(value)
+
+
+class _Bool(_Type):
+    expected = "true or false"
+
+    def convert(self, value, name):
+        if not isinstance(value, bool):
+            self.fail(value, name)
+        return value
+
+
+class _Str(_Type):
+    """Text; an override's text is taken as it is (``data.root=2024`` is the folder ``2024``)."""
+
+    expected = "a string"
+
+    def convert(self, value, name):
+        if not isinstance(value, str) or not value:
+            self.fail(value, name)
+        return value
+
+    def parse(self, text):
+        value = parse_value(text)
+        return value if value is None or isinstance(value, str) else text.strip()
+
+
+class _Choice(_Type):
+    def __init__(self, *choices: Any, optional: bool = False):
+        super().__init__(optional)
+        self.choices = choices
+        self.expected = "one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+
+    def convert(self, value, name):
+        if not any(value == c and type(value) is type(c) for c in self.choices):
+            self.fail(value, name)
+        return value
+
+
+class _Isr(_Type):
+    expected = "an ISR setting such as 2211-222"
+
+    def convert(self, value, name):
+        from .isr import parse_isr
+
+        try:
+            return str(parse_isr(str(value)))
+        except ValueError as e:
+            raise ConfigError(f"{name} must be {self.expected}: {e}") from None
+
+    def parse(self, text):
+        return _Str.parse(self, text)
+
+
+class _List(_Type):
+    """A list of ``item`` values (``length`` of them when given); ``a,b`` in an override is a list."""
+
+    def __init__(self, item: _Type, length: int | None = None, what: str | None = None, optional: bool = False):
+        super().__init__(optional)
+        self.item, self.length = item, length
+        count = f"{length} " if length else ""
+        self.expected = what or f"a list of {count}{'items' if length != 1 else 'item'}, each {item.expected}"
+
+    def convert(self, value, name):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            self.fail(value, name)
+        if self.length is not None and len(value) != self.length:
+            self.fail(value, name)
+        try:
+            return [self.item.check(v, name) for v in value]
+        except ConfigError:
+            self.fail(value, name)
+
+    def parse(self, text):
+        stripped = text.strip()
+        if "," in stripped and not stripped.startswith(("[", "{")):
+            return [parse_value(part.strip()) for part in stripped.split(",")]
+        return parse_value(text)
+
+
+class _Size(_List):
+    """A positive int ``n`` (meaning ``[n, n]``) or a pair of them; stored as a list of two."""
+
+    def __init__(self, what: str = "(h, w)", optional: bool = False):
+        super().__init__(_Int(1), 2, f"a positive integer or a pair {what} of them", optional)
+
+    def convert(self, value, name):
+        try:
+            return list(to_pair(value, name))
+        except ValueError:
+            self.fail(value, name)
+
+
+class _Range(_List):
+    """Two numbers ``low <= high`` of ``item``'s range."""
+
+    def __init__(self, item: _Float, optional: bool = False):
+        super().__init__(item, 2, f"two numbers low <= high, each {item.expected}", optional)
+
+    def convert(self, value, name):
+        pair = super().convert(value, name)
+        if pair[0] > pair[1]:
+            self.fail(value, name)
+        return pair
+
+
+class _Classes(_List):
+    """Class names (a list of strings) or a class count."""
+
+    def __init__(self):
+        super().__init__(_Str(), None, "a list of class names or a class count >= 1", optional=True)
+
+    def convert(self, value, name):
+        if _is_int(value) and value >= 1:
+            return int(value)
+        return super().convert(value, name)
+
+
+class _Palette(_List):
+    def __init__(self):
+        super().__init__(_List(_Int(0, 255), 3), None, "a list of [r, g, b] colours with values 0-255",
+                         optional=True)
+
+
+# -- the known keys ----------------------------------------------------------------------------
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default (``UNSET``: not filled in, the reader of the section decides)
+    and its type."""
+
+    default: Any
+    type: _Type
+
+
+def _keys(**keys: tuple[Any, _Type]) -> dict[str, Key]:
+    return {name: Key(default, kind) for name, (default, kind) in keys.items()}
+
+
+_PROB = dict(minimum=0.0, maximum=1.0)
+
+# Every section and key: default and type. ``None`` defaults mean "derived at run time" (see the
+# comments and configs/_base_/default.yaml); REQUIRED keys must be set by some config file.
+KEYS: dict[str, dict[str, Key]] = {
+    # ``create_model`` arguments: the named model, then EDAFormer constructor overrides.
+    "model": _keys(
+        name=(None, _Str(optional=True)),                    # required: a name from `edaformer list`
+        num_classes=(None, _Int(1, optional=True)),          # None: the dataset's class count
+        drop_path_rate=(0.2, _Float(**_PROB, open_max=True)),  # encoder stochastic depth (linear 0 -> rate)
+        pretrained=(None, _Str(optional=True)),              # optional ImageNet encoder checkpoint
+        decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True)),  # decoder stochastic depth [0.1]
+        dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
+        in_chans=(UNSET, _Int(1)),                           # input channels [3]
+    ),
+    # ``edaformer.data.build_dataset`` keys (see its docstring), plus the loader's.
+    "data": _keys(
+        type=(None, _Str(optional=True)),                    # required: ade20k | cityscapes | cocostuff | folder
+        root=(None, _Str(optional=True)),                    # required
+        ignore_index=(255, _Int(0)),
+        batch_size=(4, _Int(1)),                             # per GPU / process
+        workers=(4, _Int(0)),                                # per GPU / process
+        classes=(UNSET, _Classes()),                         # folder: class names or a count
+        palette=(UNSET, _Palette()),                         # folder: RGB per class
+        reduce_zero_label=(UNSET, _Bool()),                  # folder: 0 -> ignore, 1.. -> 0..
+        img_suffix=(UNSET, _Str()),
+        seg_suffix=(UNSET, _Str()),
+        train_split=(UNSET, _Str()),
+        val_split=(UNSET, _Str()),
+        scale=(UNSET, _Size("(long, short)")),               # resize box
+        test_scale=(UNSET, _Size("(long, short)", optional=True)),
+        size_divisor=(UNSET, _Int(1, optional=True)),        # test sides rounded up to a multiple
+        ratio_range=(UNSET, _Range(_Float(positive=True), optional=True)),
+        crop_size=(UNSET, _Size()),                          # training crop (h, w)
+        cat_max_ratio=(UNSET, _Float(positive=True, maximum=1.0)),
+        flip_prob=(UNSET, _Float(**_PROB)),
+        photometric=(UNSET, _Bool()),
+    ),
+    "optim": _keys(
+        lr=(6e-5, _Float()),
+        betas=([0.9, 0.999], _List(_Float(**_PROB, open_max=True), 2)),
+        eps=(1e-8, _Float()),
+        weight_decay=(0.01, _Float()),
+        decoder_lr_mult=(10.0, _Float()),
+    ),
+    "schedule": _keys(
+        iters=(None, _Int(1, optional=True)),                # required
+        warmup_iters=(1500, _Int(0)),
+        warmup_ratio=(1e-6, _Float()),
+        power=(1.0, _Float()),
+        min_lr=(0.0, _Float()),
+    ),
+    "train": _keys(
+        amp=(False, _Choice(False, "bf16", "fp16", optional=True)),  # CUDA only
+        seed=(0, _Int(0)),
+        deterministic=(False, _Bool()),
+        checkpoint_interval=(16000, _Int(0)),
+        checkpoint_minutes=(0, _Float(0.0)),                 # also checkpoint every N minutes (may be fractional); 0: off
+        eval_interval=(16000, _Int(0)),                      # 0: validate only at the end
+        log_interval=(50, _Int(0)),
+        keep_checkpoints=(3, _Int(0)),                       # iter_<n>.pth files kept (latest.pth and best_mIoU.pth always)
+        grad_checkpointing=(False, _Bool()),
+    ),
+    "eval": _keys(
+        mode=("whole", _Choice("whole", "slide")),
+        crop_size=(None, _Size(optional=True)),              # slide window; None: data.crop_size
+        stride=(None, _Size(optional=True)),                 # slide stride; None: 2/3 of the window
+        isr=(None, _Isr(optional=True)),                     # None: the training setting 1111-111
+        tta=(False, _Bool()),                                # multi-scale + flip
+        tta_scales=([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], _List(_Float(positive=True))),
+        tta_flip=(True, _Bool()),
+        flops_input_size=(None, _Size(optional=True)),       # (H, W) for GFLOPs in the ISR sweep; None: data.crop_size
+    ),
+}
+
+# The defaults filled into every resolved config (keys with an UNSET default are left out).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    section: {name: key.default for name, key in keys.items() if key.default is not UNSET}
+    for section, keys in KEYS.items()}
+
+REQUIRED = {"model": ["name"], "data": ["type", "root"], "schedule": ["iters"]}
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_known(cfg: Mapping[str, Any]) -> None:
+    """Unknown sections or keys, and sections that are not mappings, raise ConfigError."""
+    unknown = [k for k in cfg if k not in KEYS]
+    if unknown:
+        hints = ", ".join(f"{k!r}{_suggest(str(k), KEYS)}" for k in unknown)
+        raise ConfigError(f"unknown config section(s) {hints}; valid sections: {', '.join(KEYS)}")
+    for section, value in cfg.items():
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
+        bad = [k for k in value if k not in KEYS[section]]
+        if bad:
+            hints = ", ".join(f"{k!r}{_suggest(str(k), KEYS[section])}" for k in bad)
+            raise ConfigError(f"unknown key(s) in section {section!r}: {hints}; "
+                              f"valid keys: {', '.join(KEYS[section])}")
+
+
+def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Check sections, keys, required keys and value types; return the config with defaults filled in."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
+    _check_known(cfg)
+    out = merge_configs(DEFAULTS, {k: v for k, v in cfg.items() if v is not None})
+    missing = [f"{s}.{k}" for s, keys in REQUIRED.items() for k in keys if out[s].get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
+    for section, values in out.items():
+        for name, value in values.items():
+            values[name] = KEYS[section][name].type.check(value, f"{section}.{name}")
+    return out
+
+
+# -- files and overrides -----------------------------------------------------------------------
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read one YAML file (no inheritance); an empty file is ``{}``."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory, not a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML file (binary content)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -148,6 +437,10 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: {BASE_KEY} must be a path or a list of paths")
+    try:
+        _check_known(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     merged: dict[str, Any] = {}
     for base in bases:
         merged = merge_configs(merged, _load_with_bases(path.parent / base, chain + (path,)))
@@ -155,103 +448,37 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a copy of ``cfg``."""
+    """Apply ``section.key=value`` overrides to a copy of ``cfg``.
+
+    The value is read for the key's type (YAML; ``a,b`` for lists; text as it is for strings) and
+    checked; an unknown key or a bad value raises :class:`ConfigError` naming the override.
+    """
     out = copy.deepcopy(dict(cfg))
     for item in overrides:
         key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        *parents, leaf = key.split(".")
-        node = out
-        for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
-            node = child
-        node[leaf] = parse_value(text)
-    return out
-
-
-def _suggest(name: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _pair(value: Any, what: str) -> list[int] | None:
-    try:
-        pair = to_pair(value, what, allow_none=True)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return None if pair is None else list(pair)
-
-
-def _number(cfg: dict, section: str, key: str, minimum: float = 0.0, integer: bool = False) -> None:
-    value = cfg[section][key]
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
-        what = "an integer" if integer else "a number"
-        raise ConfigError(f"{section}.{key} must be {what} >= {minimum}, got {value!r}")
-
-
-def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Check sections, required keys and value types; return the config with defaults filled in."""
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
-    unknown = [k for k in cfg if k not in DEFAULTS]
-    if unknown:
-        hints = ", ".join(f"{k!r}{_suggest(k, DEFAULTS)}" for k in unknown)
-        raise ConfigError(f"unknown config section(s): {hints}; valid sections: {', '.join(DEFAULTS)}")
-    for section, value in cfg.items():
-        if value is not None and not isinstance(value, Mapping):
-            raise ConfigError(f"config section {section!r} must be a mapping, got {type(value).__name__}")
-    out = merge_configs(DEFAULTS, {k: v for k, v in cfg.items() if v is not None})
-    for section in _STRICT_SECTIONS:
-        bad = [k for k in out[section] if k not in DEFAULTS[section]]
-        if bad:
-            hints = ", ".join(f"{k!r}{_suggest(k, DEFAULTS[section])}" for k in bad)
-            raise ConfigError(f"unknown key(s) in section {section!r}: {hints}; "
-                              f"valid keys: {', '.join(DEFAULTS[section])}")
-    missing = [f"{s}.{k}" for s, keys in REQUIRED.items() for k in keys if out[s].get(k) in (None, "")]
-    if missing:
-        raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
-
-    _number(out, "optim", "lr", 0.0)
-    _number(out, "optim", "weight_decay", 0.0)
-    _number(out, "optim", "eps", 0.0)
-    _number(out, "optim", "decoder_lr_mult", 0.0)
-    betas = out["optim"]["betas"]
-    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= float(b) < 1 for b in betas)):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
-    _number(out, "schedule", "iters", 1, integer=True)
-    _number(out, "schedule", "warmup_iters", 0, integer=True)
-    _number(out, "schedule", "warmup_ratio", 0.0)
-    _number(out, "schedule", "power", 0.0)
-    _number(out, "schedule", "min_lr", 0.0)
-    for key in ("checkpoint_interval", "eval_interval", "log_interval", "keep_checkpoints", "seed"):
-        _number(out, "train", key, 0, integer=True)
-    _number(out, "data", "batch_size", 1, integer=True)
-    _number(out, "data", "workers", 0, integer=True)
-    if out["train"]["amp"] not in (False, None, "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be false, bf16 or fp16, got {out['train']['amp']!r}")
-    if out["eval"]["mode"] not in ("whole", "slide"):
-        raise ConfigError(f"eval.mode must be whole or slide, got {out['eval']['mode']!r}")
-    for key in ("crop_size", "stride", "flops_input_size"):
-        out["eval"][key] = _pair(out["eval"][key], f"eval.{key}")
-    if out["eval"]["isr"] is not None:
-        from .isr import parse_isr
-
+        section, name = parts
         try:
-            out["eval"]["isr"] = str(parse_isr(str(out["eval"]["isr"])))
-        except ValueError as e:
-            raise ConfigError(f"eval.isr: {e}") from None
+            _check_known({section: {name: None}})
+            kind = KEYS[section][name].type
+            value = kind.check(kind.parse(text), key.strip())
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][name] = value
     return out
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Read ``path`` with its ``_base_`` chain, apply ``overrides`` and validate."""
-    cfg = _load_with_bases(Path(path), ())
-    return validate_config(apply_overrides(cfg, overrides))
+    cfg = apply_overrides(_load_with_bases(Path(path), ()), overrides)
+    try:
+        return validate_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _plain(obj: Any) -> Any:

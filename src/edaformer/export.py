@@ -9,15 +9,23 @@ its kernel is fixed, but its output grid ``floor(h / r)`` follows any input size
 PyTorch. Strided convolutions, attention over ``h*w`` tokens and the bilinear resizes are
 shape-generic too, so a dynamic export is valid for every input at least as large as the smallest
 size the ISR setting allows (every pooling window must fit its feature map at least once, e.g.
-``64`` per side for ``1111-111``, ``128`` for ``2222-222``). That bound is declared on the graph's
+29 per side for ``1111-111``, 61 for ``2222-222``: ``model.min_input_size()``). That bound is declared on the graph's
 input; a smaller example size, or a graph that cannot be kept shape-generic, raises ``ValueError``.
+A dynamic export also makes the batch size symbolic.
+
+Metadata. The file's ``metadata_props`` (see :func:`onnx_metadata`) say how to feed and read it:
+class names and colours, the ISR setting, the input normalisation (RGB on 0-255 values,
+``(x - mean) / std``) and the test-time resize rule of the model's dataset.
 """
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,10 +34,28 @@ from torch import nn
 
 from .isr import ISRSpec, isr as isr_context
 
-__all__ = ["export_onnx", "min_input_side", "verify_onnx", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "min_input_side", "onnx_metadata", "verify_onnx", "require_onnx", "OnnxExtrasMissing",
+           "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 18
+ONNX_EXTRAS = 'pip install "edaformer[onnx]"'
 log = logging.getLogger(__name__)
+
+
+class OnnxExtrasMissing(ImportError):
+    """A package of the ``onnx`` extras (onnx, onnxscript, onnxruntime) is not installed."""
+
+
+def require_onnx(*modules: str) -> None:
+    """Import ``modules`` (default: what export needs) or raise :class:`OnnxExtrasMissing` with the install hint."""
+    import importlib
+
+    for name in modules or ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise OnnxExtrasMissing(f"ONNX export needs the onnx extras ({name} is not installed): "
+                                    f"{ONNX_EXTRAS}") from e
 
 
 def min_input_side(model: nn.Module, axis: int = 0) -> int:
@@ -47,53 +73,156 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def _class_info(model: nn.Module, classes, palette) -> tuple[list[str], list[list[int]]]:
+    """Given names / colours when they fit the class count, else the model's dataset's, else generated."""
+    from .data.palettes import class_names, get_dataset_info, make_palette
+
+    k = int(model.num_classes)
+    info = None
+    spec = getattr(model, "spec", None)
+    if spec is not None:
+        with contextlib.suppress(ValueError):
+            info = get_dataset_info(spec.dataset)
+    if info is not None and info.num_classes != k:
+        info = None
+    if classes is None or len(classes) != k:
+        classes = info.classes if info else class_names(k)
+    if palette is None or len(palette) != k:
+        palette = info.palette if info else make_palette(k)
+    return [str(c) for c in classes], [[int(v) for v in c] for c in palette]
+
+
+def _test_protocol(model: nn.Module) -> dict:
+    """The model's test-time protocol (as :class:`~edaformer.inference.Segmenter` runs it): ``mode``,
+    ``test_scale``, ``size_divisor`` and, for sliding windows, ``crop_size`` / ``stride``."""
+    spec = getattr(model, "spec", None)
+    mode = getattr(spec, "test_mode", "whole")
+    out = dict(mode=mode, test_scale=list(getattr(spec, "test_scale", (2048, 512))),
+               size_divisor=32 if mode == "whole" else None)
+    if mode == "slide":
+        out.update(crop_size=list(spec.crop_size), stride=list(spec.slide_stride))
+    return out
+
+
+def _resize_rule(protocol: Mapping) -> str:
+    """The test-time resize rule of :func:`_test_protocol` in words."""
+    long, short = protocol["test_scale"]
+    rule = (f"resize keeping the aspect ratio to fit a ({long}, {short}) (long, short) box (bilinear, no "
+            "antialiasing)")
+    if protocol.get("size_divisor"):
+        rule += f", then resize it so that both sides are rounded up to a multiple of {protocol['size_divisor']}"
+    if protocol["mode"] == "slide":
+        (ch, cw), (sh, sw) = protocol["crop_size"], protocol["stride"]
+        rule += f"; run {ch}x{cw} windows every {sh}x{sw} pixels and average the overlapping logits"
+    return rule + "; resize the logits back to the image size before argmax"
+
+
+def onnx_metadata(model: nn.Module, classes: Sequence[str] | None = None,
+                  palette: Sequence[Sequence[int]] | None = None, dynamic: bool = False) -> dict[str, str]:
+    """The ``metadata_props`` an export writes: what the model is and how to feed / read it.
+
+    Keys: ``model``, ``num_classes``, ``classes`` and ``palette`` (JSON), ``isr``, ``input``, ``mean`` and
+    ``std`` (JSON, RGB on 0-255 values), ``test_protocol`` (JSON), ``resize``, ``output``, ``dynamic``.
+    ``classes`` / ``palette`` that do not fit the class count are replaced by the dataset's or generated ones.
+    """
+    from .data.transforms import MEAN, STD
+
+    names, colours = _class_info(model, classes, palette)
+    protocol = _test_protocol(model)
+    return {
+        "model": str(getattr(model, "name", type(model).__name__)),
+        "num_classes": str(int(model.num_classes)),
+        "classes": json.dumps(names),
+        "palette": json.dumps(colours),
+        "isr": str(model.isr),
+        "input": "image: float32 (N, 3, H, W), RGB, (pixel - mean) / std with pixels in 0-255",
+        "mean": json.dumps(list(MEAN)),
+        "std": json.dumps(list(STD)),
+        "test_protocol": json.dumps(protocol),
+        "resize": _resize_rule(protocol),
+        "output": "logits: float32 (N, num_classes, H, W) at the input size; argmax over dim 1 = class id",
+        "dynamic": "batch, height, width" if dynamic else "none",
+    }
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Hide the exporter's INFO logging, prints and warnings (replayed at debug level on failure)."""
+    if not enabled:
+        yield
+        return
+    previous = logging.root.manager.disable
+    captured = io.StringIO()
+    logging.disable(max(previous, logging.INFO))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            warnings.simplefilter("ignore")
+            yield
+    except BaseException:
+        logging.disable(previous)
+        log.debug("exporter output:\n%s", captured.getvalue())
+        raise
+    finally:
+        logging.disable(previous)
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] = (512, 512),
                 isr: ISRSpec | None = None, dynamic: bool = False, opset: int = DEFAULT_OPSET,
-                batch: int = 1, verbose: bool = False) -> Path:
+                batch: int = 1, verbose: bool = False, classes: Sequence[str] | None = None,
+                palette: Sequence[Sequence[int]] | None = None) -> Path:
     """Export ``model`` (an :class:`~edaformer.EDAFormer`) to ONNX at ``path``.
 
     ``size``: the example input ``(H, W)`` (the fixed input size unless ``dynamic``). ``isr``: the
     ISR setting to bake in (default: the model's active one; the model's own setting is restored
-    afterwards). ``dynamic``: height and width become symbolic (``height >= min_h``,
-    ``width >= min_w`` for the ISR setting, see the module docstring); the batch size is fixed to
-    ``batch``. Input ``image`` (float32 ``(B, C, H, W)``), output ``logits`` (``(B, K, H, W)``).
+    afterwards). ``dynamic``: batch, height and width become symbolic (``height >= min_h``,
+    ``width >= min_w`` for the ISR setting, see the module docstring); else the batch is ``batch``.
+    Input ``image`` (float32 ``(B, C, H, W)``), output ``logits`` (``(B, K, H, W)``). ``classes`` /
+    ``palette`` go to the file's metadata (:func:`onnx_metadata`). The exporter's own logging is
+    shown only with ``verbose``.
 
     Raises ``ValueError`` when ``size`` does not fit the ISR setting (the message names the stage,
-    the feature map and the pooling ratio) or when the graph cannot be exported shape-generic.
+    the feature map and the pooling ratio) or when the graph cannot be exported shape-generic, and
+    :class:`OnnxExtrasMissing` without the onnx extras.
     """
+    require_onnx()
     path = Path(path)
     h, w = (int(s) for s in size)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     isr_ctx = isr_context(model, isr) if isr is not None else contextlib.nullcontext()
     with isr_ctx, _eval_mode(model):
         model.check_input_size(h, w)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         in_chans = model.encoder.stages[0].downsample.proj.in_channels
-        x = torch.randn(batch, in_chans, h, w, device=device)
         dynamic_shapes = None
         if dynamic:
             min_h, min_w = min_input_side(model, 0), min_input_side(model, 1)
             if h < min_h or w < min_w:
                 raise ValueError(f"dynamic export: the example size {h}x{w} is below the smallest input the "
                                  f"ISR setting {model.isr} accepts ({min_h}x{min_w})")
-            dynamic_shapes = ({2: torch.export.Dim("height", min=min_h), 3: torch.export.Dim("width", min=min_w)},)
+            batch = max(batch, 2)  # an example batch of 1 would be specialised to a constant
+            dynamic_shapes = ({0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=min_h),
+                               3: torch.export.Dim("width", min=min_w)},)
+        x = torch.randn(batch, in_chans, h, w, device=device)
+        metadata = onnx_metadata(model, classes, palette, dynamic=dynamic)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                if not verbose:
-                    warnings.simplefilter("ignore")
-                torch.onnx.export(model, (x,), str(path), input_names=["image"], output_names=["logits"],
-                                  opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                  verbose=verbose, report=False, external_data=False)
+            with torch.inference_mode(False), torch.no_grad(), _quiet(not verbose):
+                program = torch.onnx.export(model, (x,), input_names=["image"], output_names=["logits"],
+                                            opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                            verbose=verbose, report=False)
+                program.model.metadata_props.update(metadata)
+                program.save(str(path), external_data=False)
         except Exception as e:
             if not dynamic:
                 raise
             raise ValueError(
-                f"dynamic export failed: the graph could not be kept generic in height/width for ISR "
+                f"dynamic export failed: the graph could not be kept generic in batch/height/width for ISR "
                 f"{model.isr} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); export a fixed "
                 f"size instead") from e
-        log.info("exported %s (ISR %s, %s) to %s", getattr(model, "name", type(model).__name__), model.isr,
-                 "dynamic HxW" if dynamic else f"{h}x{w}", path)
+        log.debug("exported %s (ISR %s, %s) to %s", metadata["model"], model.isr,
+                 "dynamic batch and HxW" if dynamic else f"{batch}x{h}x{w}", path)
     return path
 
 
@@ -103,6 +232,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, sizes: Sequence[Seque
 
     Returns ``[{"size": (H, W), "max_abs_diff": float}, ...]``. Needs ``onnxruntime``.
     """
+    require_onnx("onnxruntime")
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

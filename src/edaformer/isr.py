@@ -1,8 +1,10 @@
 """Inference Spatial Reduction (ISR) settings.
 
 An ISR setting multiplies every key/value pooling ratio by an integer factor at
-inference time. It is written as encoder factors (stages 1-4) then decoder
-factors (levels c2, c3, c4): ``"2211-222"``. ``"1111-111"`` is the training setting.
+inference time. For EDAFormer it is written as encoder factors (stages 1-4) then
+decoder factors (levels c2, c3, c4): ``"2211-222"``; ``"1111-111"`` is the training
+setting. SegFormer and PVTv2 models (see :mod:`edaformer.isr_adapters`) take one
+factor per encoder stage: ``"2211"``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple, Union
 
-__all__ = ["ISRSetting", "parse_isr", "isr", "TRAINING_ISR", "PAPER_ISR_SWEEP"]
+from . import isr_adapters
+from .utils import unwrap_model
+
+__all__ = ["ISRSetting", "parse_isr", "parse_stage_factors", "set_isr", "get_isr", "isr", "TRAINING_ISR",
+           "PAPER_ISR_SWEEP"]
 
 
 class ISRSetting(NamedTuple):
@@ -76,16 +82,64 @@ def parse_isr(spec: ISRSpec) -> ISRSetting:
     raise ValueError(f"ISR spec {spec!r}: unsupported type {type(spec).__name__}")
 
 
+def parse_stage_factors(spec, num_stages: int = 4) -> tuple[int, ...]:
+    """Parse one factor per encoder stage: ``"2211"``, ``"16,2,1,1"`` or ``(2, 2, 1, 1)``."""
+    example = "2" * min(2, num_stages) + "1" * max(num_stages - 2, 0)
+    if isinstance(spec, ISRSetting) or isinstance(spec, str) and "-" in spec:
+        raise ValueError(f"ISR spec {spec!r}: this model takes one factor per encoder stage and no decoder "
+                         f"part, e.g. {example!r}")
+    if isinstance(spec, str):
+        text = spec.strip()
+        if "," in text:
+            values = [v.strip() for v in text.split(",")]
+        elif text.isdigit() or not text:
+            values = list(text)
+        else:
+            raise ValueError(f"ISR spec {spec!r}: expected {num_stages} encoder digits, e.g. {example!r}")
+    elif isinstance(spec, Sequence):
+        values = list(spec)
+    else:
+        raise ValueError(f"ISR spec {spec!r}: unsupported type {type(spec).__name__}")
+    return _check_factors(values, num_stages, "encoder", spec)
+
+
 TRAINING_ISR = ISRSetting((1, 1, 1, 1), (1, 1, 1))
 PAPER_ISR_SWEEP = ("1111-111", "1111-222", "2211-222", "2222-222")
 
 
+def _has_own_isr(model) -> bool:
+    """EDAFormer (or anything else with a ``set_isr`` method and an ``isr`` attribute)."""
+    return callable(getattr(model, "set_isr", None)) and hasattr(model, "isr")
+
+
+def set_isr(model, spec):
+    """Apply an ISR setting to ``model`` in place and return it; no rebuild, no weight change.
+
+    EDAFormer takes ``"2211-222"`` (encoder-decoder); transformers SegFormer and timm
+    PVTv2 models take one factor per encoder stage, ``"2211"``, and factor 1 leaves a
+    stage exactly as built. Other models raise ``TypeError``.
+    """
+    target = unwrap_model(model)
+    if _has_own_isr(target):
+        target.set_isr(spec)
+    else:
+        factors = parse_stage_factors(spec, isr_adapters.num_stages(target))
+        isr_adapters.set_stage_factors(target, factors)
+    return model
+
+
+def get_isr(model):
+    """The active setting: an :class:`ISRSetting` for EDAFormer, a tuple of stage factors otherwise."""
+    target = unwrap_model(model)
+    return target.isr if _has_own_isr(target) else isr_adapters.stage_factors(target)
+
+
 @contextlib.contextmanager
 def isr(model, spec: ISRSpec) -> Iterator:
-    """Apply an ISR setting inside a ``with`` block, restoring the previous one after."""
-    previous = model.isr
-    model.set_isr(spec)
+    """Apply an ISR setting inside a ``with`` block, restoring the previous one after (also on error)."""
+    previous = get_isr(model)
+    set_isr(model, spec)
     try:
         yield model
     finally:
-        model.set_isr(previous)
+        set_isr(model, previous)

@@ -57,12 +57,25 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: s
 
 
 def read_log(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Training and validation records of a ``log.jsonl``."""
+    """Training and validation records of a ``log.jsonl``. A torn last line (a write cut short
+    by a kill) is skipped with a warning; a bad line elsewhere raises ``ValueError`` naming the
+    file and line."""
     train, val = [], []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            (val if record.get("mode") == "val" else train).append(record)
+        except json.JSONDecodeError as e:
+            if i == last:
+                log.warning("%s: skipping its last line %d, which is incomplete (%s)", path, i + 1, e)
+                continue
+            raise ValueError(f"{path} line {i + 1} is not a JSON record: {e}") from e
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {i + 1} is not a JSON object")
+        (val if record.get("mode") == "val" else train).append(record)
     return train, val
 
 

@@ -46,18 +46,27 @@ def _names(paths: Sequence[Any]) -> str:
 
 
 def read_image(path: str | Path) -> tv_tensors.Image:
-    """An RGB image file as a uint8 ``(3, H, W)`` ``tv_tensors.Image``."""
-    with Image.open(path) as im:
-        arr = np.array(im.convert("RGB"))
+    """An RGB image file as a uint8 ``(3, H, W)`` ``tv_tensors.Image``; an unreadable file raises
+    :class:`DatasetError` naming it."""
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
     return tv_tensors.Image(torch.from_numpy(arr).permute(2, 0, 1).contiguous())
 
 
 def read_label(path: str | Path) -> np.ndarray:
-    """A single-channel label file as a 2-D array of non-negative integers."""
-    with Image.open(path) as im:
-        arr = np.array(im)
+    """A single-channel label file as a 2-D array of non-negative integers; an unreadable file
+    raises :class:`DatasetError` naming it."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            arr = np.array(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot read label {path}: {e}") from e
     if arr.ndim != 2:
-        raise DatasetError(f"label {path} is not single-channel (shape {arr.shape}, mode {im.mode}); "
+        raise DatasetError(f"label {path} is not single-channel (shape {arr.shape}, mode {mode}); "
                            "labels must hold one class id per pixel")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -178,30 +187,43 @@ class SegmentationDataset(Dataset):
             return self.transforms(image, label)
         return image, label
 
-    def verify(self, raise_error: bool = True, progress: bool = False) -> list[str]:
-        """Scan every label (and image header); return, or raise as one :class:`DatasetError`, all
-        problems found: unreadable files, size mismatches, out-of-range values."""
-        problems = []
-        samples = self.samples
-        if progress:
-            from tqdm import tqdm
-            samples = tqdm(samples, desc="verify", unit="img")
-        for img_path, ann_path in samples:
-            try:
-                with Image.open(img_path) as im:
-                    w, h = im.size
-                raw = read_label(ann_path)
-                if raw.shape != (h, w):
-                    problems.append(f"size mismatch: image {img_path} is {h}x{w} but label {ann_path} is "
-                                    f"{raw.shape[0]}x{raw.shape[1]} (HxW)")
-                self.map_label(raw, ann_path)
-            except DatasetError as e:
-                problems.append(str(e))
-            except OSError as e:
-                problems.append(f"cannot read {img_path} / {ann_path}: {e}")
+    def _check_sample(self, img_path: Path, ann_path: Path, full: bool) -> str | None:
+        """The problem with one sample, or None."""
+        try:
+            if full:
+                h, w = read_image(img_path).shape[-2:]
+            else:
+                try:
+                    with Image.open(img_path) as im:
+                        w, h = im.size
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise DatasetError(f"cannot read image {img_path}: {e}") from e
+            raw = read_label(ann_path)
+            if raw.shape != (h, w):
+                return (f"size mismatch: image {img_path} is {h}x{w} but label {ann_path} is "
+                        f"{raw.shape[0]}x{raw.shape[1]} (HxW)")
+            self.map_label(raw, ann_path)
+        except DatasetError as e:
+            return str(e)
+        return None
+
+    def verify(self, raise_error: bool = True, progress: bool = False, *, full: bool = False,
+               threads: int = 4) -> list[str]:
+        """Check every sample: the image header (with ``full``, the whole image is decoded, which
+        finds truncated files), the label's decoding, size and value range. Returns, or raises as
+        one :class:`DatasetError`, all problems found, each naming its file."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(threads, 1)) as pool:
+            results = pool.map(lambda s: self._check_sample(s[0], s[1], full), self.samples)
+            if progress:
+                from tqdm import tqdm
+                results = tqdm(results, total=len(self), desc="verify", unit="img")
+            problems = [p for p in results if p is not None]
         if problems and raise_error:
-            raise DatasetError(f"{len(problems)} problem(s) in {len(self)} samples of {self.img_dir}:\n  "
-                               + "\n  ".join(problems))
+            raise DatasetError(f"{len(problems)} problem(s) in {len(self)} samples of {self.img_dir}: "
+                               + "; ".join(problems[:_MAX_LISTED])
+                               + (f"; ... ({len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""))
         return problems
 
     def __repr__(self) -> str:

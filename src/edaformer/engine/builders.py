@@ -1,0 +1,143 @@
+"""What a training run is built from: model, datasets and loader, optimizer, schedule, loss.
+
+The recipe is the reference (mmsegmentation-style) one: AdamW with the decoder at 10x the
+learning rate and no weight decay on normalization parameters; linear warmup then poly decay,
+stepped per iteration; pixel-wise cross-entropy (ignore index 255) on logits at crop size.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoint import load_checkpoint
+from ..data.datasets import IGNORE_INDEX, SegmentationDataset
+
+__all__ = ["build_model", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
+           "WarmupPolyLR", "build_scheduler", "segmentation_loss", "resolve_amp"]
+
+log = logging.getLogger("edaformer")
+
+
+def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained: bool = True) -> nn.Module:
+    """``create_model`` from the ``model`` config section; optionally load the ImageNet encoder."""
+    from ..models import create_model
+
+    extra = {k: v for k, v in model_cfg.items() if k not in ("name", "num_classes", "pretrained") and v is not None}
+    model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
+    path = model_cfg.get("pretrained")
+    if load_pretrained and path:
+        report = load_checkpoint(model, path, strict=False)
+        log.info("pretrained weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
+        for what in ("missing", "unexpected", "mismatched"):
+            if report[what]:
+                shown = ", ".join(report[what][:8]) + (" ..." if len(report[what]) > 8 else "")
+                log.warning("pretrained weights: %d %s: %s", len(report[what]), what, shown)
+    return model
+
+
+def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The training and validation datasets of a config's ``data`` section."""
+    from ..data import build_dataset
+
+    dataset_cfg = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}
+    return build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "val")
+
+
+def build_train_loader(train_set: SegmentationDataset, data_cfg: Mapping[str, Any], distributed: bool,
+                       seed: int) -> DataLoader:
+    """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped)."""
+    from ..data import build_dataloader
+
+    return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True, workers=data_cfg["workers"],
+                            distributed=distributed, seed=seed, drop_last=True)
+
+
+def build_param_groups(model: nn.Module, lr: float, weight_decay: float,
+                       decoder_lr_mult: float = 10.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups: encoder / decoder (lr x ``decoder_lr_mult``), each split into
+    decayed parameters and normalization parameters (``model.no_weight_decay()``, no decay)."""
+    no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[str, dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "decoder" if name.startswith("decoder.") else "encoder"
+        decay = name not in no_decay
+        key = part if decay else f"{part}_no_decay"
+        if key not in groups:
+            groups[key] = dict(name=key, params=[], lr=lr * (decoder_lr_mult if part == "decoder" else 1.0),
+                               weight_decay=weight_decay if decay else 0.0)
+        groups[key]["params"].append(param)
+    order = ("encoder", "encoder_no_decay", "decoder", "decoder_no_decay")
+    return [groups[k] for k in order if k in groups]
+
+
+def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any]) -> torch.optim.AdamW:
+    """AdamW over :func:`build_param_groups` from the ``optim`` config section."""
+    groups = build_param_groups(model, optim_cfg["lr"], optim_cfg["weight_decay"], optim_cfg["decoder_lr_mult"])
+    return torch.optim.AdamW(groups, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]),
+                             eps=optim_cfg.get("eps", 1e-8), weight_decay=optim_cfg["weight_decay"])
+
+
+class WarmupPolyLR:
+    """Learning-rate factor at iteration ``i`` (0-based) for a group whose base lr is ``base_lr``.
+
+    ``poly(i) = ((base_lr - min_lr) * (1 - i / iters) ** power + min_lr) / base_lr``; during the
+    first ``warmup_iters`` iterations it is scaled by ``1 - (1 - i / warmup_iters) * (1 - warmup_ratio)``,
+    i.e. linear from ``warmup_ratio`` (mmcv's linear warmup). The schedule is per optimizer step,
+    so it is the same for any number of processes.
+    """
+
+    def __init__(self, base_lr: float, iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
+                 power: float = 1.0, min_lr: float = 0.0):
+        self.base_lr, self.iters, self.warmup_iters = float(base_lr), int(iters), int(warmup_iters)
+        self.warmup_ratio, self.power, self.min_lr = float(warmup_ratio), float(power), float(min_lr)
+
+    def __call__(self, i: int) -> float:
+        if self.base_lr <= 0:
+            return 0.0
+        progress = min(i, self.iters) / self.iters
+        factor = ((self.base_lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr) / self.base_lr
+        if i < self.warmup_iters:
+            factor *= 1.0 - (1.0 - i / self.warmup_iters) * (1.0 - self.warmup_ratio)
+        return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer,
+                    schedule_cfg: Mapping[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` with one :class:`WarmupPolyLR` per parameter group; call ``step()`` per iteration."""
+    lambdas = [WarmupPolyLR(group["lr"], schedule_cfg["iters"], schedule_cfg["warmup_iters"],
+                            schedule_cfg["warmup_ratio"], schedule_cfg["power"], schedule_cfg["min_lr"])
+               for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Pixel-wise cross-entropy, summed over the non-ignored pixels and divided by *all* pixels
+    (mmseg 0.x ``CrossEntropyLoss`` with ``reduction='mean'``). This is finite even for a crop
+    with no labelled pixel, and equal-sized per-rank batches average to the global-batch loss.
+    Half-precision logits are promoted to float32; float64 stays float64."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return loss / labels.numel()
+
+
+def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: full precision; CUDA only)."""
+    if amp in (None, False, "none", "false"):
+        return None
+    if device.type != "cuda":
+        warnings.warn(f"train.amp={amp} needs CUDA; training in float32 on {device.type}", stacklevel=3)
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    raise ValueError(f"train.amp must be false, bf16 or fp16, got {amp!r}")

@@ -1,0 +1,230 @@
+"""The training state (model, optimizer, schedule, scaler, RNG, iteration, best mIoU), the one
+checkpoint payload, resume-checkpoint selection and the resume config check."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import FORMAT, read_checkpoint, save_checkpoint
+
+__all__ = ["TrainState", "checkpoint_payload", "write_training_checkpoint", "iter_checkpoints",
+           "find_resume_checkpoint", "check_resume_config", "ResumeConfigError", "capture_rng_state",
+           "restore_rng_state", "seed_everything"]
+
+log = logging.getLogger("edaformer")
+
+_ITER_CKPT = re.compile(r"^iter_(\d+)\.pth$")
+
+
+# -- RNG --------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Torch (CPU, CUDA), NumPy and ``random`` states as tensors / plain types (``weights_only`` safe)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- the state ----------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Everything a resumed run needs to continue exactly. ``model`` is the unwrapped module;
+    ``rng_states`` holds one :func:`capture_rng_state` per process."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    best_miou: float = -1.0
+    rng_states: list[dict[str, Any]] | None = field(default=None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "iteration": self.iteration, "best_mIoU": self.best_miou, "rng": self.rng_states,
+                "world_size": len(self.rng_states) if self.rng_states else 1}
+
+    def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
+        """Weights, optimizer moments, schedule position, scaler, RNG and counters from ``ckpt``.
+
+        Hyper-parameters come from the config the state was built with: the optimizer's
+        ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and the schedule's shape (base lrs,
+        ``iters``, warmup); the schedule's position (``last_epoch``) from the checkpoint.
+        """
+        self.model.load_state_dict(ckpt["state_dict"])
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            group.update(settings)
+        base_lrs = list(self.scheduler.base_lrs)
+        self.scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(base_lrs)})
+        self.scheduler.base_lrs = base_lrs
+        for group, base_lr, factor in zip(self.optimizer.param_groups, base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration = int(ckpt["iteration"])
+        self.best_miou = float(ckpt.get("best_mIoU", -1.0))
+        self.rng_states = ckpt.get("rng")
+
+    def restore_rng(self, rank: int, world_size: int, seed: int) -> None:
+        """This process's RNG: restored from the checkpoint, or seeded from (seed, rank, iteration)."""
+        if self.rng_states is not None and len(self.rng_states) == world_size:
+            restore_rng_state(self.rng_states[rank])
+            return
+        if self.rng_states is not None:
+            log.warning("checkpoint holds RNG states of %d processes, running %d: reseeding", len(self.rng_states),
+                        world_size)
+        seed_everything(seed + rank + 1_000_003 * self.iteration)
+
+
+def checkpoint_payload(model: nn.Module, meta: Mapping[str, Any], state: TrainState | None = None,
+                       config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint file holds: the model in this library's format plus ``meta``; with
+    ``state`` the full training state and with ``config`` the resolved config it was trained with."""
+    payload = {"format": FORMAT, "model": getattr(model, "name", None), "num_classes": model.num_classes,
+               "state_dict": model.state_dict(), "meta": dict(meta)}
+    if state is not None:
+        payload.update(state.state_dict())
+    if config is not None:
+        payload["config"] = _plain(config)
+    return payload
+
+
+def _plain(obj: Any) -> Any:
+    """A config as plain dicts / lists / scalars (loadable with ``weights_only``)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def iter_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(iteration, path)`` of the ``iter_<n>.pth`` files in ``work_dir``, newest first."""
+    found = [(int(m[1]), p) for p in Path(work_dir).glob("iter_*.pth") if (m := _ITER_CKPT.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def write_training_checkpoint(payload: Mapping[str, Any], work_dir: Path, keep: int) -> Path:
+    """``iter_<n>.pth``, then its copy ``latest.pth`` (an independent file: damage to one leaves
+    the other), then prune to the newest ``keep`` ``iter_<n>.pth`` (0 keeps all)."""
+    path = save_checkpoint(payload, work_dir / f"iter_{payload['iteration']}.pth")
+    save_checkpoint(payload, work_dir / "latest.pth")
+    for _, old in (iter_checkpoints(work_dir)[keep:] if keep > 0 else []):
+        old.unlink(missing_ok=True)
+    return path
+
+
+def find_resume_checkpoint(work_dir: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The newest training checkpoint in ``work_dir`` that loads and passes its checksum.
+
+    ``latest.pth`` is tried first, then ``iter_<n>.pth`` newest first; unreadable or corrupt
+    files are skipped with a warning. An ``iter_<n>.pth`` newer than ``latest.pth`` (a run
+    stopped between writing the two) wins.
+    """
+    work_dir = Path(work_dir)
+    latest = work_dir / "latest.pth"
+    candidates = ([(None, latest)] if latest.is_file() else []) + iter_checkpoints(work_dir)
+    best: tuple[Path, dict] | None = None
+    for n, path in candidates:
+        if best is not None and n is not None and n <= best[1]["iteration"]:
+            break
+        try:
+            ckpt = read_checkpoint(path)
+            if "iteration" not in ckpt or "state_dict" not in ckpt:
+                raise ValueError("not a training checkpoint (no iteration / state_dict)")
+        except (ValueError, OSError) as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+            continue
+        if best is None or ckpt["iteration"] > best[1]["iteration"]:
+            best = (path, ckpt)
+        if n is not None:
+            break
+    return best
+
+
+# -- resuming with a changed config ---------------------------------------------------------------
+class ResumeConfigError(ValueError):
+    """The config differs from the checkpoint's in a way the run cannot continue with."""
+
+
+# config keys that define what is trained on what: a change makes the checkpoint another run
+_FIXED_DATA_KEYS = ("type", "classes", "ignore_index", "reduce_zero_label", "img_suffix", "seg_suffix",
+                    "train_split", "val_split")
+_UNUSED_ON_RESUME = ("model.pretrained",)
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _is_fixed(key: str) -> bool:
+    section, _, name = key.partition(".")
+    return section == "model" or (section == "data" and name in _FIXED_DATA_KEYS)
+
+
+def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> list[str]:
+    """Compare ``cfg`` with the config stored in checkpoint ``path``; raise
+    :class:`ResumeConfigError` for a changed model / classes / data layout or a ``schedule.iters``
+    below the checkpoint's iteration; return the other changes as ``key: old -> new`` lines."""
+    iteration = int(ckpt["iteration"])
+    if cfg["schedule"]["iters"] < iteration:
+        raise ResumeConfigError(f"schedule.iters={cfg['schedule']['iters']} is below the iteration of {path} "
+                                f"({iteration}); use schedule.iters >= {iteration}, or start a new run")
+    saved = ckpt.get("config")
+    if not isinstance(saved, Mapping):
+        if ckpt.get("model") and cfg["model"]["name"] != ckpt["model"]:
+            raise ResumeConfigError(f"model.name is {cfg['model']['name']!r} but {path} holds {ckpt['model']!r}")
+        log.warning("%s stores no config: changes to the config since it was written cannot be checked", path)
+        return []
+    old, new = _flatten(saved), _flatten(cfg)
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME)
+    fixed = [k for k in changed if _is_fixed(k)]
+    if fixed:
+        shown = "; ".join(f"{k} is {new.get(k)!r} but {old.get(k)!r} in the checkpoint" for k in fixed)
+        raise ResumeConfigError(f"cannot resume from {path} with a different model or data layout: {shown}. "
+                                "Use the checkpoint's config, or start a new run in another --work-dir")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]

@@ -1,0 +1,173 @@
+"""Configs: ``_base_`` inheritance, overrides, the known keys and their types, the repository's files."""
+import inspect
+from pathlib import Path
+
+import pytest
+
+import edaformer
+from edaformer.config import DEFAULTS, KEYS, UNSET, ConfigError, apply_overrides, load_config, load_yaml, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO / "configs" / "_base_" / "default.yaml"
+MINIMAL = "model: {name: edaformer-t-ade20k}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n"
+
+
+def test_config_inheritance_overrides_and_save(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text(
+        "optim: {lr: 1e-3, betas: [0.8, 0.9]}\nschedule: {iters: 100}\ndata: {type: folder, root: /r, crop_size: [8, 8]}\n")
+    (tmp_path / "base" / "b.yaml").write_text("_base_: a.yaml\noptim: {weight_decay: 0.5}\nmodel: {name: edaformer-t-ade20k}\n")
+    (tmp_path / "run.yaml").write_text("_base_: [base/b.yaml]\noptim: {betas: [0.7, 0.8]}\ndata: {batch_size: 3}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.lr=2e-4", "data.root=/x", "eval.isr=2211-222",
+                                              "train.amp=bf16", "data.crop_size=[16, 24]", "model.pretrained=null"])
+    assert cfg["optim"] == {"lr": 2e-4, "betas": [0.7, 0.8], "eps": 1e-8, "weight_decay": 0.5, "decoder_lr_mult": 10.0}
+    assert cfg["data"]["root"] == "/x" and cfg["data"]["batch_size"] == 3 and cfg["data"]["crop_size"] == [16, 24]
+    assert cfg["data"]["workers"] == DEFAULTS["data"]["workers"]          # defaults filled in
+    assert cfg["schedule"]["iters"] == 100 and cfg["schedule"]["warmup_iters"] == 1500
+    assert cfg["eval"]["isr"] == "2211-222" and cfg["train"]["amp"] == "bf16"
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert load_config(tmp_path / "out" / "config.yaml") == cfg          # the resolved config round-trips
+
+
+@pytest.mark.parametrize("text, overrides, match", [
+    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\noptimizer: {lr: 1}\n", [],
+     r"unknown config section.*'optimizer'.*did you mean 'optim'"),
+    ("model: {name: m}\ndata: {type: folder}\n", [], r"missing required config key\(s\): data.root, schedule.iters"),
+    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1, warmup: 3}\n", [],
+     r"unknown key\(s\) in section 'schedule'.*'warmup'.*warmup_iters"),
+    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n", ["optim.lr"], "section.key=value"),
+    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n", ["train.amp=fp8"], "train.amp"),
+    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 0}\n", [], "schedule.iters"),
+    ("model: {name: m}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n", ["eval.isr=22-1"], "eval.isr"),
+])
+def test_config_errors(tmp_path, text, overrides, match):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "c.yaml", overrides)
+
+
+def test_config_base_cycle_and_missing_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_repository_configs():
+    assert load_yaml(DEFAULT_YAML) == DEFAULTS | {"schedule": DEFAULTS["schedule"] | {"iters": 160000}}
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert {f.stem for f in files} >= {f"edaformer-{s}-{d}" for s in "tb"
+                                       for d in ("ade20k", "cityscapes", "cocostuff", "camvid")}
+    for f in files:
+        cfg = load_config(f)
+        assert cfg["optim"]["lr"] == 6e-5 and cfg["optim"]["decoder_lr_mult"] == 10
+        assert cfg["model"]["name"] in edaformer.list_models()
+    city_b = load_config(REPO / "configs" / "edaformer-b-cityscapes.yaml")
+    assert city_b["data"]["batch_size"] == 1 and city_b["eval"]["mode"] == "slide"
+    assert city_b["eval"]["stride"] == [768, 768] and city_b["data"]["crop_size"] == [1024, 1024]
+    assert load_config(REPO / "configs" / "edaformer-t-cocostuff.yaml")["schedule"]["iters"] == 80000
+    camvid = load_config(REPO / "configs" / "edaformer-t-camvid.yaml")
+    assert camvid["model"]["num_classes"] == 11 and camvid["data"]["ignore_index"] == 11
+    from edaformer.data.palettes import get_dataset_info
+
+    info = get_dataset_info("camvid")
+    assert tuple(camvid["data"]["classes"]) == info.classes
+    assert tuple(map(tuple, camvid["data"]["palette"])) == info.palette
+
+
+def _config(tmp_path, text=MINIMAL):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_in_a_file_names_the_file_and_the_closest_key(tmp_path):
+    (tmp_path / "base.yaml").write_text(MINIMAL + "data: {type: folder, root: r, batchsize: 2}\n")
+    (tmp_path / "run.yaml").write_text("_base_: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: unknown key\(s\) in section 'data': "
+                                          r"'batchsize' \(did you mean 'batch_size'\?\)"):
+        load_config(tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.drop_path=0.1", r"override 'model.drop_path=0.1': unknown key.*'drop_path' \(did you mean 'drop_path_rate'\?\)"),
+    ("data.batch_size=two", r"override 'data.batch_size=two': data.batch_size must be an integer >= 1, got 'two'"),
+    ("train.deterministic=1", r"train.deterministic must be true or false, got 1"),
+    ("model.drop_path_rate=1.5", r"model.drop_path_rate must be a number in \[0, 1\), got 1.5"),
+    ("data.crop_size=352,0", r"data.crop_size must be a positive integer or a pair \(h, w\) of them, got \[352, 0\]"),
+    ("data.ratio_range=2,1", r"data.ratio_range must be two numbers low <= high"),
+    ("optim.betas=0.9", r"optim.betas must be a list of 2 items"),
+    ("data.palette=[[0,0,300]]", r"data.palette must be a list of \[r, g, b\] colours"),
+    ("eval.isr=22-1", r"eval.isr must be an ISR setting"),
+    ("train.amp=fp8", r"train.amp must be one of false, bf16, fp16 or null, got 'fp8'"),
+    ("data.x.y=1", r"must look like section.key=value"),
+    ("nosection.x=1", r"unknown config section"),
+])
+def test_override_errors_name_the_override_key_type_and_value(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_config(tmp_path), [override])
+
+
+def test_override_values_parse_for_the_key_type(tmp_path):
+    cfg = load_config(_config(tmp_path), [
+        "data.crop_size=352,480", "data.scale=960,360", "optim.betas=0.8,0.9", "eval.tta_scales=0.5, 1.0",
+        "data.classes=sky,road", "data.root=2024", "model.pretrained=null", "optim.lr=1e-4",
+        "eval.stride=[4, 8]", "model.dropout=0", "train.checkpoint_minutes=30", "data.crop_size=352,352"])
+    data = cfg["data"]
+    assert data["crop_size"] == [352, 352] and data["scale"] == [960, 360] and data["classes"] == ["sky", "road"]
+    assert data["root"] == "2024"                                        # text as it is for a string key
+    assert cfg["optim"]["betas"] == [0.8, 0.9] and cfg["optim"]["lr"] == 1e-4
+    assert cfg["eval"]["tta_scales"] == [0.5, 1.0] and cfg["eval"]["stride"] == [4, 8]
+    assert cfg["model"]["pretrained"] is None and cfg["model"]["dropout"] == 0.0
+    assert cfg["train"]["checkpoint_minutes"] == 30
+
+
+def test_type_errors_in_a_file_name_the_file(tmp_path):
+    path = _config(tmp_path, MINIMAL + "optim: {lr: fast}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim.lr must be a number >= 0, got 'fast'"):
+        load_config(path)
+    path = _config(tmp_path, MINIMAL.replace("iters: 1", "iters: 1.5"))
+    with pytest.raises(ConfigError, match=r"schedule.iters must be an integer >= 1 or null, got 1.5"):
+        load_config(path)
+
+
+def test_values_are_normalised(tmp_path):
+    path = _config(tmp_path, MINIMAL + "optim: {decoder_lr_mult: 10}\neval: {crop_size: 64}\n")
+    cfg = load_config(path, ["data.size_divisor=null", "data.classes=3"])
+    assert cfg["optim"]["decoder_lr_mult"] == 10.0 and isinstance(cfg["optim"]["decoder_lr_mult"], float)
+    assert cfg["eval"]["crop_size"] == [64, 64]
+    assert cfg["data"]["classes"] == 3 and cfg["data"]["size_divisor"] is None
+    assert "scale" not in cfg["data"]                                   # unset keys are not filled in
+
+
+def test_apply_overrides_checks_before_merging():
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_overrides({}, ["schedule.warmup=3"])
+    assert apply_overrides({"data": None}, ["data.workers=0"]) == {"data": {"workers": 0}}
+
+
+def _build_dataset_keys() -> set[str]:
+    """The keys of the table in edaformer.data's docstring (first column, ``a/b`` and ``a, b`` split)."""
+    import re
+
+    from edaformer.data import __doc__ as doc
+
+    rows = doc.split("\n=====")[2].split("\n=====")[0].splitlines()[1:]
+    return {name for row in rows if row.strip()
+            for name in re.split(r"[/,]\s*", re.split(r"\s{2,}", row.strip())[0])}
+
+
+def test_key_table_matches_its_readers():
+    """The model keys are EDAFormer arguments, the data keys build_dataset's; defaults pass their type."""
+    from edaformer.models.segmentor import EDAFormer
+
+    assert set(KEYS["model"]) <= set(inspect.signature(EDAFormer.__init__).parameters) | {"name", "pretrained"}
+    documented = _build_dataset_keys()
+    assert {"type", "root", "crop_size", "img_suffix", "seg_suffix", "classes", "palette"} <= documented
+    assert documented <= set(KEYS["data"]), documented - set(KEYS["data"])
+    for section, keys in KEYS.items():
+        for name, key in keys.items():
+            if key.default is not UNSET:
+                assert key.type.check(key.default, name) == key.default, (section, name)
