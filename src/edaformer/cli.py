@@ -303,6 +303,13 @@ def _add_flops(sub) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: the model's dataset's")
     p.add_argument("--convention", choices=["mmcv130", "mmcv127"], default="mmcv130",
                    help="mmcv130: LayerNorm counted, as published (default); mmcv127: not counted")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+                   help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
+    p.add_argument("--decoder-depths", type=int, nargs=3, default=None, metavar=("C4", "C3", "C2"),
+                   help="decoder blocks at c4, c3, c2 (default 3 2 1)")
+    p.add_argument("--decoder-op", choices=["efa", "attention", "dwconv", "conv"], default=None,
+                   help="token mixer of the decoder blocks (default efa)")
+    p.add_argument("--train-isr", default=None, help="training ratios raised by these ISR factors (default none)")
     p.add_argument("--json", action="store_true", help="end the output with one JSON line")
 
 
@@ -312,7 +319,9 @@ def _run_flops(args) -> int:
     from .models import create_model
 
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
-    model = create_model(args.model, num_classes=args.num_classes, isr=setting)
+    options = {k: v for k, v in dict(decoder_depths=args.decoder_depths, decoder_op=args.decoder_op,
+                                      train_isr=args.train_isr).items() if v is not None}
+    model = create_model(args.model, num_classes=args.num_classes, isr=setting, isr_pool=args.pool, **options)
     report = count_flops(model, tuple(args.size), convention=args.convention)
     print(report.format_table())
     if args.json:
@@ -335,6 +344,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+                   help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--checkpoint", default=None, help="weights to load (default: random init)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: the checkpoint's, without one the model's dataset's")
@@ -358,7 +369,7 @@ def _run_bench(args) -> int:
     else:
         model = create_model(args.model, num_classes=args.num_classes)
     rows = run_isr_sweep(model, tuple(args.size), settings, batch=args.batch, runs=args.runs, warmup=args.warmup,
-                         device=args.device, dtype=args.dtype, channels_last=args.channels_last)
+                         device=args.device, dtype=args.dtype, channels_last=args.channels_last, pool=args.pool)
     base = rows[0]["median_ms"]
     for row in rows:
         row["time_vs_first"] = row["median_ms"] / base
@@ -401,6 +412,8 @@ def _add_export(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size of a fixed-size graph (default 1)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: edaformer.export.DEFAULT_OPSET)")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+                   help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--check", action="store_true", help="compare with PyTorch in onnxruntime after export")
     p.add_argument("--out", required=True, help="output .onnx path")
 
@@ -412,8 +425,9 @@ def _run_export(args) -> int:
     require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
     model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
+    model.set_isr(setting, pool=args.pool)  # the active setting is what export_onnx bakes in
     meta = report.get("meta") or {}
-    path = export_onnx(model.eval(), args.out, size=tuple(args.size), isr=setting, dynamic=args.dynamic,
+    path = export_onnx(model.eval(), args.out, size=tuple(args.size), isr=None, dynamic=args.dynamic,
                        opset=args.opset or DEFAULT_OPSET, batch=args.batch, verbose=getattr(args, "verbose", False),
                        classes=meta.get("CLASSES"), palette=meta.get("PALETTE"))
     shape = "dynamic batch and HxW" if args.dynamic else f"{args.batch}x{args.size[0]}x{args.size[1]}"
@@ -423,7 +437,7 @@ def _run_export(args) -> int:
         if args.dynamic:
             runs = [(1, [tuple(args.size), (args.size[0] + 32, args.size[1] + 64)]), (2, [tuple(args.size)])]
         for batch, sizes in runs:
-            for r in verify_onnx(model, path, sizes, batch=batch, isr=setting):
+            for r in verify_onnx(model, path, sizes, batch=batch, isr=None):
                 print(f"onnxruntime vs PyTorch, batch {batch} at {r['size'][0]}x{r['size'][1]}: "
                       f"max abs diff {r['max_abs_diff']:.2e}")
     return 0
