@@ -1,0 +1,121 @@
+"""Label maps from low-resolution logits, resized and reduced in bands of rows.
+
+Turning ``(B, K, h, w)`` logits into an ``H x W`` label map the plain way allocates the
+full-resolution logits, ``4 * K * H * W`` bytes (28.8 GB for a 150-class model on an
+8000x6000 photo). :func:`labels_from_logits` computes the same labels a band of output rows at
+a time, so at most about :data:`BAND_BYTES` of full-resolution logits exist at once.
+
+Each band is bit for bit what ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
+(on a contiguous ``x``) gives for those rows, so the labels equal the plain
+resize-then-argmax:
+
+* when the output height is ``2**k`` times the input height (the stride-8 decoder logits of a
+  whole-mode input whose sides are multiples of 8), a band is ``F.interpolate`` itself on the
+  source rows it needs plus one halo row on each side: the source index of every output row is
+  exact in floating point, so a slice sees exactly the weights of the whole;
+* otherwise the width is resized by ``F.interpolate`` on the needed source rows (height
+  unchanged, which leaves the values untouched) and the height is blended with the source rows
+  and weights the kernel uses, ``fma(row0, w0, row1 * w1)`` (``torch.addcmul``), the weights
+  computed as the kernel computes them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BAND_BYTES", "labels_from_logits", "resized_rows"]
+
+BAND_BYTES = 8 << 20  # full-resolution logits computed at once (per band), in bytes
+Size = tuple[int, int]
+
+
+@lru_cache(maxsize=64)
+def _row_weights(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source rows ``i0, i1`` and weights ``w0, w1`` of each output row, as the bilinear kernel
+    (``align_corners=False``) computes them in float32."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    dst = torch.arange(out_size, dtype=torch.float32) + 0.5
+    real = torch.addcmul(torch.full_like(dst, -0.5), dst, scale.expand_as(dst)).clamp_min_(0)
+    i0 = real.floor().long().clamp_(max=in_size - 1)
+    w1 = (real - i0).clamp_(0, 1)
+    i1 = i0 + (i0 < in_size - 1).long()
+    return i0, i1, 1 - w1, w1
+
+
+def _power_of_two_ratio(in_size: int, out_size: int) -> int | None:
+    k, rem = divmod(out_size, in_size)
+    return k if rem == 0 and k & (k - 1) == 0 else None
+
+
+def _source_rows(in_size: int, out_size: int, r0: int, r1: int) -> tuple[int, int]:
+    """Input rows ``[s0, s1)`` that output rows ``[r0, r1)`` are computed from (with halo)."""
+    k = _power_of_two_ratio(in_size, out_size)
+    if k is not None:
+        return max(r0 // k - 1, 0), min(-(-r1 // k) + 1, in_size)
+    i0, i1, _, _ = _row_weights(in_size, out_size)
+    return int(i0[r0]), int(i1[r1 - 1]) + 1
+
+
+def _resize_band(src: torch.Tensor, s0: int, in_h: int, size: Size, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of ``F.interpolate(x, size)`` from ``src = x[..., s0:s0 + len, :]``."""
+    out_h, out_w = size
+    k = _power_of_two_ratio(in_h, out_h)
+    if k is not None:
+        up = src if k == 1 and src.shape[-1] == out_w else F.interpolate(
+            src, size=(src.shape[-2] * k, out_w), mode="bilinear", align_corners=False)
+        return up[..., r0 - s0 * k:r1 - s0 * k, :]
+    wide = src if src.shape[-1] == out_w else F.interpolate(
+        src, size=(src.shape[-2], out_w), mode="bilinear", align_corners=False)
+    i0, i1, w0, w1 = (t[r0:r1] for t in _row_weights(in_h, out_h))
+    dev = wide.device
+    top = wide.index_select(-2, (i0 - s0).to(dev))
+    bottom = wide.index_select(-2, (i1 - s0).to(dev))
+    w0, w1 = w0.to(dev, wide.dtype).view(-1, 1), w1.to(dev, wide.dtype).view(-1, 1)
+    return torch.addcmul(bottom.mul_(w1), top, w0)
+
+
+def resized_rows(x: torch.Tensor, sizes: Sequence[Size], r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of ``x`` resized bilinearly to each size of ``sizes`` in turn (the last
+    one is the output), computed from only the rows each step needs."""
+    *before, size = [tuple(s) for s in sizes]
+    in_h = before[-1][0] if before else x.shape[-2]
+    s0, s1 = _source_rows(in_h, size[0], r0, r1)
+    src = resized_rows(x, before, s0, s1) if before else x[..., s0:s1, :]
+    return _resize_band(src, s0, in_h, size, r0, r1)
+
+
+def _band_rows(channels: int, width: int, budget: int) -> int:
+    return max(1, budget // max(1, 4 * channels * width))
+
+
+def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: bool = False,
+                       band_bytes: int = BAND_BYTES) -> tuple[np.ndarray, np.ndarray | None]:
+    """Label maps ``(B, H, W)`` of ``logits (B, K, h, w)`` resized through ``sizes`` (the last is
+    ``(H, W)``), equal to ``F.interpolate`` (each size in turn) followed by ``argmax(1)``.
+
+    Labels are uint8 for up to 256 classes, else int64. With ``confidence`` also the largest
+    softmax probability per pixel as uint8 (``round(255 * p)``), else None.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"expected logits (B, K, h, w), got shape {tuple(logits.shape)}")
+    sizes = [tuple(int(v) for v in s) for s in sizes] or [tuple(logits.shape[-2:])]
+    x = logits.float().contiguous()
+    b, k = x.shape[:2]
+    out_h, out_w = sizes[-1]
+    labels = np.empty((b, out_h, out_w), np.uint8 if k <= 256 else np.int64)
+    conf = np.empty((b, out_h, out_w), np.uint8) if confidence else None
+    step = _band_rows(k, out_w, band_bytes)
+    with torch.inference_mode():
+        for r0 in range(0, out_h, step):
+            r1 = min(r0 + step, out_h)
+            band = resized_rows(x, sizes, r0, r1)
+            labels[:, r0:r1] = band.argmax(1).cpu().numpy()
+            if conf is not None:
+                top = band.amax(1, keepdim=True)
+                p = band.sub_(top).exp_().sum(1).reciprocal_()
+                conf[:, r0:r1] = p.mul_(255).round_().to(torch.uint8).cpu().numpy()
+    return labels, conf
