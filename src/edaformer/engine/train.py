@@ -327,7 +327,8 @@ def train(cfg: Mapping[str, Any], work_dir: str | os.PathLike, resume: str | Non
 
 
 def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: DistInfo) -> dict[str, Any]:
-    from ..data import build_dataloader, build_dataset
+    from ..data import build_dataloader, build_dataset, test_transforms
+    from ..inference.protocol import META_KEY, TestProtocol
     from .evaluate import evaluate
 
     dev, main = info.device, info.is_main
@@ -351,6 +352,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
     dataset_cfg = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}
     train_set = build_dataset(dataset_cfg, "train")
     val_set = build_dataset(dataset_cfg, "val")
+    protocol = TestProtocol.from_config(cfg)
+    val_set.transforms = test_transforms(protocol.scale, protocol.size_divisor)
     loader = build_dataloader(train_set, data_cfg["batch_size"], shuffle=True, workers=data_cfg["workers"],
                               distributed=info.distributed, seed=seed, drop_last=True)
     ignore_index = getattr(train_set, "ignore_index", IGNORE_INDEX)
@@ -426,7 +429,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
                      "best_mIoU": best_miou, "rng": rng, "world_size": info.world_size,
                      "meta": {"iteration": iteration, "CLASSES": list(getattr(train_set, "classes", [])),
-                              "PALETTE": [list(c) for c in getattr(train_set, "palette", [])]}}
+                              "PALETTE": [list(c) for c in getattr(train_set, "palette", [])],
+                              META_KEY: protocol.to_dict()}}
             save_checkpoint(state, path)
             _link_or_copy(path, work_dir / "latest.pth", state)
             keep = tcfg["keep_checkpoints"]
@@ -438,10 +442,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
     def validate(iteration: int) -> dict:
         nonlocal best_miou
         ecfg = cfg["eval"]
-        metrics = evaluate(net, val_set, mode=ecfg["mode"], crop_size=ecfg["crop_size"] or data_cfg.get("crop_size"),
-                           stride=ecfg["stride"], isr=ecfg["isr"], tta=ecfg["tta"], tta_scales=ecfg["tta_scales"],
-                           tta_flip=ecfg["tta_flip"], test_scale=data_cfg.get("test_scale") or data_cfg.get("scale"),
-                           workers=min(data_cfg["workers"], 2))
+        metrics = evaluate(net, val_set, protocol, isr=ecfg["isr"], workers=min(data_cfg["workers"], 2))
         model.train()
         log.info("iter %d/%d validation: aAcc %.2f  mIoU %.2f  mAcc %.2f", iteration, iters,
                  100 * metrics["aAcc"], 100 * metrics["mIoU"], 100 * metrics["mAcc"])
@@ -453,7 +454,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
                                  "state_dict": net.state_dict(),
                                  "meta": {"iteration": iteration, "mIoU": best_miou,
                                           "CLASSES": list(getattr(val_set, "classes", [])),
-                                          "PALETTE": [list(c) for c in getattr(val_set, "palette", [])]}},
+                                          "PALETTE": [list(c) for c in getattr(val_set, "palette", [])],
+                                          META_KEY: protocol.to_dict()}},
                                 work_dir / "best_mIoU.pth")
         return metrics
 

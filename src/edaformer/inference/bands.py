@@ -5,18 +5,22 @@ full-resolution logits, ``4 * K * H * W`` bytes (28.8 GB for a 150-class model o
 8000x6000 photo). :func:`labels_from_logits` computes the same labels a band of output rows at
 a time, so at most about :data:`BAND_BYTES` of full-resolution logits exist at once.
 
-Each band is bit for bit what ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
-(on a contiguous ``x``) gives for those rows, so the labels equal the plain
-resize-then-argmax:
+A band holds what ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` (on a
+contiguous ``x``) gives for those rows, and its argmax is taken at once:
 
+* outputs that fit in one band are ``F.interpolate`` itself;
 * when the output height is ``2**k`` times the input height (the stride-8 decoder logits of a
-  whole-mode input whose sides are multiples of 8), a band is ``F.interpolate`` itself on the
-  source rows it needs plus one halo row on each side: the source index of every output row is
-  exact in floating point, so a slice sees exactly the weights of the whole;
+  whole-mode input whose sides are multiples of 8), a band is ``F.interpolate`` on the source
+  rows it needs plus one halo row on each side. The source position of every output row is
+  exact in floating point, so the band is bit for bit the rows of the whole resize;
 * otherwise the width is resized by ``F.interpolate`` on the needed source rows (height
-  unchanged, which leaves the values untouched) and the height is blended with the source rows
-  and weights the kernel uses, ``fma(row0, w0, row1 * w1)`` (``torch.addcmul``), the weights
-  computed as the kernel computes them.
+  unchanged) and the rows are blended with the kernel's source rows and weights,
+  ``row0 * w0 + row1 * w1`` as one fused multiply-add (``torch.addcmul``). This is bit for bit
+  the kernel's result for most shapes; for some the CPU kernel rounds differently, and values
+  differ in the last bit (the label only where two classes tie to within that).
+
+Prediction, evaluation and training validation all take their labels from here, so they agree
+with each other exactly.
 """
 from __future__ import annotations
 
@@ -109,13 +113,19 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
     labels = np.empty((b, out_h, out_w), np.uint8 if k <= 256 else np.int64)
     conf = np.empty((b, out_h, out_w), np.uint8) if confidence else None
     step = _band_rows(k, out_w, band_bytes)
+    largest = max(h * w for h, w in [tuple(x.shape[-2:])] + sizes)
     with torch.inference_mode():
+        full = None
+        if 4 * b * k * largest <= band_bytes:  # small: the plain resize, one band
+            full, step = x, out_h
+            for size in sizes:
+                full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
         for r0 in range(0, out_h, step):
             r1 = min(r0 + step, out_h)
-            band = resized_rows(x, sizes, r0, r1)
+            band = full if full is not None else resized_rows(x, sizes, r0, r1)
             labels[:, r0:r1] = band.argmax(1).cpu().numpy()
             if conf is not None:
                 top = band.amax(1, keepdim=True)
-                p = band.sub_(top).exp_().sum(1).reciprocal_()
+                p = (band - top).exp_().sum(1).reciprocal_()
                 conf[:, r0:r1] = p.mul_(255).round_().to(torch.uint8).cpu().numpy()
     return labels, conf

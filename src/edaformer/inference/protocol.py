@@ -177,10 +177,12 @@ def preprocess(image: ImageInput, scale: Size | None | TestProtocol, divisor: in
 
     ``image``: a path (EXIF orientation applied), a PIL image (any mode), an HxWx3 uint8 array or a
     ``(3, H, W)`` tensor, uint8 or float in 0-255. ``scale``: a :class:`TestProtocol`, or the box
-    (``None`` keeps the size) with ``divisor``.
+    with ``divisor`` (``scale=None`` keeps the size as it is).
     """
     if isinstance(scale, TestProtocol):
         scale, divisor = scale.scale, scale.size_divisor
+    elif scale is None:
+        divisor = None
     x = as_chw(image)
     if device is not None:
         x = x.to(device)
