@@ -167,3 +167,22 @@ def test_isr_sweep_without_matplotlib_says_so_once(eval_setup, tmp_path, capsys,
     captured = capsys.readouterr()
     assert (captured.out + captured.err + caplog.text).count("matplotlib is not installed") == 1
     assert (tmp_path / "sweep" / "isr_sweep.json").is_file() and not (tmp_path / "sweep" / "isr_sweep.png").exists()
+
+
+def test_training_stores_the_protocol_in_checkpoint_meta(tmp_path):
+    from edaformer.checkpoint import read_checkpoint
+    from edaformer.engine import train
+
+    data = make_dataset(tmp_path / "data", sizes=[(32, 40)] * 2)
+    cfg_path = write_config(tmp_path / "t.yaml", data, scale=(48, 40))
+    cfg = load_config(cfg_path, ["schedule.warmup_iters=0", "train.checkpoint_interval=1", "train.eval_interval=1",
+                                 "data.crop_size=[32,32]", "eval.mode=slide", "eval.crop_size=[32,32]"])
+    train(cfg, tmp_path / "work", device="cpu")
+    expected = TestProtocol.from_config(cfg)
+    assert (expected.scale, expected.mode, expected.crop_size, expected.stride) == ((48, 40), "slide", (32, 32),
+                                                                                     (21, 21))
+    for name in ("iter_1.pth", "best_mIoU.pth"):
+        meta = read_checkpoint(tmp_path / "work" / name)["meta"]
+        assert TestProtocol.from_dict(meta["test_protocol"]) == expected
+    seg = edaformer.Segmenter.from_checkpoint(MODEL, tmp_path / "work" / "best_mIoU.pth", device="cpu")
+    assert seg.protocol == expected and seg.classes == tuple(CLASSES)
