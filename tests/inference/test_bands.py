@@ -62,7 +62,11 @@ def test_channels_last_logits_and_many_classes():
         memory_format=torch.channels_last)
     labels, conf = labels_from_logits(x, [(48, 40), (47, 41)], band_bytes=1)
     assert labels.dtype == np.int64 and conf is None
-    np.testing.assert_array_equal(labels, _reference(x.contiguous(), [(48, 40), (47, 41)]).argmax(1).numpy())
+    # the 8x step runs in the logits' own layout, the other one on contiguous rows
+    step = F.interpolate(x, size=(48, 40), mode="bilinear", align_corners=False)
+    assert step.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(resized_rows(x, [(48, 40)], 5, 30), step[..., 5:30, :])
+    np.testing.assert_array_equal(labels, _reference(step.contiguous(), [(47, 41)]).argmax(1).numpy())
 
 
 def test_bands_bound_the_full_resolution_logits(monkeypatch):

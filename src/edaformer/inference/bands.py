@@ -5,16 +5,17 @@ full-resolution logits, ``4 * K * H * W`` bytes (28.8 GB for a 150-class model o
 8000x6000 photo). :func:`labels_from_logits` computes the same labels a band of output rows at
 a time, so at most about :data:`BAND_BYTES` of full-resolution logits exist at once.
 
-A band holds what ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` (on a
-contiguous ``x``) gives for those rows, and its argmax is taken at once:
+A band holds what ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` gives for
+those rows, and its argmax is taken at once:
 
 * outputs that fit in one band are ``F.interpolate`` itself;
 * when the output height is ``2**k`` times the input height (the stride-8 decoder logits of a
   whole-mode input whose sides are multiples of 8), a band is ``F.interpolate`` on the source
-  rows it needs plus one halo row on each side. The source position of every output row is
-  exact in floating point, so the band is bit for bit the rows of the whole resize;
-* otherwise the width is resized by ``F.interpolate`` on the needed source rows (height
-  unchanged) and the rows are blended with the kernel's source rows and weights,
+  rows it needs, in the layout of ``x`` (the decoder's channels-last logits stay so). The source
+  position of every output row is exact in floating point, so the band is bit for bit the rows
+  of the whole resize;
+* otherwise (contiguous layout) the width is resized by ``F.interpolate`` on the needed source
+  rows (height unchanged) and the rows are blended with the kernel's source rows and weights,
   ``row0 * w0 + row1 * w1`` as one fused multiply-add (``torch.addcmul``). This is bit for bit
   the kernel's result for most shapes; for some the CPU kernel rounds differently, and values
   differ in the last bit (the label only where two classes tie to within that).
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = ["BAND_BYTES", "labels_from_logits", "resized_rows"]
 
-BAND_BYTES = 8 << 20  # full-resolution logits computed at once (per band), in bytes
+BAND_BYTES = 16 << 20  # full-resolution logits computed at once (per band), in bytes
 Size = tuple[int, int]
 
 
@@ -56,10 +57,7 @@ def _power_of_two_ratio(in_size: int, out_size: int) -> int | None:
 
 
 def _source_rows(in_size: int, out_size: int, r0: int, r1: int) -> tuple[int, int]:
-    """Input rows ``[s0, s1)`` that output rows ``[r0, r1)`` are computed from (with halo)."""
-    k = _power_of_two_ratio(in_size, out_size)
-    if k is not None:
-        return max(r0 // k - 1, 0), min(-(-r1 // k) + 1, in_size)
+    """Input rows ``[s0, s1)`` that output rows ``[r0, r1)`` are computed from."""
     i0, i1, _, _ = _row_weights(in_size, out_size)
     return int(i0[r0]), int(i1[r1 - 1]) + 1
 
@@ -68,10 +66,11 @@ def _resize_band(src: torch.Tensor, s0: int, in_h: int, size: Size, r0: int, r1:
     """Rows ``[r0, r1)`` of ``F.interpolate(x, size)`` from ``src = x[..., s0:s0 + len, :]``."""
     out_h, out_w = size
     k = _power_of_two_ratio(in_h, out_h)
-    if k is not None:
+    if k is not None:  # every source position is exact: a slice sees the weights of the whole
         up = src if k == 1 and src.shape[-1] == out_w else F.interpolate(
             src, size=(src.shape[-2] * k, out_w), mode="bilinear", align_corners=False)
         return up[..., r0 - s0 * k:r1 - s0 * k, :]
+    src = src.contiguous()
     wide = src if src.shape[-1] == out_w else F.interpolate(
         src, size=(src.shape[-2], out_w), mode="bilinear", align_corners=False)
     i0, i1, w0, w1 = (t[r0:r1] for t in _row_weights(in_h, out_h))
@@ -92,6 +91,15 @@ def resized_rows(x: torch.Tensor, sizes: Sequence[Size], r0: int, r1: int) -> to
     return _resize_band(src, s0, in_h, size, r0, r1)
 
 
+def _band_starts(out_h: int, rows: int, k: int | None) -> list[int]:
+    """Band boundaries. With a power-of-two ratio ``k`` they sit half-way between the output rows
+    of two source rows, where a band needs the fewest source rows (``rows`` is rounded to ``k``)."""
+    if not k or k == 1:
+        return list(range(0, out_h, rows))
+    rows = -(-rows // k) * k
+    return [0] + list(range(k // 2 + rows, out_h, rows))
+
+
 def _band_rows(channels: int, width: int, budget: int) -> int:
     return max(1, budget // max(1, 4 * channels * width))
 
@@ -107,7 +115,9 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
     if logits.ndim != 4:
         raise ValueError(f"expected logits (B, K, h, w), got shape {tuple(logits.shape)}")
     sizes = [tuple(int(v) for v in s) for s in sizes] or [tuple(logits.shape[-2:])]
-    x = logits.float().contiguous()
+    x = logits.float()
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
     b, k = x.shape[:2]
     out_h, out_w = sizes[-1]
     labels = np.empty((b, out_h, out_w), np.uint8 if k <= 256 else np.int64)
@@ -120,12 +130,15 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
             full, step = x, out_h
             for size in sizes:
                 full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
-        for r0 in range(0, out_h, step):
-            r1 = min(r0 + step, out_h)
+        in_h = sizes[-2][0] if len(sizes) > 1 else x.shape[-2]
+        starts = _band_starts(out_h, step, _power_of_two_ratio(in_h, out_h))
+        for r0, r1 in zip(starts, starts[1:] + [out_h]):
             band = full if full is not None else resized_rows(x, sizes, r0, r1)
-            labels[:, r0:r1] = band.argmax(1).cpu().numpy()
+            # classes last (a view for channels-last logits): the reductions run over contiguous memory
+            band = band.permute(0, 2, 3, 1).contiguous()
+            labels[:, r0:r1] = band.argmax(-1).cpu().numpy()
             if conf is not None:
-                top = band.amax(1, keepdim=True)
-                p = (band - top).exp_().sum(1).reciprocal_()
+                top = band.amax(-1, keepdim=True)
+                p = (band - top).exp_().sum(-1).reciprocal_()
                 conf[:, r0:r1] = p.mul_(255).round_().to(torch.uint8).cpu().numpy()
     return labels, conf
