@@ -78,17 +78,41 @@ def _resize_band(src: torch.Tensor, s0: int, in_h: int, size: Size, r0: int, r1:
     top = wide.index_select(-2, (i0 - s0).to(dev))
     bottom = wide.index_select(-2, (i1 - s0).to(dev))
     w0, w1 = w0.to(dev, wide.dtype).view(-1, 1), w1.to(dev, wide.dtype).view(-1, 1)
-    return torch.addcmul(bottom.mul_(w1), top, w0)
+    return bottom.mul_(w1).addcmul_(top, w0)
+
+
+class _Rows:
+    """Rows of ``x`` resized through ``sizes``; an intermediate size keeps its last block of
+    ``block_bytes`` rows, as consecutive bands of the next size need overlapping rows of it."""
+
+    def __init__(self, x: torch.Tensor, sizes: Sequence[Size], block_bytes: int | None = None):
+        *before, self.size = [tuple(s) for s in sizes]
+        self.x = x
+        self.prev = _Rows(x, before, block_bytes) if before else None
+        self.in_h = before[-1][0] if before else x.shape[-2]
+        per_row = 4 * x.shape[0] * x.shape[1] * self.size[1]
+        self.block = None if block_bytes is None else max(1, block_bytes // per_row)
+        self.cache, self.c0, self.c1 = None, 0, 0
+
+    def compute(self, r0: int, r1: int) -> torch.Tensor:
+        s0, s1 = _source_rows(self.in_h, self.size[0], r0, r1)
+        src = self.prev.rows(s0, s1) if self.prev else self.x[..., s0:s1, :]
+        return _resize_band(src, s0, self.in_h, self.size, r0, r1)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        if self.block is None:
+            return self.compute(r0, r1)
+        if not (self.c0 <= r0 and r1 <= self.c1):
+            self.c0, self.c1 = r0, min(max(r1, r0 + self.block), self.size[0])
+            self.cache = None
+            self.cache = self.compute(self.c0, self.c1)
+        return self.cache[..., r0 - self.c0:r1 - self.c0, :]
 
 
 def resized_rows(x: torch.Tensor, sizes: Sequence[Size], r0: int, r1: int) -> torch.Tensor:
     """Rows ``[r0, r1)`` of ``x`` resized bilinearly to each size of ``sizes`` in turn (the last
     one is the output), computed from only the rows each step needs."""
-    *before, size = [tuple(s) for s in sizes]
-    in_h = before[-1][0] if before else x.shape[-2]
-    s0, s1 = _source_rows(in_h, size[0], r0, r1)
-    src = resized_rows(x, before, s0, s1) if before else x[..., s0:s1, :]
-    return _resize_band(src, s0, in_h, size, r0, r1)
+    return _Rows(x, sizes).compute(r0, r1)
 
 
 def _band_starts(out_h: int, rows: int, k: int | None) -> list[int]:
@@ -130,10 +154,10 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
             full, step = x, out_h
             for size in sizes:
                 full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
-        in_h = sizes[-2][0] if len(sizes) > 1 else x.shape[-2]
-        starts = _band_starts(out_h, step, _power_of_two_ratio(in_h, out_h))
+        source = _Rows(x, sizes, band_bytes)
+        starts = _band_starts(out_h, step, _power_of_two_ratio(source.in_h, out_h))
         for r0, r1 in zip(starts, starts[1:] + [out_h]):
-            band = full if full is not None else resized_rows(x, sizes, r0, r1)
+            band = full if full is not None else source.compute(r0, r1)
             # classes last (a view for channels-last logits): the reductions run over contiguous memory
             band = band.permute(0, 2, 3, 1).contiguous()
             labels[:, r0:r1] = band.argmax(-1).cpu().numpy()
