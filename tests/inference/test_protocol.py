@@ -210,3 +210,18 @@ def test_dataset_test_pipeline_equals_preprocess(tmp_path, scale, divisor):
     assert tuple(image.shape[-2:]) == test_size(61, 97, scale, divisor)
     assert tuple(label.shape) == (61, 97)
     assert torch.equal(image[None], preprocess(tmp_path / "images" / "val" / "a.png", scale, divisor))
+
+
+def test_large_image_is_resized_in_bands(monkeypatch):
+    """Above the band size a uint8 image is resized a band of rows at a time: the same input up
+    to the rounding of exact ties."""
+    from edaformer.data import transforms
+
+    img = torch.from_numpy(rgb(300, 410, seed=5)).permute(2, 0, 1)
+    plain = preprocess(img, (128, 96))
+    monkeypatch.setattr(transforms, "_BAND_BYTES", 20_000)
+    banded = preprocess(img, (128, 96))
+    assert banded.shape == plain.shape == (1, 3, 96, 160)
+    step = float(torch.tensor(STD).min())
+    diff = (banded - plain).abs()
+    assert diff.max() <= 1.01 / step and (diff > 0).float().mean() < 1e-3

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BAND_BYTES", "labels_from_logits", "resized_rows"]
+__all__ = ["BAND_BYTES", "labels_from_logits", "resized_rows", "band_rows_of"]
 
 BAND_BYTES = 16 << 20  # full-resolution logits computed at once (per band), in bytes
 Size = tuple[int, int]
@@ -113,6 +113,18 @@ def resized_rows(x: torch.Tensor, sizes: Sequence[Size], r0: int, r1: int) -> to
     """Rows ``[r0, r1)`` of ``x`` resized bilinearly to each size of ``sizes`` in turn (the last
     one is the output), computed from only the rows each step needs."""
     return _Rows(x, sizes).compute(r0, r1)
+
+
+def band_rows_of(x: torch.Tensor, size: Size, row_bytes: int, band_bytes: int):
+    """``(r0, r1, rows)`` for consecutive bands of ``x`` resized to ``size``, ``rows`` in float32;
+    the source rows of each band are converted to float32 only when needed."""
+    in_h = x.shape[-2]
+    src_rows = max(1, round(size[0] / in_h * max(1, band_bytes // max(1, row_bytes))))
+    step = max(1, min(size[0], src_rows))
+    for r0 in range(0, size[0], step):
+        r1 = min(r0 + step, size[0])
+        s0, s1 = _source_rows(in_h, size[0], r0, r1)
+        yield r0, r1, _resize_band(x[..., s0:s1, :].float(), s0, in_h, size, r0, r1)
 
 
 def _band_starts(out_h: int, rows: int, k: int | None) -> list[int]:
