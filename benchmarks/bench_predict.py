@@ -7,7 +7,7 @@ Three tables:
    reference-style model's forward + ``argmax`` on the same weights and the same normalized
    input, and ours through the full-resolution logits (``infer_logits`` + ``argmax``, the
    previous path). Timed round-robin in one process (``edaformer.benchmark.time_interleaved``).
-2. **Peak memory** (RSS growth, fresh child process per row) of the same at 19 and 150 classes.
+2. **Peak memory** (RSS growth, fresh child process per row) of the same at 19, 150 and 600 classes.
 3. **A large photo** through ``edaformer predict`` in a child process with a 150-class model:
    peak RSS, wall time and exit status, for the code under ``--before-src`` (e.g. the main
    checkout's ``src``) and this checkout's.
@@ -157,7 +157,7 @@ def latency(args) -> list[dict]:
 
 def memory(args) -> list[dict]:
     rows = []
-    for classes in (19, 150):
+    for classes in (19, 150, 600):
         for which in ("reference", "ours"):
             r = _run_child("memory", dict(classes=classes, which=which, threads=args.threads), SRC)
             rows.append(dict(classes=classes, what=which, **r))

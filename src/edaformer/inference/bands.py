@@ -70,9 +70,18 @@ def _resize_band(src: torch.Tensor, s0: int, in_h: int, size: Size, r0: int, r1:
         up = src if k == 1 and src.shape[-1] == out_w else F.interpolate(
             src, size=(src.shape[-2] * k, out_w), mode="bilinear", align_corners=False)
         return up[..., r0 - s0 * k:r1 - s0 * k, :]
+    return _blend(_widen(src, out_w), s0, in_h, out_h, r0, r1)
+
+
+def _widen(src: torch.Tensor, out_w: int) -> torch.Tensor:
+    """The width step of the resize: rows keep their values' height (exact for any row subset)."""
     src = src.contiguous()
-    wide = src if src.shape[-1] == out_w else F.interpolate(
+    return src if src.shape[-1] == out_w else F.interpolate(
         src, size=(src.shape[-2], out_w), mode="bilinear", align_corners=False)
+
+
+def _blend(wide: torch.Tensor, s0: int, in_h: int, out_h: int, r0: int, r1: int) -> torch.Tensor:
+    """The height step: output rows ``[r0, r1)`` from width-resized source rows starting at ``s0``."""
     i0, i1, w0, w1 = (t[r0:r1] for t in _row_weights(in_h, out_h))
     dev = wide.device
     top = wide.index_select(-2, (i0 - s0).to(dev))
@@ -93,11 +102,32 @@ class _Rows:
         per_row = 4 * x.shape[0] * x.shape[1] * self.size[1]
         self.block = None if block_bytes is None else max(1, block_bytes // per_row)
         self.cache, self.c0, self.c1 = None, 0, 0
+        self.wide, self.w0, self.w1 = None, 0, 0
+        self.exact = _power_of_two_ratio(self.in_h, self.size[0]) is not None
+
+    def _source(self, s0: int, s1: int) -> torch.Tensor:
+        return self.prev.rows(s0, s1) if self.prev else self.x[..., s0:s1, :]
+
+    def _wide_rows(self, s0: int, s1: int) -> torch.Tensor:
+        """Width-resized source rows, classes last, kept in blocks: consecutive bands share them."""
+        if not (self.w0 <= s0 and s1 <= self.w1):
+            self.w0, self.w1 = s0, min(max(s1, s0 + self.block), self.in_h)
+            self.wide = None
+            self.wide = _widen(self._source(self.w0, self.w1), self.size[1]).permute(0, 2, 3, 1).contiguous()
+        return self.wide[:, s0 - self.w0:s1 - self.w0]
 
     def compute(self, r0: int, r1: int) -> torch.Tensor:
         s0, s1 = _source_rows(self.in_h, self.size[0], r0, r1)
-        src = self.prev.rows(s0, s1) if self.prev else self.x[..., s0:s1, :]
-        return _resize_band(src, s0, self.in_h, self.size, r0, r1)
+        if self.exact or self.block is None:
+            return _resize_band(self._source(s0, s1), s0, self.in_h, self.size, r0, r1)
+        # the same blend with classes last: the band comes out channels-last, ready for the argmax
+        i0, i1, w0, w1 = (t[r0:r1] for t in _row_weights(self.in_h, self.size[0]))
+        wide = self._wide_rows(s0, s1)
+        dev = wide.device
+        top = wide.index_select(1, (i0 - s0).to(dev))
+        bottom = wide.index_select(1, (i1 - s0).to(dev))
+        w0, w1 = w0.to(dev, wide.dtype).view(-1, 1, 1), w1.to(dev, wide.dtype).view(-1, 1, 1)
+        return bottom.mul_(w1).addcmul_(top, w0).permute(0, 3, 1, 2)
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         if self.block is None:
