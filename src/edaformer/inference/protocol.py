@@ -9,7 +9,7 @@ function (the dataset test pipeline calls the same :func:`~edaformer.data.transf
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
