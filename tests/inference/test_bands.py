@@ -91,3 +91,22 @@ def test_bands_bound_the_full_resolution_logits(monkeypatch):
 def test_errors():
     with pytest.raises(ValueError, match=r"\(B, K, h, w\)"):
         labels_from_logits(torch.zeros(3, 4, 5), [(4, 5)])
+
+
+@pytest.mark.parametrize("classes", [19, 150, 600])
+def test_band_memory_does_not_grow_with_the_class_count(monkeypatch, classes):
+    """Decoder logits (stride 8) to a 512x512 label map: every band, halo included, stays near
+    BAND_BYTES whatever the class count (the full logits would be 4 * K * 512 * 512 bytes)."""
+    sizes = []
+    resize_band = bands._resize_band
+
+    def spy(src, s0, in_h, size, r0, r1):
+        out = resize_band(src, s0, in_h, size, r0, r1)
+        sizes.append(out._base.numel() * 4 if out._base is not None else out.numel() * 4)
+        return out
+
+    monkeypatch.setattr(bands, "_resize_band", spy)
+    x = torch.randn(1, classes, 64, 64).contiguous(memory_format=torch.channels_last)
+    labels, _ = labels_from_logits(x, [(512, 512)])
+    assert labels.shape == (1, 512, 512) and len(sizes) > 1
+    assert max(sizes) <= 1.3 * bands.BAND_BYTES

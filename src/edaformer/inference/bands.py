@@ -158,11 +158,13 @@ def band_rows_of(x: torch.Tensor, size: Size, row_bytes: int, band_bytes: int):
 
 
 def _band_starts(out_h: int, rows: int, k: int | None) -> list[int]:
-    """Band boundaries. With a power-of-two ratio ``k`` they sit half-way between the output rows
-    of two source rows, where a band needs the fewest source rows (``rows`` is rounded to ``k``)."""
+    """Band boundaries for bands of about ``rows`` rows. With a power-of-two ratio ``k`` a band
+    computes ``k`` rows more than it keeps (its source rows' whole cells): it keeps ``rows - k``
+    rounded down to a multiple of ``k`` (at least ``k``), and the boundaries sit half-way between
+    the output rows of two source rows, where the waste is smallest."""
     if not k or k == 1:
         return list(range(0, out_h, rows))
-    rows = -(-rows // k) * k
+    rows = max(k, (rows - k) // k * k)
     return [0] + list(range(k // 2 + rows, out_h, rows))
 
 
@@ -197,7 +199,7 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
             for size in sizes:
                 full = F.interpolate(full, size=size, mode="bilinear", align_corners=False)
         source = _Rows(x, sizes, band_bytes)
-        starts = _band_starts(out_h, step, _power_of_two_ratio(source.in_h, out_h))
+        starts = [0] if full is not None else _band_starts(out_h, step, _power_of_two_ratio(source.in_h, out_h))
         for r0, r1 in zip(starts, starts[1:] + [out_h]):
             band = full if full is not None else source.compute(r0, r1)
             # classes last (a view for channels-last logits): the reductions run over contiguous memory
