@@ -197,3 +197,26 @@ def test_bench_takes_the_checkpoint_class_count(seven_classes, capsys):
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == NAME and len(report["rows"]) == 1
+
+
+def test_flops_counts_pool_kinds_and_decoder_variants(capsys):
+    def gflops(*extra):
+        assert main(["flops", "edaformer-t-ade20k", "--size", "128", "128", "--isr", "2211-222", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gflops"]
+
+    avg = gflops()
+    assert gflops("--pool", "max") == avg
+    assert gflops("--pool", "merge") > avg
+    assert gflops("--decoder-op", "attention") > avg > gflops("--decoder-op", "dwconv")
+    assert gflops("--decoder-depths", "1", "2", "3") != avg
+    assert gflops("--train-isr", "2211-222", "--isr", "1111-111") == avg
+
+
+def test_bench_pool_option_restores_the_model_setting():
+    from edaformer.bench import run_isr_sweep
+
+    model = edaformer.create_model("edaformer-t-ade20k", num_classes=3).eval()
+    model.set_isr("1111-222", pool="max")
+    rows = run_isr_sweep(model, (64, 64), ["2211-222"], runs=1, warmup=0, pool="merge")
+    assert rows[0]["isr"] == "2211-222"
+    assert (str(model.isr), model.isr_pool) == ("1111-222", "max")

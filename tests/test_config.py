@@ -160,10 +160,12 @@ def _build_dataset_keys() -> set[str]:
 
 
 def test_key_table_matches_its_readers():
-    """The model keys are EDAFormer arguments, the data keys build_dataset's; defaults pass their type."""
+    """The model keys are create_model / EDAFormer arguments, the data keys build_dataset's; defaults pass their type."""
+    from edaformer.models import create_model
     from edaformer.models.segmentor import EDAFormer
 
-    assert set(KEYS["model"]) <= set(inspect.signature(EDAFormer.__init__).parameters) | {"name", "pretrained", "init_from"}
+    accepted = set(inspect.signature(EDAFormer.__init__).parameters) | set(inspect.signature(create_model).parameters)
+    assert set(KEYS["model"]) <= accepted | {"pretrained", "init_from"}
     documented = _build_dataset_keys()
     assert {"type", "root", "crop_size", "img_suffix", "seg_suffix", "classes", "palette"} <= documented
     assert documented <= set(KEYS["data"]), documented - set(KEYS["data"])

@@ -214,3 +214,82 @@ def test_reference_rule_at_sizes_windows_do_not_divide():
     d = report.to_dict()
     assert d["gflops"] == report.gflops and d["gflops_exact"] == report.gflops_exact != d["gflops"]
     assert "GFLOPs (exact grids)" in report.format_table()
+
+
+@lru_cache(maxsize=None)
+def variant_flops(size: tuple[int, int] = (512, 512), spec: str = "1111-111", pool: str = "avg", **options):
+    with mock.patch.object(efa, "trunc_normal_", lambda tensor, **kwargs: tensor), torch.device("meta"):
+        model = create_model("edaformer-t-ade20k", **{k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in options.items()}).eval()
+    model.set_isr(spec, pool=pool)
+    return count_flops(model, size)
+
+
+def test_decoder_depth_flops_are_affine_in_the_block_counts():
+    base = variant_flops().flops
+    delta = {d: variant_flops(decoder_depths=d).flops - base for d in [(2, 2, 2), (1, 2, 3), (1, 4, 1), (0, 2, 1),
+                                                                         (3, 3, 1)]}
+    per_block_c4, per_block_c3 = -delta[(0, 2, 1)] / 3, delta[(3, 3, 1)]
+    per_block_c2 = delta[(2, 2, 2)] + per_block_c4
+    assert 0 < per_block_c4 < per_block_c3 < per_block_c2  # a block costs more on a finer level
+    assert delta[(1, 2, 3)] == pytest.approx(-2 * per_block_c4 + 2 * per_block_c2, rel=1e-12)
+    assert delta[(1, 4, 1)] == pytest.approx(-2 * per_block_c4 + 2 * per_block_c3, rel=1e-12)
+    assert base < variant_flops(decoder_depths=(1, 4, 1)).flops < variant_flops(decoder_depths=(2, 2, 2)).flops \
+        < variant_flops(decoder_depths=(1, 2, 3)).flops
+    assert variant_flops(decoder_depths=(2, 2, 2)).params_excluding_conv_seg > 0
+
+
+def test_decoder_op_flops():
+    ref, attn = variant_flops(), variant_flops(decoder_op="attention")
+    dw, conv = variant_flops(decoder_op="dwconv"), variant_flops(decoder_op="conv")
+    # attention = EFA + the q/k/v projections (Linear rule), the attention term as for EFA
+    levels = [(64 * 64, 16 * 16, 64, 1), (32 * 32, 16 * 16, 128, 2), (16 * 16, 16 * 16, 256, 3)]  # (Nq, Nkv, C, blocks)
+    qkv = sum(d * (nq * c * c + 2 * nkv * c * c) for nq, nkv, c, d in levels)
+    assert attn.by_type["Linear"] - ref.by_type["Linear"] == qkv
+    assert attn.attention_flops == ref.attention_flops and attn.flops == ref.flops + qkv
+    # the conv mixers: no decoder attention terms and no decoder pooling
+    for report in (dw, conv):
+        assert report.flops > 0 and not any(t.group.startswith("decoder") for t in report.attention)
+        assert set(report.pool_ratios) == {f"encoder.stage{i}" for i in range(1, 5)}
+    no_decoder_attention = ref.attention_flops - sum(v for g, v in ref.attention_by_group().items() if "decoder" in g)
+    assert dw.attention_flops == conv.attention_flops == pytest.approx(no_decoder_attention, rel=1e-12)
+    # dense 3x3 conv on every decoder token: 9 C^2 multiply-adds + C bias per token
+    dense = sum(d * nq * (9 * c * c + c) for nq, _, c, d in levels)
+    depthwise = sum(d * nq * (9 * c + c + c * c + c) for nq, _, c, d in levels)
+    assert conv.by_type["Conv2d"] - dw.by_type["Conv2d"] == dense - depthwise
+    assert dw.flops < ref.flops < attn.flops and conv.flops > ref.flops
+    # a decoder ISR factor does nothing where there is no pooling
+    assert variant_flops(spec="1111-444", decoder_op="dwconv").flops == dw.flops
+    assert variant_flops(spec="1111-222", decoder_op="attention").flops < attn.flops
+
+
+def test_pool_variant_flops():
+    avg = variant_flops(spec="2211-222")
+    mx, overlap, merge = (variant_flops(spec="2211-222", pool=p) for p in ("max", "overlap", "merge"))
+    assert mx.flops == avg.flops and mx.attention_flops == avg.attention_flops
+    assert mx.by_type["MaxPool2d"] + mx.by_type["AvgPool2d"] == avg.by_type["AvgPool2d"]
+    # overlap: the same grids (same attention), the 2r x 2r windows read ~4x the inputs
+    assert overlap.attention_flops == avg.attention_flops and overlap.attention_flops_exact == avg.attention_flops_exact
+    assert overlap.flops > avg.flops
+    assert overlap.flops - avg.flops == overlap.by_type["AvgPool2d (overlapping)"] + overlap.by_type["AvgPool2d"] \
+        - avg.by_type["AvgPool2d"]
+    assert avg.merge_flops == mx.merge_flops == overlap.merge_flops == 0
+    # merge: pools at the training ratio, then halves the tokens; the matching is counted on its own
+    assert merge.merge_flops > 0 and merge.flops == merge.module_flops + merge.attention_flops + merge.merge_flops
+    train = variant_flops()
+    merged = [t for t in merge.attention if t.pool == "merge" and t.layer.startswith(("encoder.stages.0",
+                                                                                       "decoder.c"))]
+    assert merged and all(t.kv_tokens == t.kv_hw[0] * t.kv_hw[1] - t.kv_hw[0] * t.kv_hw[1] // 2 for t in merged)
+    assert sum(t.merge_flops for t in merge.attention) == merge.merge_flops
+    assert avg.flops < merge.flops and merge.attention_flops < train.attention_flops
+    # factor 1 everywhere: every pool is the training computation
+    for pool in ("max", "overlap", "merge"):
+        assert variant_flops(pool=pool).flops == train.flops
+    d = json.loads(json.dumps(merge.to_dict()))
+    assert d["merge_flops"] == merge.merge_flops and d["isr_pool"] == "merge"
+    assert "token merging" in merge.format_table() and "(merge)" in merge.format_table()
+
+
+def test_train_isr_flops_equal_isr_at_inference():
+    assert variant_flops(train_isr="2211-222").flops == variant_flops(spec="2211-222").flops
+    assert round(variant_flops(train_isr="2211-222").gflops, 2) == 4.71

@@ -106,3 +106,15 @@ def test_set_isr_rejects_unsupported_models():
     with pytest.raises(TypeError, match=r"Sequential is not a supported model: ISR works on EDAFormer, "
                                         r"transformers SegFormer .* timm PVTv2"):
         set_isr(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), "2211")
+
+
+def test_isr_context_sets_and_restores_the_pool_kind(tiny):
+    tiny.set_isr("1111-222", pool="max")
+    with edaformer.isr(tiny, "2211-222", pool="overlap"):
+        assert (str(tiny.isr), tiny.isr_pool) == ("2211-222", "overlap")
+    assert (str(tiny.isr), tiny.isr_pool) == ("1111-222", "max")
+    with pytest.raises(ValueError):
+        with edaformer.isr(tiny, "2211-222", pool="median"):
+            pass
+    assert (str(tiny.isr), tiny.isr_pool) == ("1111-222", "max")
+    tiny.set_isr("1111-111")

@@ -219,11 +219,12 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
 
 def run_isr_sweep(model: nn.Module, size: Sequence[int], settings: Sequence[str], *, batch: int = 1,
                   runs: int = 10, warmup: int = 2, device: torch.device | str = "cpu", dtype: str = "fp32",
-                  channels_last: bool = False) -> list[dict]:
+                  channels_last: bool = False, pool: str = "avg") -> list[dict]:
     """Latency, images/s and GFLOPs of ``model`` per ISR setting (the ``edaformer bench`` table).
 
     The settings are timed round-robin (one call per setting and round), as in
-    :func:`time_interleaved`; the model's own ISR setting is restored afterwards.
+    :func:`time_interleaved`; ``pool``: the ISR key/value pooling
+    kind. The model's own ISR setting and pooling kind are restored afterwards.
     """
     from .isr import parse_isr
 
@@ -231,7 +232,7 @@ def run_isr_sweep(model: nn.Module, size: Sequence[int], settings: Sequence[str]
     dt = resolve_dtype(dtype)
     h, w = int(size[0]), int(size[1])
     settings = [str(parse_isr(s)) for s in settings]
-    previous = model.isr
+    previous = (model.isr, getattr(model, "isr_pool", "avg"))
     model = prepare_model(model, device, channels_last=channels_last)
     x = make_input(batch, (h, w), device, channels_last=channels_last)
 
@@ -239,22 +240,22 @@ def run_isr_sweep(model: nn.Module, size: Sequence[int], settings: Sequence[str]
         fn = forward_fn(model, x, device, dt)
 
         def run():
-            model.set_isr(spec)
+            model.set_isr(spec, pool=pool)
             return fn()
         return run
 
     try:
         for spec in settings:
-            model.set_isr(spec)
+            model.set_isr(spec, pool=pool)
             model.check_input_size(h, w)
         timings = time_interleaved({s: call(s) for s in settings}, runs, warmup, device)
         rows = []
         for spec in settings:
-            model.set_isr(spec)
+            model.set_isr(spec, pool=pool)
             rows.append(dict(isr=spec, size=f"{h}x{w}", batch=batch, device=device.type, dtype=dtype,
                              gflops=gflops(model, (h, w)), **timings[spec].summary(batch)))
     finally:
-        model.set_isr(previous)
+        model.set_isr(previous[0], pool=previous[1])
     return rows
 
 

@@ -90,77 +90,67 @@ def _run_list(args) -> int:
 
 
 # -- predict ---------------------------------------------------------------------------
-_PREDICT_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+def _alpha(text: str) -> float:
+    from .inference.predict import check_alpha
+
+    try:
+        return check_alpha(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--alpha ", "")) from None
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="resize box of the test protocol (default: the checkpoint's, else the model's / config's)")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None,
+                   help="whole image or sliding window (default: the checkpoint's, else the model's / config's)")
 
 
 def _add_predict(sub) -> None:
-    p = _command(sub, "predict", _run_predict, help="segment images: writes <stem>_label.png and <stem>_overlay.png")
-    p.add_argument("images", nargs="+", help="image files or folders (folders: the images inside)")
+    p = _command(sub, "predict", _run_predict,
+                 help="segment images: writes <stem>_label.png and <stem>_overlay.png (and <stem>_probs.png)")
+    p.add_argument("images", nargs="+", help="image files or folders (folders: the images inside, not recursive)")
     p.add_argument("--model", required=True, help="model name, see `edaformer list`")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
-    p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: training ratios)")
+    p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: the setting stored in the "
+                   "checkpoint by `edaformer isr-tune --write`, else the training ratios)")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
+                   help="ISR key/value pooling kind (default: the checkpoint's stored one, else avg)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
-
-
-def _predict_inputs(paths: list[str]) -> list:
-    """Image files of ``paths`` (folders: their images, sorted); missing paths are kept to be reported."""
-    from pathlib import Path
-
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _PREDICT_SUFFIXES))
-        else:
-            files.append(p)
-    return files
-
-
-def _unique_stem(path, used: set) -> str:
-    stem, n = path.stem, 1
-    while stem in used:
-        stem, n = f"{path.stem}_{n}", n + 1
-    used.add(stem)
-    return stem
+    p.add_argument("--alpha", type=_alpha, default=0.5, help="overlay opacity in [0, 1] (default 0.5)")
+    p.add_argument("--legend", action="store_true", help="add a legend of the classes present to each overlay")
+    p.add_argument("--save-probs", action="store_true",
+                   help="also write <stem>_probs.png: the top class probability per pixel as 8-bit gray")
+    _add_protocol_options(p)
 
 
 def _run_predict(args) -> int:
-    from pathlib import Path
-
     from tqdm import tqdm
 
-    from .inference import Segmenter, colorize, load_image, overlay
+    from .inference import Segmenter
+    from .inference.predict import IMAGE_SUFFIXES, collect_inputs, predict_files
+    from .utils import resolve_device
 
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available on this machine")
-    files = _predict_inputs(args.images)
-    if not files:
-        raise ValueError(f"no images ({', '.join(_PREDICT_SUFFIXES)}) found in {', '.join(args.images)}")
-    segmenter = Segmenter.from_checkpoint(args.model, args.checkpoint, device=args.device, isr=args.isr,
-                                          num_classes=args.num_classes)
+    device = resolve_device(args.device)
+    inputs = collect_inputs(args.images)
+    for path, why in inputs.skipped:
+        print(f"edaformer predict: skipped {path}: {why}", file=sys.stderr)
+    if not inputs.files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.images)}")
+    segmenter = Segmenter.from_checkpoint(args.model, args.checkpoint, device=device, isr=args.isr,
+                                          num_classes=args.num_classes, test_scale=args.scale, mode=args.mode,
+                                          pool=args.pool)
     log.info("%r", segmenter)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    used: set = set()
-    failed = []
-    for path in tqdm(files, desc="predict", unit="img", file=sys.stderr):
-        stem = _unique_stem(path, used)
-        try:
-            image = load_image(path)
-            label = segmenter(image)
-            colorize(label, segmenter.palette).save(out / f"{stem}_label.png")
-            overlay(image, label, segmenter.palette, alpha=args.alpha).save(out / f"{stem}_overlay.png")
-        except (ValueError, OSError) as e:
-            failed.append(path)
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-            tqdm.write(f"edaformer predict: {msg}", file=sys.stderr)
-    print(f"wrote {len(files) - len(failed)} prediction(s) to {out}"
-          + (f"; {len(failed)} failed: {', '.join(map(str, failed))}" if failed else ""))
+    result = predict_files(segmenter, inputs.files, args.out, alpha=args.alpha, legend=args.legend,
+                           save_probs=args.save_probs,
+                           on_error=lambda path, msg: tqdm.write(f"edaformer predict: {msg}", file=sys.stderr),
+                           progress=lambda it: tqdm(it, desc="predict", unit="img", file=sys.stderr))
+    failed = [str(p) for p, _ in result.failed]
+    print(f"wrote {len(result.written)} prediction(s) to {args.out}"
+          + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else "")
+          + (f"; {len(inputs.skipped)} input(s) skipped" if inputs.skipped else ""))
     return 1 if failed else 0
 
 
@@ -229,15 +219,22 @@ def _add_eval(sub) -> None:
     p = _command(sub, "eval", _run_eval, help="evaluate a checkpoint on the config's validation set (mIoU, per class)")
     p.add_argument("config", help="YAML config the model was trained with")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
-    p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config)")
-    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: eval.mode of the config")
-    p.add_argument("--tta", action="store_true", help="multi-scale + flip test")
+    p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config, else "
+                   "the setting stored in the checkpoint by `edaformer isr-tune --write`, else the training ratios)")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
+                   help="ISR key/value pooling kind (default: the checkpoint's stored one, else avg)")
+    _add_protocol_options(p)
+    p.add_argument("--tta", action="store_true", help="multi-scale + flip test (eval.tta_scales, eval.tta_flip)")
     p.add_argument("--isr-sweep", nargs="*", default=None, metavar="SPEC",
                    help="evaluate each ISR setting (default 1111-111 1111-222 2211-222 2222-222); writes "
                         "isr_sweep.json and isr_sweep.png to --out")
-    p.add_argument("--out", default=None, help="folder for sweep results (default work_dirs/<config name>)")
+    p.add_argument("--out", default=None, help="folder for sweep results (default: the checkpoint's folder)")
+    p.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="write <stem>_label.png per validation image (named as `edaformer predict` names them)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.epilog = ("Test protocol: --scale / --mode / --tta, else the one stored in the checkpoint by `edaformer "
+                "train`, else the config's (data.test_scale or data.scale, data.size_divisor, eval.*).")
 
 
 def _run_eval(args) -> int:
@@ -245,15 +242,16 @@ def _run_eval(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .config import load_config
-    from .data import build_dataset
+    from .data import build_dataset, test_transforms
     from .engine import build_model, evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
     from .engine.distributed import cleanup_distributed, init_distributed, is_distributed
+    from .engine.evaluate import common_test_size, sweep_title
+    from .engine.isr_tune import stored_isr
+    from .inference import TestProtocol
     from .isr import PAPER_ISR_SWEEP
     from .metrics import format_class_table, format_metrics
 
-    overrides = list(args.set) + ([f"eval.mode={args.mode}"] if args.mode else []) + (
-        ["eval.tta=true"] if args.tta else []) + ([f"eval.isr={args.isr}"] if args.isr else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, list(args.set) + ([f"eval.isr={args.isr}"] if args.isr else []))
     owns_group = not is_distributed()
     info = init_distributed(args.device)
     try:
@@ -262,32 +260,49 @@ def _run_eval(args) -> int:
         model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
         report = load_checkpoint(model, args.checkpoint)
         model.to(info.device).eval()
-        crop = ecfg["crop_size"] or data_cfg.get("crop_size")
-        kwargs = dict(mode=ecfg["mode"], crop_size=crop, stride=ecfg["stride"], tta=ecfg["tta"],
-                      tta_scales=ecfg["tta_scales"], tta_flip=ecfg["tta_flip"],
-                      test_scale=data_cfg.get("test_scale") or data_cfg.get("scale"),
-                      workers=data_cfg["workers"], progress=True)
+        try:
+            protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg),
+                                            scale=args.scale, mode=args.mode)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{args.checkpoint}: invalid meta['test_protocol']: {e}") from None
+        if args.tta:
+            protocol = protocol.replace(tta_scales=tuple(ecfg["tta_scales"]), flip=bool(ecfg["tta_flip"]))
+        dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+        kwargs = dict(protocol=protocol, workers=data_cfg["workers"], progress=True)
         if info.is_main:
             print(f"{cfg['model']['name']}: {args.checkpoint} ({report['format']} format), {len(dataset)} images, "
-                  f"mode {ecfg['mode']}{', tta' if ecfg['tta'] else ''}")
+                  f"{protocol.describe()}")
         if args.isr_sweep is not None:
             specs = args.isr_sweep or list(PAPER_ISR_SWEEP)
-            size = ecfg["flops_input_size"] or crop or list(getattr(model.spec, "crop_size", (512, 512)))
-            rows = isr_sweep(model, dataset, specs, flops_input_size=size, **kwargs)
+            if ecfg["flops_input_size"]:
+                size, note = tuple(ecfg["flops_input_size"]), "eval.flops_input_size of the config"
+            else:
+                size, count, total = common_test_size(dataset, protocol)
+                note = (f"the test size of all {total} images" if count == total else
+                        f"the most common test size ({count} of {total} images)")
+            rows = isr_sweep(model, dataset, specs, flops_input_size=size, pool=args.pool, **kwargs)
             if info.is_main:
-                print(format_sweep_table(rows, size))
-                out = Path(args.out) if args.out else Path("work_dirs") / Path(args.config).stem
+                print(format_sweep_table(rows, size, note))
+                out = Path(args.out) if args.out else Path(args.checkpoint).parent
                 meta = dict(config=str(args.config), checkpoint=str(args.checkpoint), model=cfg["model"]["name"],
-                            flops_input_size=list(size), mode=ecfg["mode"], tta=ecfg["tta"])
+                            flops_input_size=list(size), flops_input_size_source=note,
+                            test_protocol=protocol.to_dict())
                 print(f"wrote {save_sweep(rows, out, meta)}")
-                png = plot_sweep(rows, out / "isr_sweep.png", title=f"{cfg['model']['name']} ISR sweep")
-                print(f"wrote {png}" if png else "no plot: matplotlib is not installed (pip install matplotlib)")
+                png = plot_sweep(rows, out / "isr_sweep.png", title=f"{sweep_title(args.checkpoint)} ISR sweep")
+                if png:  # without matplotlib, plot_sweep has said so
+                    print(f"wrote {png}")
         else:
-            metrics = evaluate(model, dataset, isr=ecfg["isr"], **kwargs)
+            isr, pool = ecfg["isr"], args.pool
+            if isr is None:  # the setting `edaformer isr-tune --write` stored, with its pool kind
+                isr = stored_isr(report["meta"], source=args.checkpoint)
+                pool = pool or (report["meta"].get("isr_pool") if isr else None)
+            metrics = evaluate(model, dataset, isr=isr, save_predictions=args.save_predictions, pool=pool, **kwargs)
             if info.is_main:
-                print(f"ISR {ecfg['isr'] or model.isr}  images {metrics['num_images']}")
+                print(f"ISR {isr or model.isr} ({pool or model.isr_pool} pooling)  images {metrics['num_images']}")
                 print(format_metrics(metrics))
                 print(format_class_table(metrics, getattr(dataset, "classes", None)))
+                if args.save_predictions:
+                    print(f"wrote {metrics['num_images']} label map(s) to {args.save_predictions}")
     finally:
         if owns_group:
             cleanup_distributed()
@@ -303,6 +318,13 @@ def _add_flops(sub) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: the model's dataset's")
     p.add_argument("--convention", choices=["mmcv130", "mmcv127"], default="mmcv130",
                    help="mmcv130: LayerNorm counted, as published (default); mmcv127: not counted")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+                   help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
+    p.add_argument("--decoder-depths", type=int, nargs=3, default=None, metavar=("C4", "C3", "C2"),
+                   help="decoder blocks at c4, c3, c2 (default 3 2 1)")
+    p.add_argument("--decoder-op", choices=["efa", "attention", "dwconv", "conv"], default=None,
+                   help="token mixer of the decoder blocks (default efa)")
+    p.add_argument("--train-isr", default=None, help="training ratios raised by these ISR factors (default none)")
     p.add_argument("--json", action="store_true", help="end the output with one JSON line")
 
 
@@ -312,7 +334,9 @@ def _run_flops(args) -> int:
     from .models import create_model
 
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
-    model = create_model(args.model, num_classes=args.num_classes, isr=setting)
+    options = {k: v for k, v in dict(decoder_depths=args.decoder_depths, decoder_op=args.decoder_op,
+                                      train_isr=args.train_isr).items() if v is not None}
+    model = create_model(args.model, num_classes=args.num_classes, isr=setting, isr_pool=args.pool, **options)
     report = count_flops(model, tuple(args.size), convention=args.convention)
     print(report.format_table())
     if args.json:
@@ -335,6 +359,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+                   help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--checkpoint", default=None, help="weights to load (default: random init)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="default: the checkpoint's, without one the model's dataset's")
@@ -358,7 +384,7 @@ def _run_bench(args) -> int:
     else:
         model = create_model(args.model, num_classes=args.num_classes)
     rows = run_isr_sweep(model, tuple(args.size), settings, batch=args.batch, runs=args.runs, warmup=args.warmup,
-                         device=args.device, dtype=args.dtype, channels_last=args.channels_last)
+                         device=args.device, dtype=args.dtype, channels_last=args.channels_last, pool=args.pool)
     base = rows[0]["median_ms"]
     for row in rows:
         row["time_vs_first"] = row["median_ms"] / base
@@ -401,6 +427,8 @@ def _add_export(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size of a fixed-size graph (default 1)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: edaformer.export.DEFAULT_OPSET)")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+                   help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--check", action="store_true", help="compare with PyTorch in onnxruntime after export")
     p.add_argument("--out", required=True, help="output .onnx path")
 
@@ -412,8 +440,9 @@ def _run_export(args) -> int:
     require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
     model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
+    model.set_isr(setting, pool=args.pool)  # the active setting is what export_onnx bakes in
     meta = report.get("meta") or {}
-    path = export_onnx(model.eval(), args.out, size=tuple(args.size), isr=setting, dynamic=args.dynamic,
+    path = export_onnx(model.eval(), args.out, size=tuple(args.size), isr=None, dynamic=args.dynamic,
                        opset=args.opset or DEFAULT_OPSET, batch=args.batch, verbose=getattr(args, "verbose", False),
                        classes=meta.get("CLASSES"), palette=meta.get("PALETTE"))
     shape = "dynamic batch and HxW" if args.dynamic else f"{args.batch}x{args.size[0]}x{args.size[1]}"
@@ -423,7 +452,7 @@ def _run_export(args) -> int:
         if args.dynamic:
             runs = [(1, [tuple(args.size), (args.size[0] + 32, args.size[1] + 64)]), (2, [tuple(args.size)])]
         for batch, sizes in runs:
-            for r in verify_onnx(model, path, sizes, batch=batch, isr=setting):
+            for r in verify_onnx(model, path, sizes, batch=batch, isr=None):
                 print(f"onnxruntime vs PyTorch, batch {batch} at {r['size'][0]}x{r['size'][1]}: "
                       f"max abs diff {r['max_abs_diff']:.2e}")
     return 0
@@ -484,9 +513,10 @@ def _run_isr_tune(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .config import load_config
-    from .data import build_dataset
+    from .data import build_dataset, test_transforms
+    from .inference import TestProtocol
     from .engine import build_model
-    from .engine.isr_tune import (Budget, calibration_subset, eval_kwargs_from_config, format_pareto_table,
+    from .engine.isr_tune import (Budget, calibration_subset, format_pareto_table,
                                   grid_settings, parse_factors, plot_result, tune_isr, write_isr_checkpoint)
     from .utils import resolve_device
 
@@ -499,15 +529,20 @@ def _run_isr_tune(args) -> int:
     cfg = load_config(args.config, args.set)
     data_cfg, ecfg = cfg["data"], cfg["eval"]
     dataset = build_dataset({k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}, "val")
-    calib = calibration_subset(dataset, args.calib)
     model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
     report = load_checkpoint(model, args.checkpoint)
     model.to(resolve_device(args.device)).eval()
+    try:
+        protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{args.checkpoint}: invalid meta['test_protocol']: {e}") from None
+    dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+    calib = calibration_subset(dataset, args.calib)
     size = ecfg["flops_input_size"] or data_cfg.get("crop_size") or list(getattr(model.spec, "crop_size", (512, 512)))
     print(f"{cfg['model']['name']}: {args.checkpoint} ({report['format']} format), {len(calib)} of {len(dataset)} "
           f"images, {len(settings)} ISR settings, budget {budget}")
     result = tune_isr(model, calib, budget, settings=settings, flops_input_size=size,
-                      eval_kwargs=eval_kwargs_from_config(cfg), pool=args.pool, runs=args.runs, warmup=args.warmup)
+                      eval_kwargs=dict(protocol=protocol, workers=data_cfg["workers"]), pool=args.pool, runs=args.runs, warmup=args.warmup)
     print(format_pareto_table(result))
     print(f"{len(result.evaluated)} of {len(result.candidates)} settings evaluated"
           + (f"; left out (do not fit {size[0]}x{size[1]}): {', '.join(result.skipped)}" if result.skipped else ""))

@@ -287,6 +287,10 @@ KEYS: dict[str, dict[str, Key]] = {
         decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True)),  # decoder stochastic depth [0.1]
         dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
         in_chans=(UNSET, _Int(1)),                           # input channels [3]
+        decoder_depths=(UNSET, _List(_Int(0), length=3)),    # EFA blocks at (c4, c3, c2) [3, 2, 1]
+        decoder_op=(UNSET, _Choice("efa", "attention", "dwconv", "conv")),  # token mixer in the decoder [efa]
+        train_isr=(UNSET, _Isr(optional=True)),              # train with raised ratios, e.g. 2211-222 [none]
+        isr_pool=(UNSET, _Choice("avg", "max", "overlap", "merge")),  # ISR key/value pooling kind [avg]
     ),
     # ``edaformer.data.build_dataset`` keys (see its docstring), plus the loader's.
     "data": _keys(

@@ -15,14 +15,23 @@ The counting rules are those of the mmcv 1.x hook counter
 * ``ReLU``: output numel.
 * average pooling: input numel. EFA pools with ``F.avg_pool2d`` (and skips it
   for ratio 1); it is counted as the reference's ``AvgPool2d`` module, which
-  also runs for ratio 1.
+  also runs for ratio 1. The ISR pooling variants (:mod:`.models.reduction`):
+  ``max`` is counted as ``MaxPool2d``, input numel (the mmcv pooling rule, so it equals
+  ``avg``); ``overlap`` as ``AvgPool2d (overlapping)``, output numel x kernel area
+  (each window reads kernel-area inputs, about 4x the input numel for the 2r kernel).
+* the token-merging step of ``pool="merge"``: :func:`~.models.reduction.merge_flops`
+  per image (squared norms, the cosine-similarity matrix, the merge additions), reported
+  as ``merge_flops`` and included in the totals; its attention term uses the merged
+  key/value count.
 * ``LayerNorm`` (``mmcv130`` only): numel, x2 with an elementwise affine.
 * GELU, softmax, matmul / SDPA, dropout and functional resizes: zero.
 * ``BatchNorm2d``: not counted. The reference configurations build the decoder's
   fuse norm as ``SyncBatchNorm``, a type the mmcv counter skips; its would-be
   count is reported under ``FlopReport.uncounted``.
 
-Each EFA adds an analytic attention term. The report's ``flops`` / ``gflops`` follow
+Each EFA (and the ``attention`` decoder op, which adds q/k/v ``Linear`` layers counted by
+the Linear rule) adds an analytic attention term; the ``dwconv`` / ``conv`` decoder ops are
+plain convolutions. The report's ``flops`` / ``gflops`` follow
 the reference FLOP tool (``tools/get_flops.py`` of the reference code, as described in
 ``fixtures/official/README.md``): ``2 * (h * w) * (h / r * w / r) * C`` with TRUE
 division, where ``h, w`` are the input height and width integer-divided by the
@@ -30,7 +39,8 @@ layer's stride (``H // 4``, ``H // 8``, ``H // 16``, ``H // 32`` for encoder sta
 ``H // 8``, ``H // 16``, ``H // 32`` for decoder levels c2, c3, c4; not the conv output
 grid) and ``r`` the active pooling ratio. ``flops_exact`` / ``gflops_exact`` use
 ``2 * N_query * N_keyvalue * C`` with the grids the model really runs (conv output
-grid, floored pooled grid). The two agree whenever every window divides its map
+grid, floored pooled grid; after merging, the merged token count). Under ``merge`` the
+reference term is that of the training ratio halved. The two agree whenever every window divides its map
 (all reference rows); elsewhere the reference rule is fractional.
 
 Conventions: ``"mmcv130"`` (LayerNorm counted; the paper's figures) and
@@ -50,6 +60,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .checkpoint import CONV_SEG_CHANNELS
+from .models import reduction
 from .models.decoder import AllAttentionDecoder
 from .models.efa import EFA
 from .models.eft import EFTStage
@@ -102,6 +113,10 @@ _COUNTED: dict[str, frozenset[type]] = {
 class AttentionTerm:
     """One EFA call: query grid, pooled key/value grid, channels, stride and its two counts.
 
+    ``pool``: the reduction this layer ran (``avg``, ``max``, ``overlap`` or ``merge``; a layer
+    at ISR factor 1 runs ``avg``); ``kv_tokens``: key/value tokens attended to (the pooled
+    grid, or fewer after merging); ``merge_flops``: the merging step's own cost.
+
     ``flops``: the reference rule ``2 * (h*w) * (h/r * w/r) * C`` with ``h, w = H // stride,
     W // stride`` (the exact count where the layer's stride is unknown); ``flops_exact``:
     ``2 * Nq * Nkv * C`` with the real query and floored key/value grids.
@@ -116,12 +131,16 @@ class AttentionTerm:
     stride: int | None
     flops: float
     flops_exact: int
+    pool: str = "avg"
+    kv_tokens: int = 0
+    merge_flops: int = 0
 
 
 @dataclass
 class FlopReport:
-    """What :func:`count_flops` measured. ``flops`` = ``module_flops + attention_flops`` (reference
-    rule); ``flops_exact`` = ``module_flops + attention_flops_exact`` (real floored grids).
+    """What :func:`count_flops` measured. ``flops`` = ``module_flops + attention_flops +
+    merge_flops`` (reference rule); ``flops_exact`` = ``module_flops + attention_flops_exact +
+    merge_flops`` (real floored grids). ``merge_flops``: token merging (``pool="merge"``).
 
     ``by_type`` splits ``module_flops``; ``uncounted`` holds what the same rules give for
     module types the convention leaves out (``LayerNorm`` under ``mmcv127``, ``BatchNorm2d``).
@@ -143,11 +162,13 @@ class FlopReport:
     attention: list[AttentionTerm] = field(default_factory=list)
     isr: str | None = None
     pool_ratios: dict[str, int] | None = None
+    merge_flops: int = 0
+    isr_pool: str | None = None
 
     @property
     def flops(self) -> float:
         """Total under the reference FLOP tool's attention rule (the published convention)."""
-        return self.module_flops + self.attention_flops
+        return self.module_flops + self.attention_flops + self.merge_flops
 
     @property
     def gflops(self) -> float:
@@ -156,7 +177,7 @@ class FlopReport:
     @property
     def flops_exact(self) -> int:
         """Total with the attention counted on the real (floored) grids."""
-        return self.module_flops + self.attention_flops_exact
+        return self.module_flops + self.attention_flops_exact + self.merge_flops
 
     @property
     def gflops_exact(self) -> float:
@@ -184,6 +205,8 @@ class FlopReport:
         title = f"{self.model or 'model'}  input {h}x{w}"
         if self.isr is not None:
             title += f"  ISR {self.isr}"
+            if self.isr_pool not in (None, "avg"):
+                title += f" ({self.isr_pool})"
         lines = [title + f"  convention {self.convention}"]
         if self.pool_ratios:
             lines.append("pool ratios: " + ", ".join(f"{k} {v}" for k, v in self.pool_ratios.items()))
@@ -197,6 +220,8 @@ class FlopReport:
             f"{'breakdown':28s}{'GFLOPs':>16s}{'share':>9s}",
         ]
         rows = [*self.by_type.items(), ("attention (2*hw*hw/r^2*C)", self.attention_flops)]
+        if self.merge_flops:
+            rows.append(("token merging", self.merge_flops))
         for name, value in rows:
             share = value / self.flops if self.flops else 0.0
             lines.append(f"  {name:26s}{value / 1e9:>16.4f}{share:>9.1%}")
@@ -346,7 +371,8 @@ class _Counter:
     def __init__(self, height: int, width: int) -> None:
         self.input_hw = (height, width)
         self.measured: dict[type, int] = {}
-        self.pool_flops = 0
+        self.pool_flops: dict[str, int] = {}
+        self.merge_flops = 0
         self.attention: list[AttentionTerm] = []
         self.attention_reference = Fraction(0)
         self.strides: dict[int, int] = {}
@@ -358,16 +384,26 @@ class _Counter:
         def hook(m: EFA, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
             bound = {**dict(zip(("x", "h", "w"), args)), **kwargs}
             x, qh, qw = bound["x"], bound["h"], bound["w"]
-            kh, kw = m.pooled_hw(qh, qw)
+            step = m.kv_reduction(qh, qw)
+            kh, kw = step.pooled_hw
             b, n, c = x.shape
-            self.pool_flops += x.numel()
-            exact = 2 * b * n * kh * kw * c
+            if step.op == "overlap":
+                kind, pool = "AvgPool2d (overlapping)", b * c * kh * kw * step.kernel ** 2
+            else:
+                kind, pool = ("MaxPool2d" if step.op == "max" else "AvgPool2d"), x.numel()
+            self.pool_flops[kind] = self.pool_flops.get(kind, 0) + pool
+            merging = b * reduction.merge_flops(kh * kw, c) if step.merged else 0
+            self.merge_flops += merging
+            exact = 2 * b * n * step.tokens * c
             stride = self.strides.get(id(m))
             reference = exact if stride is None else b * reference_attention_flops(*self.input_hw, stride,
                                                                                    m.pool_ratio, c)
+            if step.merged and stride is not None:
+                reference /= 2
             self.attention_reference += reference
             self.attention.append(AttentionTerm(layer, m.name, (qh, qw), (kh, kw), c, m.pool_ratio, stride,
-                                                float(reference), exact))
+                                                float(reference), exact, "merge" if step.merged else step.op,
+                                                step.tokens, merging))
         return hook
 
     def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
@@ -382,8 +418,8 @@ class _Counter:
 
     def totals(self) -> dict[str, float]:
         """Total FLOPs (reference attention rule) under every convention."""
-        return {c: float(sum(v for t, v in self.measured.items() if t in types) + self.pool_flops
-                         + self.attention_reference) for c, types in _COUNTED.items()}
+        return {c: float(sum(v for t, v in self.measured.items() if t in types) + sum(self.pool_flops.values())
+                         + self.attention_reference + self.merge_flops) for c, types in _COUNTED.items()}
 
 
 def _run_counted(model: nn.Module, counter: _Counter, height: int, width: int, on_meta: bool) -> None:
@@ -433,8 +469,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
 
     counted = _COUNTED[convention]
     by_type = {t.__name__: v for t, v in counter.measured.items() if t in counted}
-    if counter.attention:
-        by_type["AvgPool2d"] = counter.pool_flops
+    by_type.update(counter.pool_flops)
     uncounted = {t.__name__: v for t, v in counter.measured.items() if t not in counted}
     n_params = sum(p.numel() for p in params)
     return FlopReport(
@@ -446,4 +481,5 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
         by_type=dict(sorted(by_type.items())), uncounted=dict(sorted(uncounted.items())),
         flops_by_convention=counter.totals(), attention=counter.attention,
         isr=str(model.isr) if is_edaformer else None,
-        pool_ratios=model.pool_ratios() if is_edaformer else None)
+        pool_ratios=model.pool_ratios() if is_edaformer else None,
+        merge_flops=counter.merge_flops, isr_pool=model.isr_pool if is_edaformer else None)

@@ -112,17 +112,22 @@ def _has_own_isr(model) -> bool:
     return callable(getattr(model, "set_isr", None)) and hasattr(model, "isr")
 
 
-def set_isr(model, spec):
+def set_isr(model, spec, pool: str | None = None):
     """Apply an ISR setting to ``model`` in place and return it; no rebuild, no weight change.
 
-    EDAFormer takes ``"2211-222"`` (encoder-decoder); transformers SegFormer and timm
-    PVTv2 models take one factor per encoder stage, ``"2211"``, and factor 1 leaves a
-    stage exactly as built. Other models raise ``TypeError``.
+    EDAFormer takes ``"2211-222"`` (encoder-decoder) and a key/value ``pool`` kind (``avg``, the
+    default, ``max``, ``overlap`` or ``merge``; see :mod:`edaformer.models.reduction`);
+    transformers SegFormer and timm PVTv2 models take one factor per encoder stage, ``"2211"``,
+    average pooling only, and factor 1 leaves a stage exactly as built. Other models raise
+    ``TypeError``.
     """
     target = unwrap_model(model)
     if _has_own_isr(target):
-        target.set_isr(spec)
+        target.set_isr(spec) if pool is None else target.set_isr(spec, pool=pool)
     else:
+        if pool not in (None, "avg"):
+            raise ValueError(f"ISR pool {pool!r} is available for EDAFormer models only; "
+                             f"{type(target).__name__} takes average pooling")
         factors = parse_stage_factors(spec, isr_adapters.num_stages(target))
         isr_adapters.set_stage_factors(target, factors)
     return model
@@ -135,11 +140,13 @@ def get_isr(model):
 
 
 @contextlib.contextmanager
-def isr(model, spec: ISRSpec) -> Iterator:
-    """Apply an ISR setting inside a ``with`` block, restoring the previous one after (also on error)."""
+def isr(model, spec: ISRSpec, pool: str | None = None) -> Iterator:
+    """Apply an ISR setting (and pool kind) inside a ``with`` block, restoring the previous
+    setting and pool kind after (also on error)."""
     previous = get_isr(model)
-    set_isr(model, spec)
+    previous_pool = getattr(unwrap_model(model), "isr_pool", None)
+    set_isr(model, spec, pool=pool)
     try:
         yield model
     finally:
-        set_isr(model, previous)
+        set_isr(model, previous, pool=previous_pool)

@@ -12,16 +12,17 @@ import edaformer
 from edaformer.checkpoint import read_checkpoint, save_checkpoint
 from edaformer.cli import main
 from edaformer.engine.isr_tune import (Budget, Candidate, apply_isr, calibration_subset, default_write_path,
-                                       eval_kwargs_from_config, grid_settings, measure_gflops, measure_latency,
+                                       grid_settings, measure_gflops, measure_latency,
                                        pareto_front, parse_factors, score_setting, search, stored_isr, tune_isr,
                                        write_isr_checkpoint)
 from edaformer.flops import count_flops
+from edaformer.inference import TestProtocol
 from edaformer.isr import PAPER_ISR_SWEEP
 from training_data import make_dataset, write_config
 
 NAME = "edaformer-t-ade20k"
 SIZE = (64, 64)  # 2222-222 needs 61x61
-EVAL = dict(mode="whole", workers=0, test_scale=(64, 64))
+EVAL = dict(protocol=TestProtocol(scale=(64, 64)), workers=0)
 
 
 def _tiny_model(seed=0):

@@ -26,3 +26,37 @@ def test_unknown_model():
 def test_create_with_isr():
     model = edaformer.create_model("edaformer-t-ade20k", num_classes=4, isr="2211-222")
     assert str(model.isr) == "2211-222" and model.decoder.num_classes == 4
+
+
+ABLATIONS = {
+    "dec222": dict(decoder_depths=[2, 2, 2]),
+    "dec123": dict(decoder_depths=[1, 2, 3]),
+    "dec141": dict(decoder_depths=[1, 4, 1]),
+    "op-attention": dict(decoder_op="attention"),
+    "op-dwconv": dict(decoder_op="dwconv"),
+    "op-conv": dict(decoder_op="conv"),
+    "train-isr-2211-222": dict(train_isr="2211-222"),
+}
+
+
+@pytest.mark.parametrize("variant", list(ABLATIONS))
+def test_ablation_configs_build_their_model(variant):
+    import torch
+
+    from edaformer.config import load_config
+    from edaformer.engine import build_model
+    from fixtures import ROOT
+
+    cfg = load_config(ROOT / "configs" / "ablations" / f"edaformer-t-camvid-{variant}.yaml")
+    base = load_config(ROOT / "configs" / "edaformer-t-camvid.yaml")
+    assert {k: v for k, v in cfg["model"].items() if k not in ABLATIONS[variant]} == base["model"]
+    assert {k: cfg["model"][k] for k in ABLATIONS[variant]} == ABLATIONS[variant]
+    with torch.device("meta"):
+        model = build_model(cfg["model"], num_classes=11, load_pretrained=False)
+    options = {**dict(decoder_depths=[3, 2, 1], decoder_op="efa", train_isr="1111-111"), **ABLATIONS[variant]}
+    assert model.architecture_options() == options and model.decoder.num_classes == 11
+
+
+def test_unknown_model_option_is_a_value_error():
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) 'decoder_depth'; known: .*decoder_depths"):
+        edaformer.create_model("edaformer-t-ade20k", decoder_depth=(2, 2, 2))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import edaformer
+from fixtures import manifest, requires_fixtures
 
 MIN_SIZE_SETTINGS = ["1111-111", "1111-222", "2211-222", "2222-222", "4444-444", "8111-111", "1118-118"]
 
@@ -45,10 +46,12 @@ def test_set_isr_changes_ratios_without_touching_weights(tiny):
 
 def test_set_isr_hands_the_factors_to_encoder_and_decoder(tiny, monkeypatch):
     calls = []
-    monkeypatch.setattr(tiny.encoder, "set_isr", lambda f: calls.append(("encoder", f)))
-    monkeypatch.setattr(tiny.decoder, "set_isr", lambda f: calls.append(("decoder", f)))
+    monkeypatch.setattr(tiny.encoder, "set_isr", lambda f, pool: calls.append(("encoder", f, pool)))
+    monkeypatch.setattr(tiny.decoder, "set_isr", lambda f, pool: calls.append(("decoder", f, pool)))
     tiny.set_isr("2,2,1,1-2,2,3")
-    assert calls == [("encoder", (2, 2, 1, 1)), ("decoder", (2, 2, 3))]
+    tiny.set_isr("2,2,1,1-2,2,2", pool="max")
+    assert calls == [("encoder", (2, 2, 1, 1), "avg"), ("decoder", (2, 2, 3), "avg"),
+                     ("encoder", (2, 2, 1, 1), "max"), ("decoder", (2, 2, 2), "max")]
     monkeypatch.undo()
     tiny.set_isr("1111-111")
 
@@ -174,3 +177,77 @@ def test_torch_compile_has_no_graph_breaks(tiny):
         dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_train_isr_bakes_the_factors_into_the_training_ratios():
+    torch.manual_seed(0)
+    reduced = edaformer.create_model("edaformer-t-ade20k", num_classes=5, train_isr="2211-222").eval()
+    assert str(reduced.train_isr) == "2211-222" and str(reduced.isr) == "1111-111"
+    assert reduced.pool_ratios() == {"encoder.stage1": 16, "encoder.stage2": 8, "encoder.stage3": 2,
+                                     "encoder.stage4": 1, "decoder.c2": 8, "decoder.c3": 4, "decoder.c4": 2}
+    assert reduced.architecture_options() == dict(decoder_depths=[3, 2, 1], decoder_op="efa", train_isr="2211-222")
+    # same weights: training-reduced at 1111-111 == the reference model at ISR 2211-222
+    reference = edaformer.create_model("edaformer-t-ade20k", num_classes=5).eval()
+    assert reference.state_dict().keys() == reduced.state_dict().keys()
+    reference.load_state_dict(reduced.state_dict())
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad(), edaformer.isr(reference, "2211-222"):
+        torch.testing.assert_close(reduced(x), reference(x))
+        assert reduced.min_input_size() == reference.min_input_size() == (61, 61)
+    # ISR at inference multiplies on top of the trained ratios
+    with edaformer.isr(reduced, "2111-112"):
+        assert reduced.pool_ratios()["encoder.stage1"] == 32 and reduced.pool_ratios()["decoder.c4"] == 4
+        assert reduced.pool_ratios()["decoder.c2"] == 8
+
+
+def test_bad_train_isr_names_the_option():
+    with pytest.raises(ValueError, match="train_isr: ISR spec '2211-22': the decoder needs 3 factors"):
+        edaformer.create_model("edaformer-t-ade20k", train_isr="2211-22")
+
+
+def test_default_architecture_options(tiny):
+    assert tiny.decoder_depths == (3, 2, 1) and tiny.decoder_op == "efa" and tiny.isr_pool == "avg"
+    assert tiny.architecture_options() == dict(decoder_depths=[3, 2, 1], decoder_op="efa", train_isr="1111-111")
+
+
+@pytest.mark.parametrize("options", [dict(decoder_depths=(1, 4, 1)), dict(decoder_op="conv"),
+                                     dict(decoder_depths=[2, 0, 2], decoder_op="attention", train_isr="1111-222")])
+def test_architecture_options_rebuild_the_model(options):
+    model = edaformer.create_model("edaformer-t-ade20k", num_classes=3, **options)
+    again = edaformer.create_model("edaformer-t-ade20k", num_classes=3, **model.architecture_options())
+    assert again.architecture_options() == model.architecture_options()
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_default_state_dict_keys_are_the_reference_layout(tiny):
+    from edaformer.checkpoint import native_to_reference, reference_to_native
+
+    keys = list(tiny.state_dict())
+    reference = native_to_reference(tiny.state_dict())
+    assert all(k.startswith(("backbone.", "decode_head.")) for k in reference)
+    decoder_blocks = {k.split(".")[1] for k in reference if k.startswith("decode_head.attn")}
+    assert decoder_blocks == {"attn4", "attn44", "attn444", "attn3", "attn33", "attn2"}
+    assert not any(k.startswith("decode_head.c") and not k.startswith("decode_head.conv_seg") for k in reference)
+    assert list(reference_to_native(reference)) == keys
+    assert sum(k.startswith("decoder.") for k in keys) == 104 and len(keys) == 352
+
+
+@pytest.mark.parametrize("name, digest", [("edaformer-t-ade20k", "3484677d7dbac109"),
+                                          ("edaformer-b-ade20k", "f8144049ca4a9f8c")])
+def test_default_state_dict_names_and_shapes_unchanged(name, digest):
+    """Digest of the key / shape list the released checkpoints load into (taken before the ablation options)."""
+    import hashlib
+
+    with torch.device("meta"):
+        sd = edaformer.create_model(name).state_dict()
+    text = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sd.items())
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest
+
+
+@requires_fixtures
+def test_default_state_dict_keys_equal_the_released_checkpoint_keys():
+    from edaformer.checkpoint import reference_to_native
+
+    model = edaformer.create_model("edaformer-t-ade20k")
+    released = reference_to_native({e["key"]: None for e in manifest("t")["state_dict"]})
+    assert sorted(model.state_dict()) == sorted(released)

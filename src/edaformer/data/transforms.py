@@ -7,7 +7,8 @@ together. All randomness comes from the torch RNG, so ``torch.manual_seed`` (or 
 
 Train: :class:`ResizeToFit` with a random ratio -> :class:`CategoryCappedRandomCrop` ->
 horizontal flip -> :class:`PhotoMetricDistortion` -> normalize -> :class:`PadToSize`.
-Test: :class:`ResizeToFit` and normalize on the image only; the label keeps its original size.
+Test: :func:`prepare_test_image` (fit the box, round the sides up to a divisor, normalize) on the
+image only; the label keeps its original size.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from ..utils import to_pair
 from .datasets import IGNORE_INDEX
 
 __all__ = ["MEAN", "STD", "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize",
-           "ImageOnly", "fit_size", "train_transforms", "test_transforms"]
+           "ImageOnly", "TestImage", "fit_size", "test_input_size", "resize_test_image", "normalize",
+           "prepare_test_image", "train_transforms", "test_transforms"]
 
 MEAN = (123.675, 116.28, 103.53)  # RGB, on 0..255 values
 STD = (58.395, 57.12, 57.375)
@@ -248,27 +250,102 @@ def train_transforms(scale: Sequence[int] = (2048, 512), ratio_range: Sequence[f
     return v2.Compose(steps)
 
 
-class ResizeToMultiple(v2.Transform):
-    """Bilinear resize so that both sides are rounded up to a multiple of ``divisor``."""
+def test_input_size(size: Sequence[int], scale: Sequence[int] | None, divisor: int | None = None) -> tuple[int, int]:
+    """``(h, w)`` an ``size = (h, w)`` image is run at: :func:`fit_size` into the box ``scale``
+    (``None`` keeps the size), then both sides rounded up to a multiple of ``divisor`` (``None``
+    or 1: no rounding)."""
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    if scale is not None:
+        h, w = fit_size((h, w), to_pair(tuple(scale), "scale"))
+        h, w = max(h, 1), max(w, 1)
+    if divisor is not None and divisor > 1:
+        h, w = -(-h // divisor) * divisor, -(-w // divisor) * divisor
+    return h, w
 
-    def __init__(self, divisor: int) -> None:
+
+_BAND_BYTES = 32 << 20  # float32 rows of a large 8-bit image converted at once
+
+
+def _bilinear(x: torch.Tensor, size: tuple[int, int], quantize: bool) -> torch.Tensor:
+    """Bilinear resize (no antialias) of a ``(B, C, H, W)`` batch to float32, rounded to whole
+    values when ``quantize``. A large uint8 image is resized a band of rows at a time (see
+    :mod:`edaformer.inference.bands`), so it is never converted to float32 as a whole."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x.float()
+    if x.dtype == torch.float32 or 4 * x.numel() <= _BAND_BYTES:
+        x = torch.nn.functional.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        return x.round_().clamp_(0, 255) if quantize else x
+    from ..inference.bands import band_rows_of
+
+    out = torch.empty((*x.shape[:2], *size), dtype=torch.float32, device=x.device)
+    for r0, r1, rows in band_rows_of(x, size, 4 * x.shape[0] * x.shape[1] * max(x.shape[-1], size[1]),
+                                     _BAND_BYTES):
+        out[..., r0:r1, :] = rows.round_().clamp_(0, 255) if quantize else rows
+    return out
+
+
+def resize_test_image(image: torch.Tensor, scale: Sequence[int] | None, divisor: int | None = None) -> torch.Tensor:
+    """The reference test-time resize of an RGB image ``(3, H, W)`` or batch ``(B, 3, H, W)``
+    with values in 0..255 (uint8 or float); returns float32 values in 0..255.
+
+    Two bilinear resizes without antialiasing (as OpenCV's): to fit the box ``scale``, then to
+    sides rounded up to a multiple of ``divisor`` (see :func:`test_input_size`). A uint8 image is
+    rounded to whole values after each resize, as an 8-bit image would be.
+    """
+    quantize = image.dtype == torch.uint8
+    x = image if quantize else image.to(torch.float32)
+    squeeze = x.ndim == 3
+    x = x[None] if squeeze else x
+    size = tuple(x.shape[-2:])
+    if scale is not None:
+        x = _bilinear(x, test_input_size(size, scale), quantize)
+    x = _bilinear(x, test_input_size(tuple(x.shape[-2:]), None, divisor), quantize)
+    return x[0] if squeeze else x
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """``(x - mean) / std`` per RGB channel of a ``(..., 3, H, W)`` float tensor."""
+    shape = (3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    return (x - m) / s
+
+
+def prepare_test_image(image: torch.Tensor, scale: Sequence[int] | None, divisor: int | None = None,
+                       mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
+    """The model input of one test image (or batch): :func:`resize_test_image`, then :func:`normalize`.
+    Prediction and evaluation both go through this function."""
+    return normalize(resize_test_image(image, scale, divisor), mean, std)
+
+
+class TestImage(v2.Transform):
+    """:func:`prepare_test_image` as a transform: images are resized and normalized, masks pass."""
+
+    __test__ = False  # a transform, not a pytest test class
+
+    def __init__(self, scale: Sequence[int] | None, divisor: int | None = None, mean: Sequence[float] = MEAN,
+                 std: Sequence[float] = STD) -> None:
         super().__init__()
-        self.divisor = int(divisor)
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return dict(size=[-(-side // self.divisor) * self.divisor for side in v2.query_size(flat_inputs)])
+        self.scale = None if scale is None else to_pair(tuple(scale), "scale")
+        self.divisor = divisor
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR,
-                                 antialias=False)
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        out = prepare_test_image(inpt.as_subclass(torch.Tensor), self.scale, self.divisor, self.mean, self.std)
+        return tv_tensors.wrap(out, like=inpt)
 
 
-def test_transforms(scale: Sequence[int] = (2048, 512), size_divisor: int | None = 32, mean: Sequence[float] = MEAN,
-                    std: Sequence[float] = STD) -> v2.Compose:
-    """The reference test pipeline: the image resized to fit ``scale``, then (whole-image test)
-    resized again so both sides are multiples of ``size_divisor``, and normalized (float32); the
-    label (int64) is left at its original size for scoring. Same sizes as :mod:`edaformer.inference`."""
-    align = [ResizeToMultiple(size_divisor)] if size_divisor and size_divisor > 1 else []
-    image = v2.Compose([ResizeToFit(scale), *align, v2.ToDtype(torch.float32, scale=False),
-                        v2.Normalize(list(mean), list(std))])
-    return v2.Compose([ImageOnly(image), v2.ToDtype(**_TO_TENSORS), v2.ToPureTensor()])
+def test_transforms(scale: Sequence[int] | None = (2048, 512), size_divisor: int | None = 32,
+                    mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
+    """The reference test pipeline: the image through :func:`prepare_test_image` (fit ``scale``,
+    sides rounded up to ``size_divisor``, normalized, float32); the label (int64) keeps its
+    original size for scoring."""
+    return v2.Compose([TestImage(scale, size_divisor, mean, std), v2.ToDtype(**_TO_TENSORS), v2.ToPureTensor()])
+
+
+test_transforms.__test__ = False
+test_input_size.__test__ = False

@@ -22,19 +22,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..isr import PAPER_ISR_SWEEP, isr as isr_context
 from ..metrics import SegMetric
+from ..inference.protocol import TestProtocol
 from ..plotting import plot_sweep
 from .distributed import get_rank, get_world_size, is_main_process
 
-__all__ = ["evaluate", "isr_sweep", "format_sweep_table", "save_sweep", "plot_sweep", "default_stride"]
+__all__ = ["evaluate", "isr_sweep", "format_sweep_table", "save_sweep", "plot_sweep", "common_test_size",
+           "sweep_title"]
 
 log = logging.getLogger("edaformer")
 
 Size = tuple[int, int]
-
-
-def default_stride(crop_size: Sequence[int]) -> Size:
-    """Sliding-window stride when none is given: 2/3 of the window (341 for 512)."""
-    return int(crop_size[0] * 2 / 3), int(crop_size[1] * 2 / 3)
 
 
 def _base_indices(data: Dataset) -> tuple[Dataset, list[int]]:
@@ -46,77 +43,126 @@ def _base_indices(data: Dataset) -> tuple[Dataset, list[int]]:
     return data, indices
 
 
-def _pairs(batch: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """``(image (3, h, w), label (H, W))`` pairs from a collated batch (stacked or lists)."""
-    images, labels = batch[0], batch[1]
-    if isinstance(images, torch.Tensor) and images.ndim == 3:
-        images, labels = images[None], labels[None]
-    return zip(images, labels)
+class _Indexed(Dataset):
+    """Items of ``data`` with their index in the base dataset appended."""
+
+    def __init__(self, data: Dataset, indices: Sequence[int]):
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        image, label = self.data[i][:2]
+        return image, label, self.indices[i]
+
+
+def _collate_indexed(batch: Sequence[Any]) -> tuple[list, list, list]:
+    return tuple(list(column) for column in zip(*batch))  # type: ignore[return-value]
+
+
+class _PredictionWriter:
+    """Writes ``<stem>_label.png`` per evaluated image (stems as ``edaformer predict`` names them)."""
+
+    def __init__(self, out_dir: str | os.PathLike, dataset: Dataset):
+        from ..inference.predict import unique_stems
+
+        samples = getattr(dataset, "samples", None)
+        if samples is None:
+            raise ValueError("saving predictions needs a dataset with image paths (.samples)")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stems = unique_stems([img for img, _ in samples])
+        self.palette = getattr(dataset, "palette", None)
+
+    def write(self, index: int, label: Any) -> None:
+        from ..data.palettes import make_palette
+        from ..inference.predict import save_label
+
+        label = label.cpu().numpy() if isinstance(label, torch.Tensor) else label
+        palette = self.palette or make_palette(int(label.max()) + 1)
+        save_label(label, palette, self.out / f"{self.stems[index]}_label.png")
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: Dataset | DataLoader, mode: str = "whole",
-             crop_size: Sequence[int] | int | None = None, stride: Sequence[int] | int | None = None,
-             tta: bool = False, isr: Any = None, *, tta_scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
-             tta_flip: bool = True, test_scale: Sequence[int] | None = None, num_classes: int | None = None,
-             ignore_index: int = 255, workers: int = 2, progress: bool = False) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: Dataset | DataLoader, protocol: TestProtocol | None = None, isr: Any = None, *,
+             num_classes: int | None = None, ignore_index: int = 255, workers: int = 2, progress: bool = False,
+             save_predictions: str | os.PathLike | None = None, pool: str | None = None) -> dict[str, Any]:
     """Score ``model`` on a validation set; returns ``aAcc``, ``mIoU``, ``mAcc``, per-class ``IoU`` /
     ``Acc`` (fractions) and ``num_images``.
 
-    ``data``: a dataset of ``(normalized image at test scale, label at original size)`` items
-    (split over the ranks under DDP), or a loader of such batches (used as is).
-    ``mode``: ``whole`` or ``slide`` with ``crop_size`` / ``stride`` windows (defaults: the model's
-    training crop, 2/3 of it). ``isr``: an ISR setting applied for this call only.
-    ``tta``: multi-scale (``tta_scales`` x ``test_scale``) + flip on the raw images (``dataset.load``).
+    ``data``: a dataset of ``(normalized image at test size, label at original size)`` items, as
+    :func:`~edaformer.data.test_transforms` gives them (split over the ranks under DDP), or a loader
+    of such batches (used as is). ``protocol``: the test protocol (default: the model spec's); its
+    multi-scale test runs on the raw images (``dataset.load``). ``isr``: an ISR setting applied for
+    this call only, with the key/value ``pool`` kind (default: the model's own, ``model.isr_pool``).
+    ``save_predictions``: a folder that receives ``<stem>_label.png`` per image.
     """
-    from ..data import collate
-    from ..inference import infer_logits, infer_tta
+    from ..inference import infer_tta, segment_input
 
-    spec = getattr(model, "spec", None)
-    crop = crop_size if crop_size is not None else getattr(spec, "crop_size", (512, 512))
-    crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
-    step = stride if stride is not None else default_stride(crop)
-    step = (step, step) if isinstance(step, int) else tuple(step)
+    protocol = protocol or TestProtocol.from_model(model)
     dataset, indices = _base_indices(data.dataset if isinstance(data, DataLoader) else data)
     num_classes = num_classes or getattr(dataset, "num_classes", None) or model.num_classes
     metric = SegMetric(num_classes, ignore_index, getattr(dataset, "classes", None))
+    writer = _PredictionWriter(save_predictions, dataset) if save_predictions is not None else None
     device = next(model.parameters()).device
     rank, world = get_rank(), get_world_size()
 
     was_training = model.training
     model.eval()
     try:
-        with isr_context(model, isr if isr is not None else model.isr):
-            if tta:
+        with isr_context(model, isr if isr is not None else model.isr,
+                         pool=pool if pool is not None else getattr(model, "isr_pool", None)):
+            if protocol.tta_scales:
                 if not hasattr(dataset, "load"):
                     raise ValueError("tta needs a dataset with load(index) -> (raw image, label)")
-                scale = tuple(test_scale or getattr(spec, "test_scale", (2048, 512)))
                 if not isinstance(data, DataLoader):  # a loader is used as given (already split)
                     indices = indices[rank::world]
                 for i in _progress(indices, progress):
                     image, label = dataset.load(i)
                     label = torch.as_tensor(label).long()
-                    probs = infer_tta(model, torch.as_tensor(image), tuple(label.shape[-2:]), scales=tuple(tta_scales),
-                                      flip=tta_flip, base_scale=scale, mode=mode, crop_size=crop, stride=step,
-                                      divisor=32 if mode == "whole" else None)
-                    metric.update(probs.argmax(1)[0], label)
+                    probs = infer_tta(model, torch.as_tensor(image), tuple(label.shape[-2:]),
+                                      scales=protocol.tta_scales, flip=protocol.flip,
+                                      base_scale=protocol.scale or tuple(label.shape[-2:]), mode=protocol.mode,
+                                      crop_size=protocol.crop_size, stride=protocol.stride,
+                                      divisor=protocol.size_divisor)
+                    pred = probs.argmax(1)[0]
+                    metric.update(pred, label)
+                    if writer:
+                        writer.write(i, pred)
             else:
                 if isinstance(data, DataLoader):
+                    if writer:
+                        raise ValueError("save_predictions needs a dataset, not a DataLoader")
                     loader = data
                 else:
                     shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
+                    shard_idx = indices[rank::world] if world > 1 else indices
                     # its own generator: evaluating leaves the global RNG (and so training) untouched
-                    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers, collate_fn=collate,
-                                        pin_memory=device.type == "cuda", generator=torch.Generator())
+                    loader = DataLoader(_Indexed(shard, shard_idx), batch_size=1, shuffle=False, num_workers=workers,
+                                        collate_fn=_collate_indexed, pin_memory=device.type == "cuda",
+                                        generator=torch.Generator())
                 for batch in _progress(loader, progress):
-                    for image, label in _pairs(batch):
+                    names = batch[2] if len(batch) > 2 else [None] * len(batch[0])
+                    for (image, label), index in zip(_pairs(batch), names):
                         label = torch.as_tensor(label).long()
-                        logits = infer_logits(model, image[None].to(device, non_blocking=True),
-                                              tuple(label.shape[-2:]), mode=mode, crop_size=crop, stride=step)
-                        metric.update(logits.argmax(1)[0], label)
+                        pred, _ = segment_input(model, image[None].to(device, non_blocking=True),
+                                                tuple(label.shape[-2:]), protocol)
+                        pred = torch.from_numpy(pred[0])
+                        metric.update(pred.to(label.device).long(), label)
+                        if writer and index is not None:
+                            writer.write(index, pred)
     finally:
         model.train(was_training)
     return metric.compute()
+
+
+def _pairs(batch: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """``(image (3, h, w), label (H, W))`` pairs from a collated batch (stacked or lists)."""
+    images, labels = batch[0], batch[1]
+    if isinstance(images, torch.Tensor) and images.ndim == 3:
+        images, labels = images[None], labels[None]
+    return zip(images, labels)
 
 
 def _progress(iterable, enabled: bool):
@@ -136,46 +182,82 @@ def _gflops(model: nn.Module, input_size: Size) -> float | None:
     return float(count_flops(model, tuple(input_size)).gflops)
 
 
+def common_test_size(dataset: Dataset, protocol: TestProtocol) -> tuple[Size, int, int]:
+    """The most common test size of ``dataset``'s images under ``protocol`` (sizes read from the
+    file headers), with how many images have it and the image count."""
+    from collections import Counter
+
+    from PIL import Image
+
+    base, indices = _base_indices(dataset)
+    samples = getattr(base, "samples", None)
+    sizes: Counter = Counter()
+    for i in indices:
+        if samples is not None:
+            with Image.open(samples[i][0]) as im:
+                w, h = im.size
+        else:
+            h, w = base.load(i)[0].shape[-2:]
+        sizes[protocol.input_size(h, w)] += 1
+    if not sizes:
+        raise ValueError("the dataset is empty")
+    size, count = max(sizes.items(), key=lambda kv: (kv[1], kv[0]))
+    return size, count, sum(sizes.values())
+
+
 def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str] = PAPER_ISR_SWEEP,
-              flops_input_size: Sequence[int] = (512, 512), **eval_kwargs: Any) -> list[dict[str, Any]]:
+              flops_input_size: Sequence[int] = (512, 512), pool: str | None = None,
+              **eval_kwargs: Any) -> list[dict[str, Any]]:
     """Evaluate the same weights under each ISR setting (switched with ``model.set_isr``).
 
-    Rows: ``isr``, ``gflops`` (at ``flops_input_size``; None if :mod:`edaformer.flops` is
-    unavailable), ``mIoU``, ``aAcc``, ``mAcc`` and ``delta_mIoU`` vs the first setting.
+    Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at;
+    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc`` and ``delta_mIoU``
+    vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
+    ``eval_kwargs`` go to :func:`evaluate` (``protocol``, ``workers``, ...).
     """
     from ..isr import parse_isr
 
-    previous = model.isr
+    previous = (model.isr, getattr(model, "isr_pool", "avg"))
+    pool = pool or previous[1]
     rows = []
     try:
         for spec in specs:
             setting = str(parse_isr(spec))
-            model.set_isr(setting)
+            model.set_isr(setting, pool=pool)
             gflops = _gflops(model, tuple(flops_input_size))
-            metrics = evaluate(model, data, isr=setting, **eval_kwargs)
+            metrics = evaluate(model, data, isr=setting, pool=pool, **eval_kwargs)
             rows.append(dict(isr=setting, gflops=gflops, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"],
                              mAcc=metrics["mAcc"]))
             log.info("ISR %s: mIoU %.2f%s", setting, 100 * metrics["mIoU"],
                      f"  GFLOPs {gflops:.2f}" if gflops is not None else "")
     finally:
-        model.set_isr(previous)
+        model.set_isr(previous[0], pool=previous[1])
     ref = rows[0]["mIoU"] if rows else math.nan
     for row in rows:
         row["delta_mIoU"] = row["mIoU"] - ref
     return rows
 
 
-def format_sweep_table(rows: Sequence[dict[str, Any]], input_size: Sequence[int] | None = None) -> str:
-    """The sweep as a text table (mIoU and its change in percentage points)."""
+def format_sweep_table(rows: Sequence[dict[str, Any]], input_size: Sequence[int] | None = None,
+                       size_note: str = "") -> str:
+    """The sweep as a text table (mIoU and its change in percentage points); ``size_note`` says
+    where the GFLOPs input size comes from."""
     size = f" @ {input_size[0]}x{input_size[1]}" if input_size else ""
     head = f"| {'ISR':<10} | {'GFLOPs' + size:>18} | {'mIoU':>6} | {'change':>7} |"
-    lines = [head, "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|"]
+    lines = ([f"GFLOPs at {input_size[0]}x{input_size[1]}: {size_note}"] if size_note and input_size else []) + [
+        head, "|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|"]
     for row in rows:
         gf = f"{row['gflops']:.4g}" if row.get("gflops") is not None else "n/a"
         lines.append(f"| {row['isr']:<10} | {gf:>18} | {100 * row['mIoU']:>6.2f} | {100 * row['delta_mIoU']:>+7.2f} |")
     if rows and all(r.get("gflops") is None for r in rows):
         lines.append("(GFLOPs not available: edaformer.flops could not be imported)")
     return "\n".join(lines)
+
+
+def sweep_title(checkpoint: str | os.PathLike) -> str:
+    """The run a checkpoint belongs to, for plot titles: ``<work dir>/<checkpoint stem>``."""
+    path = Path(checkpoint)
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
 def save_sweep(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:

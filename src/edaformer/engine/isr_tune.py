@@ -41,8 +41,8 @@ from torch.utils.data import Dataset, Subset
 from ..isr import PAPER_ISR_SWEEP, TRAINING_ISR, parse_isr
 
 __all__ = ["Budget", "Candidate", "TuneResult", "grid_settings", "calibration_subset", "measure_gflops",
-           "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting", "check_scoring_pool",
-           "eval_kwargs_from_config", "stored_isr", "write_isr_checkpoint", "default_write_path",
+           "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting",
+           "stored_isr", "write_isr_checkpoint", "default_write_path",
            "format_pareto_table", "plot_result", "parse_factors", "BUDGET_KINDS", "MAX_GRID"]
 
 log = logging.getLogger("edaformer")
@@ -299,37 +299,16 @@ def pareto_front(candidates: Sequence[Candidate], cost: str = "gflops") -> list[
 
 
 # -- the evaluation protocol (the one place it is called) ------------------------------------------
-def eval_kwargs_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``evaluate`` that a config's ``eval`` and ``data`` sections set."""
-    ecfg, data_cfg = cfg["eval"], cfg["data"]
-    return dict(mode=ecfg["mode"], crop_size=ecfg["crop_size"] or data_cfg.get("crop_size"), stride=ecfg["stride"],
-                tta=ecfg["tta"], tta_scales=ecfg["tta_scales"], tta_flip=ecfg["tta_flip"],
-                test_scale=data_cfg.get("test_scale") or data_cfg.get("scale"), workers=data_cfg["workers"])
-
-
-def check_scoring_pool(model: nn.Module, pool: str | None) -> None:
-    """Raise ``ValueError`` when the evaluation would not keep a pool kind other than ``avg``
-    (an ``evaluate`` without a ``pool`` argument applies its ISR setting with the default pool)."""
-    from .evaluate import evaluate
-
-    pool = pool if pool is not None else getattr(model, "isr_pool", None)
-    if pool not in (None, "avg") and "pool" not in inspect.signature(evaluate).parameters:
-        raise ValueError(f"ISR pool {pool!r}: the evaluation of this version scores average pooling only, "
-                         "so the mIoU of this pool kind cannot be measured")
-
-
 def score_setting(model: nn.Module, dataset: Dataset, setting: str, eval_kwargs: Mapping[str, Any],
                   pool: str | None = None) -> float:
     """mIoU (a fraction) of ``model`` under ``setting`` on ``dataset``, by the evaluation protocol."""
     from .evaluate import evaluate
 
-    check_scoring_pool(model, pool)
     pool = pool if pool is not None else getattr(model, "isr_pool", None)
-    extra = {"pool": pool} if "pool" in inspect.signature(evaluate).parameters and pool is not None else {}
     previous = str(model.isr)
     apply_isr(model, setting, pool)
     try:
-        return float(evaluate(model, dataset, isr=setting, **eval_kwargs, **extra)["mIoU"])
+        return float(evaluate(model, dataset, isr=setting, pool=pool, **eval_kwargs)["mIoU"])
     except ValueError as e:
         raise ValueError(f"ISR {setting}: {e}") from None
     finally:
@@ -348,8 +327,6 @@ def tune_isr(model: nn.Module, dataset: Dataset, budget: Budget, *, settings: Se
     size = tuple(int(s) for s in flops_input_size)
     if pool is not None:
         apply_isr(model, str(model.isr), pool)  # a pool kind the model does not take fails here, first
-    if score is None:
-        check_scoring_pool(model, pool)
     settings = list(dict.fromkeys(str(parse_isr(s)) for s in settings))
     if REFERENCE not in settings:
         settings.insert(0, REFERENCE)

@@ -28,6 +28,8 @@ from torch.utils.data import DataLoader
 from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import IGNORE_INDEX, DatasetError
+from ..data.transforms import test_transforms
+from ..inference.protocol import META_KEY, TestProtocol
 from ..plotting import plot_training_log
 from ..utils import unwrap_model
 from .builders import (WarmupPolyLR, build_datasets, build_model, build_optimizer, build_param_groups,
@@ -233,10 +235,11 @@ def _best_so_far(work_dir: Path, iteration: int) -> float:
     return float(meta.get("mIoU", -1.0)) if int(meta.get("iteration", iteration + 1)) <= iteration else -1.0
 
 
-def _checkpoint_meta(dataset: Any, iteration: int, **extra: Any) -> dict[str, Any]:
-    """The ``meta`` of every checkpoint a run writes."""
+def _checkpoint_meta(dataset: Any, iteration: int, protocol: TestProtocol, **extra: Any) -> dict[str, Any]:
+    """The ``meta`` of every checkpoint a run writes: classes, palette and the test protocol that
+    predict / eval read back."""
     return {"iteration": iteration, "CLASSES": list(getattr(dataset, "classes", [])),
-            "PALETTE": [list(c) for c in getattr(dataset, "palette", [])], **extra}
+            "PALETTE": [list(c) for c in getattr(dataset, "palette", [])], META_KEY: protocol.to_dict(), **extra}
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -278,16 +281,12 @@ def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Te
     return loss_value, [v > 0 for v in shared[1:]]
 
 
-def validate(model: nn.Module, val_set: Any, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``evaluate`` with the config's ``eval`` settings; leaves ``model`` in training mode."""
+def validate(model: nn.Module, val_set: Any, cfg: Mapping[str, Any], protocol: TestProtocol) -> dict[str, Any]:
+    """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in training mode."""
     from .evaluate import evaluate
 
-    ecfg, data_cfg = cfg["eval"], cfg["data"]
-    metrics = evaluate(unwrap_model(model), val_set, mode=ecfg["mode"],
-                       crop_size=ecfg["crop_size"] or data_cfg.get("crop_size"), stride=ecfg["stride"],
-                       isr=ecfg["isr"], tta=ecfg["tta"], tta_scales=ecfg["tta_scales"], tta_flip=ecfg["tta_flip"],
-                       test_scale=data_cfg.get("test_scale") or data_cfg.get("scale"),
-                       workers=min(data_cfg["workers"], 2))
+    metrics = evaluate(unwrap_model(model), val_set, protocol, isr=cfg["eval"]["isr"],
+                       workers=min(cfg["data"]["workers"], 2))
     model.train()
     return metrics
 
@@ -338,6 +337,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
 
     # data; the work dir (lock, earlier run, resume checkpoint, config check) before anything is written
     train_set, val_set = build_datasets(data_cfg)
+    protocol = TestProtocol.from_config(cfg)
+    val_set.transforms = test_transforms(protocol.scale, protocol.size_divisor)
     loader = build_train_loader(train_set, data_cfg, info.distributed, seed)
     ignore_index = getattr(train_set, "ignore_index", IGNORE_INDEX)
     log.info("data: %d train / %d val images, %d classes; batch %d x %d processes = %d; %d iterations/epoch",
@@ -392,7 +393,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         state.rng_states = all_gather_object(capture_rng_state())
         path, error = work_dir / f"iter_{iteration}.pth", None
         if main:
-            payload = checkpoint_payload(net, _checkpoint_meta(train_set, iteration), state, config=cfg)
+            payload = checkpoint_payload(net, _checkpoint_meta(train_set, iteration, protocol), state, config=cfg)
             try:
                 write_training_checkpoint(payload, work_dir, tcfg["keep_checkpoints"])
             except CheckpointWriteError as e:
@@ -406,7 +407,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
 
     def run_validation(iteration: int) -> dict:
         try:
-            metrics = validate(model, val_set, cfg)
+            metrics = validate(model, val_set, cfg, protocol)
         except DatasetError as e:
             raise DatasetError(f"{e} (validation at iteration {iteration}; the checkpoint {ckpt_path} was written "
                                "first: fix the file, then continue with --resume auto)") from None
@@ -416,7 +417,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         if metrics["mIoU"] > state.best_miou and math.isfinite(metrics["mIoU"]):
             state.best_miou = metrics["mIoU"]
             if main:
-                save_checkpoint(checkpoint_payload(net, _checkpoint_meta(val_set, iteration, mIoU=state.best_miou)),
+                save_checkpoint(checkpoint_payload(net, _checkpoint_meta(val_set, iteration, protocol, mIoU=state.best_miou)),
                                 work_dir / "best_mIoU.pth")
         return metrics
 

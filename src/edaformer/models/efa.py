@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from . import fastpath
+from . import fastpath, reduction
 
 __all__ = ["EFA", "ConvFFN", "EFABlock", "to_map", "to_tokens", "init_weights"]
 
@@ -36,7 +36,9 @@ class EFA(nn.Module):
     and values are one tensor: the token map average-pooled with kernel = stride
     = ``pool_ratio`` (floor), then a 1x1 conv ``sr`` (and, in the decoder,
     LayerNorm + GELU). ``pool_ratio = train_ratio * isr_factor``; the factor is
-    set at run time (Inference Spatial Reduction) without touching weights.
+    set at run time (Inference Spatial Reduction) without touching weights, and
+    ``pool`` says how a factor above 1 reduces (:mod:`.reduction`: ``avg``, ``max``,
+    ``overlap``, ``merge``).
     """
 
     def __init__(self, dim: int, num_heads: int, train_ratio: int, kv_norm: bool = False,
@@ -47,6 +49,7 @@ class EFA(nn.Module):
         self.num_heads = num_heads
         self.train_ratio = int(train_ratio)
         self.isr_factor = 1
+        self.pool = "avg"
         self.name = name
         self.sr = nn.Conv2d(dim, dim, kernel_size=1)
         if kv_norm:
@@ -57,31 +60,46 @@ class EFA(nn.Module):
             self.act = None
         self.proj = nn.Linear(dim, dim)
 
+    def set_isr(self, factor: int, pool: str = "avg") -> None:
+        """ISR factor and pooling kind (``ValueError`` for ``merge`` with a factor above 2)."""
+        self.isr_factor = reduction.check_factor(factor, pool, self.name)
+        self.pool = pool
+
     @property
     def pool_ratio(self) -> int:
-        return self.train_ratio * self.isr_factor
+        """Pooling ratio of the key/value map (``merge`` pools at the training ratio, then merges)."""
+        return self.train_ratio * (1 if self.pool == "merge" else self.isr_factor)
 
     def pooled_hw(self, h: int, w: int) -> tuple[int, int]:
         """Key/value grid for an ``h x w`` query grid; raises when it would be empty."""
         r = self.pool_ratio
         if h < r or w < r:
-            raise ValueError(
-                f"{self.name}: pooling ratio {r} (train {self.train_ratio} x ISR {self.isr_factor}) "
-                f"does not fit the {h}x{w} feature map; use a smaller ISR factor or a larger input")
+            how = (f"train {self.train_ratio}, ISR {self.isr_factor} by merging" if self.pool == "merge"
+                   else f"train {self.train_ratio} x ISR {self.isr_factor}")
+            raise ValueError(f"{self.name}: pooling ratio {r} ({how}) does not fit the {h}x{w} feature map; "
+                             f"use a smaller ISR factor or a larger input")
         return h // r, w // r
+
+    def kv_reduction(self, h: int, w: int) -> reduction.KVReduction:
+        """How the key/value tokens of an ``h x w`` query grid are reduced (checks the grid)."""
+        self.pooled_hw(h, w)
+        return reduction.plan(self.train_ratio, self.isr_factor, self.pool, h, w)
+
+    def keys_values(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The reduced key/value tokens ``(B, M, C)`` of the query tokens ``x`` (unit last stride)."""
+        step = self.kv_reduction(h, w)
+        kv = to_tokens(self.sr(reduction.pool_map(to_map(x, h, w), step)))
+        if self.norm is not None:
+            kv = self.act(self.norm(kv))
+        if step.merged:
+            kv = reduction.merge_tokens(kv)
+        if kv.stride(-1) != 1:  # the fused SDPA kernels need unit stride along the head dim
+            kv = kv.contiguous()
+        return kv
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         b, n, c = x.shape
-        self.pooled_hw(h, w)
-        r = self.pool_ratio
-        kv = to_map(x, h, w)
-        if r > 1:
-            kv = F.avg_pool2d(kv, r, r)
-        kv = to_tokens(self.sr(kv))
-        if self.norm is not None:
-            kv = self.act(self.norm(kv))
-        if kv.stride(-1) != 1:  # the fused SDPA kernels need unit stride along the head dim
-            kv = kv.contiguous()
+        kv = self.keys_values(x, h, w)
         d = c // self.num_heads
         # Heads are views: (B, N, C) -> (B, heads, N, d) with strides (N*C, d, C, 1). The CPU
         # flash kernel and the CUDA flash / memory-efficient kernels take these strides as they
@@ -93,7 +111,8 @@ class EFA(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, train_ratio={self.train_ratio}, isr_factor={self.isr_factor}"
+        return (f"heads={self.num_heads}, train_ratio={self.train_ratio}, isr_factor={self.isr_factor}, "
+                f"pool={self.pool}")
 
 
 class ConvFFN(nn.Module):
@@ -122,14 +141,18 @@ class ConvFFN(nn.Module):
 
 
 class EFABlock(nn.Module):
-    """Pre-norm transformer block: ``x + EFA(LN(x))`` then ``x + FFN(LN(x))``."""
+    """Pre-norm transformer block: ``x + attn(LN(x))`` then ``x + FFN(LN(x))``.
+
+    ``attn`` is the token mixer at the attention position: an :class:`EFA` unless ``mixer``
+    gives another module called as ``mixer(x, h, w)`` (see :mod:`.mixers`).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, train_ratio: int, *,
                  norm_eps: float, drop_path: float = 0.0, kv_norm: bool = False,
-                 ffn_relu: bool = True, name: str = "block"):
+                 ffn_relu: bool = True, name: str = "block", mixer: nn.Module | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = EFA(dim, num_heads, train_ratio, kv_norm=kv_norm, name=name)
+        self.attn = mixer if mixer is not None else EFA(dim, num_heads, train_ratio, kv_norm=kv_norm, name=name)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = ConvFFN(dim, int(dim * mlp_ratio), relu=ffn_relu)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

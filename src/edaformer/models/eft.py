@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
+from . import reduction
 from .efa import EFABlock, init_weights, to_map, to_tokens
 
 __all__ = ["EFT", "EFTStage", "EFT_CONFIGS", "TRAIN_POOL_RATIOS", "checkpoint_filter_fn"]
@@ -72,10 +73,10 @@ class EFTStage(nn.Module):
         """Key/value pooling ratio of the stage's blocks under the active ISR factor."""
         return self.blocks[0].attn.pool_ratio
 
-    def set_isr(self, factor: int) -> None:
-        """Set the ISR factor of every block's attention."""
+    def set_isr(self, factor: int, pool: str = "avg") -> None:
+        """Set the ISR factor and pooling kind (:mod:`.reduction`) of every block's attention."""
         for blk in self.blocks:
-            blk.attn.isr_factor = int(factor)
+            blk.attn.set_isr(factor, pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, h, w = self.downsample(x)
@@ -115,12 +116,16 @@ class EFT(nn.Module):
         self.apply(init_weights)
 
     # ISR and input geometry --------------------------------------------------------
-    def set_isr(self, factors: Sequence[int]) -> None:
-        """ISR factors of the four stages (each multiplies the stage's training pooling ratio)."""
+    def set_isr(self, factors: Sequence[int], pool: str = "avg") -> None:
+        """ISR factors of the four stages (each multiplies the stage's training pooling ratio) and
+        the pooling kind of the reduction (:mod:`.reduction`: ``avg``, ``max``, ``overlap``, ``merge``)."""
         if len(factors) != len(self.stages):
             raise ValueError(f"the encoder needs {len(self.stages)} ISR factors, got {len(factors)}")
+        reduction.check_pool(pool)
         for stage, factor in zip(self.stages, factors):
-            stage.set_isr(factor)
+            reduction.check_factor(factor, pool, stage.blocks[0].attn.name)
+        for stage, factor in zip(self.stages, factors):
+            stage.set_isr(factor, pool)
 
     def pool_ratios(self) -> tuple[int, ...]:
         """Active pooling ratio of each stage."""

@@ -1,6 +1,7 @@
 """Named EDAFormer configurations and :func:`create_model`."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from .eft import EFT_CONFIGS
@@ -51,16 +52,25 @@ def get_model_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, num_classes: int | None = None, *, isr: str | None = None, **overrides) -> EDAFormer:
+def create_model(name: str, num_classes: int | None = None, *, isr: str | None = None, isr_pool: str = "avg",
+                 **overrides) -> EDAFormer:
     """Build a named EDAFormer (random init). ``num_classes`` replaces the dataset's class count;
-    ``overrides`` go to :class:`EDAFormer` (e.g. ``drop_path_rate=0.1``)."""
+    ``overrides`` go to :class:`EDAFormer` (e.g. ``drop_path_rate=0.1``), among them the paper's
+    ablation options ``decoder_depths=(a, b, c)`` (blocks at c4, c3, c2), ``decoder_op``
+    (``efa`` / ``attention`` / ``dwconv`` / ``conv``) and ``train_isr`` (e.g. ``"2211-222"``:
+    training pooling ratios raised by those factors). ``isr`` / ``isr_pool``: the run-time ISR
+    setting and its pooling kind (:meth:`EDAFormer.set_isr`)."""
     spec = get_model_spec(name)
+    known = [p for p in inspect.signature(EDAFormer).parameters if p != "num_classes"]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     kwargs = dict(EFT_CONFIGS[spec.size], num_classes=spec.num_classes if num_classes is None else num_classes,
                   decoder_dim=spec.decoder_dim, decoder_mlp_ratio=spec.decoder_mlp_ratio)
     kwargs.update(overrides)
     model = EDAFormer(**kwargs)
     model.name = spec_name = name.lower()
     model.spec = MODEL_SPECS[spec_name]
-    if isr is not None:
-        model.set_isr(isr)
+    if isr is not None or isr_pool != "avg":
+        model.set_isr("1111-111" if isr is None else isr, pool=isr_pool)
     return model

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..isr import ISRSetting, ISRSpec, parse_isr
-from .decoder import AllAttentionDecoder
+from ..isr import TRAINING_ISR, ISRSetting, ISRSpec, parse_isr
+from . import reduction
+from .decoder import DECODER_DEPTHS, DECODER_TRAIN_RATIOS, AllAttentionDecoder
 from .efa import EFA
-from .eft import EFT
+from .eft import EFT, TRAIN_POOL_RATIOS
 from .fastpath import resize_bilinear
 
 __all__ = ["EDAFormer"]
@@ -20,19 +21,54 @@ class EDAFormer(nn.Module):
 
     The network runs on the raw input (no padding or resizing); the decoder's
     stride-8 logits are resized bilinearly (``align_corners=False``).
+
+    Architecture options (the paper's ablations; the defaults are the reference model):
+
+    * ``decoder_depths``: decoder blocks at (c4, c3, c2), the paper's {a-b-c}, default
+      ``(3, 2, 1)``; 0 at a level means no block there (its map goes straight to the fuse).
+    * ``decoder_op``: the decoder's token mixer, ``efa`` (default), ``attention``, ``dwconv``
+      or ``conv`` (:mod:`.mixers`).
+    * ``train_isr``: an ISR spec baked into the training pooling ratios, e.g. ``"2211-222"``
+      trains with every ratio multiplied by those factors. Recorded as ``train_isr``;
+      ``isr == 1111-111`` then means "the ratios the model was trained with", and an ISR
+      setting at inference multiplies on top of them.
     """
 
     def __init__(self, embed_dims: Sequence[int], num_heads: Sequence[int], depths: Sequence[int],
                  mlp_ratio: float, num_classes: int, decoder_dim: int, decoder_mlp_ratio: float,
                  drop_path_rate: float = 0.2, decoder_drop_path: float = 0.1, dropout: float = 0.1,
-                 in_chans: int = 3):
+                 in_chans: int = 3, *, decoder_depths: Sequence[int] = DECODER_DEPTHS, decoder_op: str = "efa",
+                 train_isr: ISRSpec | None = None):
         super().__init__()
         self.num_classes = num_classes
+        try:
+            self.train_isr = TRAINING_ISR if train_isr is None else parse_isr(train_isr)
+        except ValueError as e:
+            raise ValueError(f"train_isr: {e}") from None
+        enc_ratios = tuple(r * f for r, f in zip(TRAIN_POOL_RATIOS, self.train_isr.encoder))
+        dec_ratios = tuple(r * f for r, f in zip(DECODER_TRAIN_RATIOS, self.train_isr.decoder))
         self.encoder = EFT(embed_dims, num_heads, depths, mlp_ratio, in_chans=in_chans, num_classes=0,
-                           drop_path_rate=drop_path_rate)
+                           drop_path_rate=drop_path_rate, pool_ratios=enc_ratios)
         self.decoder = AllAttentionDecoder(embed_dims[1:], num_classes, decoder_dim, decoder_mlp_ratio,
-                                           drop_path=decoder_drop_path, dropout=dropout)
-        self._isr = parse_isr("1111-111")
+                                           drop_path=decoder_drop_path, dropout=dropout, depths=decoder_depths,
+                                           op=decoder_op, train_ratios=dec_ratios)
+        self._isr = TRAINING_ISR
+        self._isr_pool = "avg"
+
+    @property
+    def decoder_depths(self) -> tuple[int, int, int]:
+        """Decoder blocks at (c4, c3, c2)."""
+        return self.decoder.depths
+
+    @property
+    def decoder_op(self) -> str:
+        """The decoder's token mixer."""
+        return self.decoder.op
+
+    def architecture_options(self) -> dict:
+        """The architecture options as ``create_model`` keywords (plain values, e.g. for checkpoint meta)."""
+        return dict(decoder_depths=list(self.decoder_depths), decoder_op=self.decoder_op,
+                    train_isr=str(self.train_isr))
 
     # ISR ---------------------------------------------------------------------------
     @property
@@ -40,12 +76,29 @@ class EDAFormer(nn.Module):
         """The active ISR setting (``1111-111`` = training pooling ratios)."""
         return self._isr
 
-    def set_isr(self, spec: ISRSpec) -> "EDAFormer":
-        """Set the ISR factors, e.g. ``"2211-222"``; no rebuild, no weight change."""
+    @property
+    def isr_pool(self) -> str:
+        """How the active ISR factors reduce the key/value tokens (:mod:`.reduction`)."""
+        return self._isr_pool
+
+    def set_isr(self, spec: ISRSpec, pool: str = "avg") -> "EDAFormer":
+        """Set the ISR factors, e.g. ``"2211-222"``, and how they reduce the key/value tokens:
+        ``pool`` = ``avg`` (the reference), ``max``, ``overlap`` or ``merge`` (factors 1 and 2
+        only), see :mod:`edaformer.models.reduction`. No rebuild, no weight change; on a bad spec
+        or pool the previous setting stays. Factors of decoder levels without key/value pooling
+        (``decoder_op`` ``dwconv`` / ``conv``) do nothing.
+        """
         setting = parse_isr(spec)
-        self.encoder.set_isr(setting.encoder)
-        self.decoder.set_isr(setting.decoder)
-        self._isr = setting
+        reduction.check_pool(pool)
+        previous = self._isr, self._isr_pool
+        try:
+            self.encoder.set_isr(setting.encoder, pool)
+            self.decoder.set_isr(setting.decoder, pool)
+        except ValueError:
+            self.encoder.set_isr(previous[0].encoder, previous[1])
+            self.decoder.set_isr(previous[0].decoder, previous[1])
+            raise
+        self._isr, self._isr_pool = setting, pool
         return self
 
     def attention_layers(self) -> list[tuple[str, EFA]]:
@@ -53,9 +106,10 @@ class EDAFormer(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, EFA)]
 
     def pool_ratios(self) -> dict[str, int]:
-        """Pooling ratio per encoder stage and decoder level under the active ISR."""
+        """Pooling ratio per encoder stage and decoder level under the active ISR (decoder levels
+        without key/value pooling are left out)."""
         out = {f"encoder.stage{i + 1}": r for i, r in enumerate(self.encoder.pool_ratios())}
-        out.update({f"decoder.c{i + 2}": r for i, r in enumerate(self.decoder.pool_ratios())})
+        out.update({f"decoder.c{i + 2}": r for i, r in enumerate(self.decoder.pool_ratios()) if r is not None})
         return out
 
     def check_input_size(self, height: int, width: int) -> None:
@@ -67,11 +121,13 @@ class EDAFormer(nn.Module):
         """Smallest ``(height, width)`` the active ISR setting accepts, in closed form.
 
         Each encoder stage grid must hold its own pooling window and, for stages 2-4, that of
-        the decoder level reading it; the encoder inverts its conv geometry for those minima.
+        the decoder level reading it (levels without pooling ask nothing); the encoder inverts
+        its conv geometry for those minima.
         """
         minima = list(self.encoder.pool_ratios())
         for i, r in enumerate(self.decoder.pool_ratios(), start=len(minima) - len(self.decoder.levels())):
-            minima[i] = max(minima[i], r)
+            if r is not None:
+                minima[i] = max(minima[i], r)
         return self.encoder.min_input_size(minima)
 
     # forward -------------------------------------------------------------------------

@@ -1,0 +1,19 @@
+"""Inference: the test protocol, image loading and preprocessing, whole / sliding-window /
+multi-scale inference, banded label maps, :class:`Segmenter`, visualization and file prediction.
+
+The protocol follows the reference (mmsegmentation-style) one: images are resized, keeping their
+aspect ratio, to fit a ``(long, short)`` box (in whole mode the sides are then rounded up to a
+multiple of 32), normalized with :data:`MEAN` / :data:`STD` (RGB, 0-255), run whole or with a
+sliding window, and the logits are resized bilinearly back to the original size.
+"""
+from ..data.transforms import MEAN, STD
+from .bands import BAND_BYTES, labels_from_logits
+from .images import ImageInput, as_chw, load_image
+from .infer import infer_logits, infer_tta, segment_image, segment_input
+from .protocol import META_KEY, TestProtocol, preprocess, test_size
+from .segmenter import Segmenter
+from .visualize import add_legend, colorize, confidence_image, overlay
+
+__all__ = ["MEAN", "STD", "TestProtocol", "META_KEY", "load_image", "as_chw", "test_size", "preprocess",
+           "infer_logits", "infer_tta", "segment_input", "segment_image", "labels_from_logits", "BAND_BYTES",
+           "Segmenter", "colorize", "overlay", "add_legend", "confidence_image", "ImageInput"]

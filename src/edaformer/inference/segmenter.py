@@ -1,0 +1,169 @@
+""":class:`Segmenter`: image -> label map with a model and its test protocol."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.palettes import class_names, get_dataset_info, make_palette
+from ..data.transforms import prepare_test_image
+from ..utils import resolve_device
+from .images import ImageInput, as_chw
+from .infer import infer_logits, segment_image, segment_input
+from .protocol import TestProtocol
+
+__all__ = ["Segmenter"]
+
+Size = tuple[int, int]
+
+
+# training-config model keys that change the architecture (create_model keywords)
+ARCHITECTURE_KEYS = ("decoder_depths", "decoder_op", "train_isr")
+
+
+def _meta_sequence(value: Any) -> tuple | None:
+    return tuple(value) if isinstance(value, (list, tuple)) and value else None
+
+
+class Segmenter:
+    """Image -> label map with a model and its test protocol (:class:`TestProtocol`).
+
+    The protocol is, field by field: the keyword arguments ``test_scale``, ``mode``,
+    ``crop_size``, ``stride``, ``divisor``, ``flip`` when given, else ``protocol`` (e.g. a
+    checkpoint's ``meta["test_protocol"]``), else the model spec's (ADE20K / COCO-Stuff: whole
+    image, fit (2048, 512), sides rounded up to 32; Cityscapes: fit (2048, 1024), windows of
+    1024 every 768).
+
+    >>> seg = Segmenter.from_checkpoint("edaformer-t-ade20k", "edaformer_t_ade.pth", isr="2211-222")
+    >>> label = seg("image.jpg")            # (H, W) class ids at the original size
+    >>> overlay(load_image("image.jpg"), label, seg.palette).save("overlay.png")
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None, isr: Any = None, *,
+                 classes: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
+                 protocol: TestProtocol | Mapping[str, Any] | None = None, test_scale: Size | None = None,
+                 mode: str | None = None, crop_size: Size | None = None, stride: Size | None = None,
+                 divisor: int | None = None, flip: bool | None = None, pool: str | None = None):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        if pool is not None:
+            model.set_isr(isr if isr is not None else model.isr, pool=pool)
+        elif isr is not None:
+            model.set_isr(isr)
+        spec = getattr(model, "spec", None)
+        if isinstance(protocol, Mapping):
+            protocol = TestProtocol.from_dict(protocol)
+        self.protocol = TestProtocol.resolve(model, base=protocol, scale=test_scale, mode=mode, crop_size=crop_size,
+                                             stride=stride, divisor=divisor, flip=flip)
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.classes, self.palette = self._class_info(spec, classes, palette)
+
+    # the protocol's fields, by their former names
+    mode = property(lambda self: self.protocol.mode)
+    test_scale = property(lambda self: self.protocol.scale)
+    crop_size = property(lambda self: self.protocol.crop_size)
+    stride = property(lambda self: self.protocol.stride)
+    divisor = property(lambda self: self.protocol.size_divisor)
+    flip = property(lambda self: self.protocol.flip)
+
+    def _class_info(self, spec, classes, palette) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
+        k = self.num_classes
+        info = None
+        if spec is not None:
+            try:
+                info = get_dataset_info(spec.dataset)
+            except ValueError:
+                info = None
+        if info is not None and info.num_classes != k:
+            info = None
+        if classes is None or len(classes) != k:
+            classes = info.classes if info else class_names(k)
+        if palette is None or len(palette) != k:
+            palette = info.palette if info else make_palette(k)
+        return tuple(str(c) for c in classes), tuple(tuple(int(v) for v in c) for c in palette)
+
+    @classmethod
+    def from_checkpoint(cls, name: str, checkpoint_path: str | os.PathLike, device: torch.device | str | None = None,
+                        isr: Any = None, num_classes: int | None = None, **kwargs) -> "Segmenter":
+        """Build the named model, load a checkpoint (any supported format) and wrap it.
+
+        From the checkpoint's ``meta`` when present: the test protocol (``test_protocol``, as
+        ``edaformer train`` writes it), class names and palette (``CLASSES``, ``PALETTE``); else the
+        model's; the ISR setting and pool kind stored by ``edaformer isr-tune --write`` (``isr``,
+        ``isr_pool``) unless ``isr`` / ``pool`` are given; the architecture options of the training
+        config (``decoder_depths``, ``decoder_op``, ``train_isr``). ``num_classes`` defaults to the
+        checkpoint's classifier size.
+        """
+        from ..checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
+        from ..engine.isr_tune import stored_isr
+        from ..models import create_model
+
+        device = resolve_device(device)
+        obj = read_checkpoint(checkpoint_path)
+        if num_classes is None:
+            num_classes = checkpoint_num_classes(obj)
+        model_cfg = (obj.get("config") or {}).get("model") or {}
+        arch = {k: model_cfg[k] for k in ARCHITECTURE_KEYS if model_cfg.get(k) is not None}
+        model = create_model(name, num_classes=num_classes, **arch)
+        report = load_checkpoint(model, obj)
+        meta = report.get("meta") or {}
+        if isr is None:
+            isr = stored_isr(meta, source=checkpoint_path)
+            if kwargs.get("pool") is None and isr is not None and meta.get("isr_pool"):
+                kwargs["pool"] = str(meta["isr_pool"])
+        kwargs.setdefault("classes", _meta_sequence(meta.get("CLASSES")))
+        kwargs.setdefault("palette", _meta_sequence(meta.get("PALETTE")))
+        if kwargs.get("protocol") is None:
+            try:
+                kwargs["protocol"] = TestProtocol.resolve(model, meta)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{checkpoint_path}: invalid meta['test_protocol']: {e}") from None
+        return cls(model, device=device, isr=isr, **kwargs)
+
+    # prediction ------------------------------------------------------------------------------
+    def _input(self, raw: torch.Tensor) -> torch.Tensor:
+        return prepare_test_image(raw.to(self.device), self.protocol.scale, self.protocol.size_divisor)
+
+    def logits(self, image: ImageInput) -> torch.Tensor:
+        """Logits ``(1, K, H, W)`` at the original size of one image (``4 * K * H * W`` bytes; the
+        label map from ``self(image)`` never holds them all)."""
+        raw = as_chw(image)
+        p = self.protocol
+        return infer_logits(self.model, self._input(raw[None]), tuple(raw.shape[-2:]), mode=p.mode,
+                            crop_size=p.crop_size, stride=p.stride, flip=p.flip)
+
+    def predict(self, image: ImageInput, confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Label map ``(H, W)`` at the original size and, with ``confidence``, the largest softmax
+        probability per pixel as uint8 (255 = 1.0)."""
+        return segment_image(self.model, image, self.protocol, confidence)
+
+    def __call__(self, image: ImageInput) -> np.ndarray:
+        """Label map ``(H, W)`` (uint8, or int64 beyond 256 classes) at the original size."""
+        return self.predict(image)[0]
+
+    def predict_batch(self, images: Iterable[ImageInput], batch_size: int = 8) -> list[np.ndarray]:
+        """Label maps for many images; images of the same size are run together in batches."""
+        raws = [as_chw(img) for img in images]
+        if self.protocol.tta_scales:
+            return [self(raw) for raw in raws]
+        out: list[np.ndarray | None] = [None] * len(raws)
+        groups: dict[tuple[int, int, torch.dtype], list[int]] = {}
+        for i, raw in enumerate(raws):
+            groups.setdefault((raw.shape[-2], raw.shape[-1], raw.dtype), []).append(i)
+        step = max(1, batch_size)
+        for (h, w, _), idx in groups.items():
+            for start in range(0, len(idx), step):
+                chunk = idx[start:start + step]
+                batch = self._input(torch.stack([raws[i] for i in chunk]))
+                labels, _ = segment_input(self.model, batch, (h, w), self.protocol)
+                for i, lab in zip(chunk, labels):
+                    out[i] = lab
+        return out  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        name = getattr(self.model, "name", type(self.model).__name__)
+        return f"Segmenter({name}, classes={self.num_classes}, {self.protocol.describe()}, device={self.device})"

@@ -1,0 +1,204 @@
+"""``edaformer eval``: metrics, saved predictions (equal to ``predict``'s), the ISR sweep."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import edaformer
+from edaformer.cli import main as cli_main
+from edaformer.config import load_config
+from edaformer.inference import TestProtocol
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_YAML = REPO / "configs" / "_base_" / "default.yaml"
+CLASSES = ["red", "green", "blue", "yellow"]
+COLORS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 230, 40]], np.uint8)
+MODEL = "edaformer-t-ade20k"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_dataset(root: Path, sizes=((64, 64), (64, 64)), seed: int = 0) -> Path:
+    """Coloured blocks, label = colour index, a few ignored pixels; the same images in both splits."""
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(sizes):
+        grid = rng.integers(0, len(CLASSES), (4, 4))
+        label = np.kron(grid, np.ones((-(-h // 4), -(-w // 4)), np.int64))[:h, :w].astype(np.uint8)
+        image = COLORS[label].astype(np.int16) + rng.integers(-12, 12, (h, w, 3))
+        label[0, :3] = 255
+        for split in ("train", "val"):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{i}.png")
+            Image.fromarray(label).save(root / "annotations" / split / f"{i}.png")
+    return root
+
+
+def write_config(path: Path, data_root: Path, scale=(64, 64), **data) -> Path:
+    cfg = {"_base_": str(DEFAULT_YAML),
+           "model": {"name": MODEL, "num_classes": 4},
+           "data": {"type": "folder", "root": str(data_root), "classes": CLASSES, "img_suffix": ".png",
+                    "scale": list(scale), "crop_size": [64, 64], "batch_size": 2, "workers": 0, **data},
+           "schedule": {"iters": 1}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def eval_setup(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    cfg_path = write_config(tmp_path / "e.yaml", data)
+    torch.manual_seed(0)
+    model = edaformer.create_model(MODEL, num_classes=4)
+    ckpt = edaformer.save_checkpoint(model, tmp_path / "run" / "model.pth")
+    return cfg_path, ckpt
+
+
+def test_eval_cli_prints_metrics_and_class_table(eval_setup, capsys):
+    cfg_path, ckpt = eval_setup
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--isr", "2211-222"]) == 0
+    out = capsys.readouterr().out
+    assert "ISR 2211-222" in out and "aAcc" in out and "mIoU" in out and "mAcc" in out
+    for name in CLASSES + ["| Class", "| mean"]:
+        assert name in out
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--mode", "slide",
+                     "--set", "eval.crop_size=32"]) == 0
+    out = capsys.readouterr().out
+    assert "| mean" in out and "slide" in out and "window 32x32 stride 21x21" in out
+
+
+def test_eval_and_predict_give_identical_labels(tmp_path, capsys):
+    """Same checkpoint, same images: eval --save-predictions and predict write the same label PNGs."""
+    data = make_dataset(tmp_path / "data", sizes=[(61, 97), (45, 30), (64, 64)])
+    cfg_path = write_config(tmp_path / "e.yaml", data, scale=(96, 64))
+    cfg = load_config(cfg_path)
+    torch.manual_seed(0)
+    model = edaformer.create_model(MODEL, num_classes=4)
+    protocol = TestProtocol.from_config(cfg)  # what `edaformer train` stores in the checkpoint
+    ckpt = edaformer.save_checkpoint({"state_dict": model.state_dict(), "meta": {"test_protocol": protocol.to_dict(),
+                                                                                 "CLASSES": CLASSES}},
+                                     tmp_path / "ckpt.pth")
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu",
+                     "--save-predictions", str(tmp_path / "eval")]) == 0
+    assert "wrote 3 label map(s)" in capsys.readouterr().out
+    assert cli_main(["predict", str(data / "images" / "val"), "--model", MODEL, "--checkpoint", str(ckpt),
+                     "--device", "cpu", "--out", str(tmp_path / "pred")]) == 0
+    names = sorted(p.name for p in (tmp_path / "eval").iterdir())
+    assert names == ["0_label.png", "1_label.png", "2_label.png"]
+    for name in names:
+        a, b = Image.open(tmp_path / "eval" / name), Image.open(tmp_path / "pred" / name)
+        assert a.mode == b.mode == "P" and a.size == b.size
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.getpalette()[:12] == b.getpalette()[:12]
+    # and the labels are the model's prediction at the protocol's size (not at the spec's 2048x512)
+    with torch.no_grad():
+        img = torch.from_numpy(np.array(Image.open(data / "images" / "val" / "0.png"))).permute(2, 0, 1)
+        x = edaformer.inference.preprocess(img, protocol)
+    assert tuple(x.shape[-2:]) == (64, 96)
+
+
+def test_eval_protocol_precedence(eval_setup, tmp_path, capsys):
+    cfg_path, _ = eval_setup
+    torch.manual_seed(0)
+    model = edaformer.create_model(MODEL, num_classes=4)
+    stored = TestProtocol(scale=(48, 48), divisor=16)
+    ckpt = edaformer.save_checkpoint({"state_dict": model.state_dict(), "meta": {"test_protocol": stored.to_dict()}},
+                                     tmp_path / "stored.pth")
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu"]) == 0
+    assert "whole, fit 48x48, sides to multiples of 16" in capsys.readouterr().out     # checkpoint meta
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--scale", "32", "32"]) == 0
+    assert "fit 32x32" in capsys.readouterr().out                                     # command line
+
+
+def test_isr_sweep_writes_json_and_plot_beside_the_checkpoint(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the sweep plot needs matplotlib")
+    data = make_dataset(tmp_path / "data", sizes=[(48, 60), (48, 60), (60, 48)])
+    cfg_path = write_config(tmp_path / "work" / "run7" / "config.yaml", data, scale=(80, 60))
+    torch.manual_seed(0)
+    ckpt = edaformer.save_checkpoint(edaformer.create_model(MODEL, num_classes=4),
+                                     tmp_path / "work" / "run7" / "best_mIoU.pth")
+    titles = []
+    import edaformer.engine as engine
+
+    plot = engine.plot_sweep
+    monkeypatch.setattr(engine, "plot_sweep", lambda rows, path, title="": titles.append(title) or plot(rows, path, title))
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--isr-sweep"]) == 0
+    text = capsys.readouterr().out
+    out_dir = tmp_path / "work" / "run7"                       # beside the checkpoint, not work_dirs/config
+    assert not (tmp_path / "work_dirs").exists()
+    result = json.loads((out_dir / "isr_sweep.json").read_text())
+    rows = result["results"]
+    assert [r["isr"] for r in rows] == ["1111-111", "1111-222", "2211-222", "2222-222"]
+    assert rows[0]["delta_mIoU"] == 0.0 and all(0 <= r["mIoU"] <= 1 for r in rows)
+    # the size the images run at: 48x60 fitted into (80, 60) is 60x75, sides to 32: 64x96 (2 of 3 images)
+    assert result["meta"]["flops_input_size"] == [64, 96]
+    assert "most common test size (2 of 3 images)" in result["meta"]["flops_input_size_source"]
+    assert "GFLOPs @ 64x96" in text and "most common test size (2 of 3 images)" in text
+    flops = [r["gflops"] for r in rows]
+    assert flops[0] == pytest.approx(edaformer.count_flops(edaformer.create_model(MODEL, num_classes=4),
+                                                           (64, 96)).gflops)
+    assert flops == sorted(flops, reverse=True) and flops[0] > flops[-1]
+    for r in rows:
+        assert r["isr"] in text
+    assert (out_dir / "isr_sweep.png").stat().st_size > 1000
+    assert titles == ["run7/best_mIoU ISR sweep"]
+
+
+def test_isr_sweep_without_matplotlib_says_so_once(eval_setup, tmp_path, capsys, caplog, monkeypatch):
+    cfg_path, ckpt = eval_setup
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--isr-sweep",
+                     "1111-111", "--out", str(tmp_path / "sweep")]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err + caplog.text).count("matplotlib is not installed") == 1
+    assert (tmp_path / "sweep" / "isr_sweep.json").is_file() and not (tmp_path / "sweep" / "isr_sweep.png").exists()
+
+
+def test_training_stores_the_protocol_in_checkpoint_meta(tmp_path):
+    from edaformer.checkpoint import read_checkpoint
+    from edaformer.engine import train
+
+    data = make_dataset(tmp_path / "data", sizes=[(32, 40)] * 2)
+    cfg_path = write_config(tmp_path / "t.yaml", data, scale=(48, 40))
+    cfg = load_config(cfg_path, ["schedule.warmup_iters=0", "train.checkpoint_interval=1", "train.eval_interval=1",
+                                 "data.crop_size=[32,32]", "eval.mode=slide", "eval.crop_size=[32,32]"])
+    train(cfg, tmp_path / "work", device="cpu")
+    expected = TestProtocol.from_config(cfg)
+    assert (expected.scale, expected.mode, expected.crop_size, expected.stride) == ((48, 40), "slide", (32, 32),
+                                                                                     (21, 21))
+    for name in ("iter_1.pth", "best_mIoU.pth"):
+        meta = read_checkpoint(tmp_path / "work" / name)["meta"]
+        assert TestProtocol.from_dict(meta["test_protocol"]) == expected
+    seg = edaformer.Segmenter.from_checkpoint(MODEL, tmp_path / "work" / "best_mIoU.pth", device="cpu")
+    assert seg.protocol == expected and seg.classes == tuple(CLASSES)
+
+
+def test_eval_uses_the_checkpoint_stored_isr_and_pool_unless_given(eval_setup, tmp_path, capsys):
+    from edaformer.checkpoint import read_checkpoint, save_checkpoint
+
+    cfg_path, ckpt = eval_setup
+    obj = read_checkpoint(ckpt)
+    obj.setdefault("meta", {}).update(isr="2211-222", isr_pool="max")
+    tuned = save_checkpoint(obj, tmp_path / "tuned.pth")
+    base = ["eval", str(cfg_path), "--checkpoint", str(tuned), "--device", "cpu"]
+    assert cli_main(base) == 0
+    assert "ISR 2211-222 (max pooling)" in capsys.readouterr().out
+    assert cli_main(base + ["--pool", "overlap"]) == 0
+    assert "ISR 2211-222 (overlap pooling)" in capsys.readouterr().out
+    assert cli_main(base + ["--isr", "1111-222"]) == 0
+    assert "ISR 1111-222" in capsys.readouterr().out
