@@ -42,12 +42,7 @@ def pvt(linear: bool = False):
                                               mlp_ratios=(2,) * 4, num_classes=5, linear=linear))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUILDERS = {

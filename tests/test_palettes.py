@@ -42,3 +42,15 @@ def test_make_palette():
     assert make_palette(0) == ()
     with pytest.raises(ValueError):
         make_palette(-1)
+
+
+def test_class_info_prefers_given_then_dataset_then_generated():
+    from edaformer.data.palettes import class_info
+
+    ade = class_info(150, "ade20k")
+    assert ade == DATASET_INFO["ade20k"]
+    assert class_info(3, "ade20k").classes == ("class_0", "class_1", "class_2")   # ADE20K has 150 classes
+    given = class_info(2, "ade20k", classes=["a", "b"], palette=[[1, 2, 3], [4, 5, 6]])
+    assert given.classes == ("a", "b") and given.palette == ((1, 2, 3), (4, 5, 6))
+    assert class_info(2, None, classes=["only one"]).classes == ("class_0", "class_1")
+    assert class_info(4, "no such dataset").palette == make_palette(4)

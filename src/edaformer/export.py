@@ -75,21 +75,10 @@ def _eval_mode(model: nn.Module):
 
 def _class_info(model: nn.Module, classes, palette) -> tuple[list[str], list[list[int]]]:
     """Given names / colours when they fit the class count, else the model's dataset's, else generated."""
-    from .data.palettes import class_names, get_dataset_info, make_palette
+    from .data.palettes import class_info
 
-    k = int(model.num_classes)
-    info = None
-    spec = getattr(model, "spec", None)
-    if spec is not None:
-        with contextlib.suppress(ValueError):
-            info = get_dataset_info(spec.dataset)
-    if info is not None and info.num_classes != k:
-        info = None
-    if classes is None or len(classes) != k:
-        classes = info.classes if info else class_names(k)
-    if palette is None or len(palette) != k:
-        palette = info.palette if info else make_palette(k)
-    return [str(c) for c in classes], [[int(v) for v in c] for c in palette]
+    info = class_info(int(model.num_classes), getattr(getattr(model, "spec", None), "dataset", None), classes, palette)
+    return list(info.classes), [list(c) for c in info.palette]
 
 
 def _test_protocol(model: nn.Module) -> dict:

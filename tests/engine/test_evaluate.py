@@ -23,12 +23,6 @@ COLORS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 230, 40]],
 MODEL = "edaformer-t-ade20k"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_dataset(root: Path, sizes=((64, 64), (64, 64)), seed: int = 0) -> Path:

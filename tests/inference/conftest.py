@@ -7,12 +7,8 @@ from .helpers import ADE
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast on a shared machine and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every inference test runs on one intra-op thread."""
 
 
 @pytest.fixture(scope="module")

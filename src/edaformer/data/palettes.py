@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DatasetInfo", "DATASET_INFO", "get_dataset_info", "make_palette", "class_names", "list_datasets"]
+__all__ = ["DatasetInfo", "DATASET_INFO", "get_dataset_info", "make_palette", "class_names", "class_info", "list_datasets"]
 
 Color = tuple[int, int, int]
 
@@ -196,6 +196,24 @@ def make_palette(num_classes: int) -> tuple[Color, ...]:
             bit -= 1
         palette.append((rgb[0], rgb[1], rgb[2]))
     return tuple(palette)
+
+
+def class_info(num_classes: int, dataset: str | None = None, classes=None, palette=None) -> DatasetInfo:
+    """Names and colours for ``num_classes`` classes: the given ``classes`` / ``palette`` when they
+    have that length, else the named ``dataset``'s when it has that many classes, else generated."""
+    info = None
+    if dataset is not None:
+        try:
+            info = get_dataset_info(dataset)
+        except ValueError:
+            info = None
+    if info is not None and info.num_classes != num_classes:
+        info = None
+    if classes is None or len(classes) != num_classes:
+        classes = info.classes if info else class_names(num_classes)
+    if palette is None or len(palette) != num_classes:
+        palette = info.palette if info else make_palette(num_classes)
+    return DatasetInfo(tuple(str(c) for c in classes), tuple(tuple(int(v) for v in c) for c in palette))
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.palettes import class_names, get_dataset_info, make_palette
+from ..data.palettes import class_info
 from ..data.transforms import prepare_test_image
 from ..utils import resolve_device
 from .images import ImageInput, as_chw
@@ -71,20 +71,8 @@ class Segmenter:
     flip = property(lambda self: self.protocol.flip)
 
     def _class_info(self, spec, classes, palette) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
-        k = self.num_classes
-        info = None
-        if spec is not None:
-            try:
-                info = get_dataset_info(spec.dataset)
-            except ValueError:
-                info = None
-        if info is not None and info.num_classes != k:
-            info = None
-        if classes is None or len(classes) != k:
-            classes = info.classes if info else class_names(k)
-        if palette is None or len(palette) != k:
-            palette = info.palette if info else make_palette(k)
-        return tuple(str(c) for c in classes), tuple(tuple(int(v) for v in c) for c in palette)
+        info = class_info(self.num_classes, getattr(spec, "dataset", None), classes, palette)
+        return info.classes, info.palette
 
     @classmethod
     def from_checkpoint(cls, name: str, checkpoint_path: str | os.PathLike, device: torch.device | str | None = None,
