@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
@@ -134,6 +135,8 @@ def _run_predict(args) -> int:
     from .utils import resolve_device
 
     device = resolve_device(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     inputs = collect_inputs(args.images)
     for path, why in inputs.skipped:
         print(f"edaformer predict: skipped {path}: {why}", file=sys.stderr)

@@ -118,6 +118,10 @@ def test_predict_command_errors(tmp_path, capsys):
         assert cli.main(args + ["--checkpoint", str(bad), "--device", "cuda"]) == 2
         assert "CUDA" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "taken").write_text("a file")
+    assert cli.main(["predict", str(img), "--model", ADE, "--checkpoint", str(bad), "--out", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "taken is a file" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_alpha_is_refused_before_any_work(tmp_path, capsys):
