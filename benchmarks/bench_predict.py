@@ -6,7 +6,7 @@ Three tables:
    (``Segmenter``: preprocessing, decoder logits resized and reduced in bands) vs the
    reference-style model's forward + ``argmax`` on the same weights and the same normalized
    input, and ours through the full-resolution logits (``infer_logits`` + ``argmax``, the
-   previous path). Timed round-robin in one process (``edaformer.benchmark.time_interleaved``).
+   previous path). Timed round-robin in one process (``edaformer.bench.time_interleaved``).
 2. **Peak memory** (RSS growth, fresh child process per row) of the same at 19, 150 and 600 classes.
 3. **A large photo** through ``edaformer predict`` in a child process with a 150-class model:
    peak RSS, wall time and exit status, for the code under ``--before-src`` (e.g. the main
@@ -57,7 +57,7 @@ def _child_memory(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     sys.path.insert(0, str(HERE))
     import reference_style
-    from edaformer.benchmark import build_named
+    from harness import build_named
     from edaformer.inference import Segmenter, preprocess
 
     model = build_named(MODEL, num_classes=spec["classes"], seed=0).eval()
@@ -129,10 +129,11 @@ def latency(args) -> list[dict]:
 
     sys.path.insert(0, str(HERE))
     import reference_style
-    from edaformer import benchmark as bm
+    from edaformer import bench as bm
+    from harness import build_named
     from edaformer.inference import Segmenter, infer_logits, preprocess
 
-    model = bm.build_named(MODEL, seed=0).eval()
+    model = build_named(MODEL, seed=0).eval()
     base = reference_style.from_model(model).eval()
     img = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
     seg = Segmenter(model, device="cpu")
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(SRC))
-    from edaformer.benchmark import environment
+    from edaformer.bench import environment
 
     env = environment()
     result = dict(environment=env, threads=args.threads)
