@@ -15,15 +15,15 @@ CLASSES = ["red", "green", "blue", "yellow"]
 COLORS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 230, 40]], np.uint8)
 
 
-def make_dataset(root: Path, n: int = 4, size: int = 32, seed: int = 0) -> Path:
-    """``n`` images per split: a 4x4 grid of coloured blocks, label = colour index; a few
-    ignored (255) pixels. The val split holds the same images."""
+def make_dataset(root: Path, n: int = 4, size: int = 32, seed: int = 0, sizes=None) -> Path:
+    """``n`` images per split (or one per ``(h, w)`` of ``sizes``; default ``size`` x ``size``): a 4x4
+    grid of coloured blocks, label = colour index; a few ignored (255) pixels. The val split holds
+    the same images."""
     rng = np.random.default_rng(seed)
-    block = size // 4
-    for i in range(n):
+    for i, (h, w) in enumerate(sizes if sizes is not None else [(size, size)] * n):
         grid = rng.integers(0, len(CLASSES), (4, 4))
-        label = np.kron(grid, np.ones((block, block), np.int64)).astype(np.uint8)
-        image = COLORS[label].astype(np.int16) + rng.integers(-12, 12, (size, size, 3))
+        label = np.kron(grid, np.ones((-(-h // 4), -(-w // 4)), np.int64))[:h, :w].astype(np.uint8)
+        image = COLORS[label].astype(np.int16) + rng.integers(-12, 12, (h, w, 3))
         label[0, :3] = 255
         for split in ("train", "val"):
             (root / "images" / split).mkdir(parents=True, exist_ok=True)

@@ -16,29 +16,16 @@ from edaformer.cli import main as cli_main
 from edaformer.config import load_config
 from edaformer.inference import TestProtocol
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_YAML = REPO / "configs" / "_base_" / "default.yaml"
-CLASSES = ["red", "green", "blue", "yellow"]
-COLORS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 230, 40]], np.uint8)
+import training_data
+from training_data import CLASSES, DEFAULT_YAML, REPO
 MODEL = "edaformer-t-ade20k"
 
 
 
 
 def make_dataset(root: Path, sizes=((64, 64), (64, 64)), seed: int = 0) -> Path:
-    """Coloured blocks, label = colour index, a few ignored pixels; the same images in both splits."""
-    rng = np.random.default_rng(seed)
-    for i, (h, w) in enumerate(sizes):
-        grid = rng.integers(0, len(CLASSES), (4, 4))
-        label = np.kron(grid, np.ones((-(-h // 4), -(-w // 4)), np.int64))[:h, :w].astype(np.uint8)
-        image = COLORS[label].astype(np.int16) + rng.integers(-12, 12, (h, w, 3))
-        label[0, :3] = 255
-        for split in ("train", "val"):
-            (root / "images" / split).mkdir(parents=True, exist_ok=True)
-            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{i}.png")
-            Image.fromarray(label).save(root / "annotations" / split / f"{i}.png")
-    return root
+    """Coloured blocks (one image per size), the same images in both splits."""
+    return training_data.make_dataset(root, seed=seed, sizes=sizes)
 
 
 def write_config(path: Path, data_root: Path, scale=(64, 64), **data) -> Path:
