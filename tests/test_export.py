@@ -114,3 +114,12 @@ def test_metadata_classes_fall_back_to_the_dataset_or_generated():
     odd = edaformer.create_model(NAME, num_classes=5)
     meta = onnx_metadata(odd)
     assert len(json.loads(meta["classes"])) == 5 and len(json.loads(meta["palette"])) == 5
+
+
+def test_metadata_states_the_given_test_protocol():
+    from edaformer.inference import TestProtocol
+
+    model = edaformer.create_model(NAME, num_classes=5)
+    meta = onnx_metadata(model, protocol=TestProtocol(scale=(480, 360), divisor=32))
+    assert json.loads(meta["test_protocol"]) == {"mode": "whole", "test_scale": [480, 360], "size_divisor": 32}
+    assert "(480, 360) (long, short) box" in meta["resize"]

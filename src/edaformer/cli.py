@@ -263,11 +263,8 @@ def _run_eval(args) -> int:
         model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
         report = load_checkpoint(model, args.checkpoint)
         model.to(info.device).eval()
-        try:
-            protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg),
-                                            scale=args.scale, mode=args.mode)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{args.checkpoint}: invalid meta['test_protocol']: {e}") from None
+        protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg),
+                                        source=args.checkpoint, scale=args.scale, mode=args.mode)
         if args.tta:
             protocol = protocol.replace(tta_scales=tuple(ecfg["tta_scales"]), flip=bool(ecfg["tta_flip"]))
         dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
@@ -438,6 +435,7 @@ def _add_export(sub) -> None:
 
 def _run_export(args) -> int:
     from .export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
+    from .inference import TestProtocol
     from .isr import parse_isr
 
     require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
@@ -445,9 +443,11 @@ def _run_export(args) -> int:
     model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
     model.set_isr(setting, pool=args.pool)  # the active setting is what export_onnx bakes in
     meta = report.get("meta") or {}
+    # the protocol the checkpoint was trained and evaluated with, else the model's
+    protocol = TestProtocol.resolve(model, meta, source=args.checkpoint)
     path = export_onnx(model.eval(), args.out, size=tuple(args.size), isr=None, dynamic=args.dynamic,
                        opset=args.opset or DEFAULT_OPSET, batch=args.batch, verbose=getattr(args, "verbose", False),
-                       classes=meta.get("CLASSES"), palette=meta.get("PALETTE"))
+                       classes=meta.get("CLASSES"), palette=meta.get("PALETTE"), protocol=protocol)
     shape = "dynamic batch and HxW" if args.dynamic else f"{args.batch}x{args.size[0]}x{args.size[1]}"
     print(f"wrote {path} ({model.name}, {model.num_classes} classes, ISR {setting}, {shape})")
     if args.check:
@@ -535,10 +535,7 @@ def _run_isr_tune(args) -> int:
     model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
     report = load_checkpoint(model, args.checkpoint)
     model.to(resolve_device(args.device)).eval()
-    try:
-        protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{args.checkpoint}: invalid meta['test_protocol']: {e}") from None
+    protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=args.checkpoint)
     dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
     calib = calibration_subset(dataset, args.calib)
     size = ecfg["flops_input_size"] or data_cfg.get("crop_size") or list(getattr(model.spec, "crop_size", (512, 512)))

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,43 +80,46 @@ def _class_info(model: nn.Module, classes, palette) -> tuple[list[str], list[lis
     return list(info.classes), [list(c) for c in info.palette]
 
 
-def _test_protocol(model: nn.Module) -> dict:
-    """The model's test-time protocol (as :class:`~edaformer.inference.Segmenter` runs it): ``mode``,
-    ``test_scale``, ``size_divisor`` and, for sliding windows, ``crop_size`` / ``stride``."""
-    spec = getattr(model, "spec", None)
-    mode = getattr(spec, "test_mode", "whole")
-    out = dict(mode=mode, test_scale=list(getattr(spec, "test_scale", (2048, 512))),
-               size_divisor=32 if mode == "whole" else None)
-    if mode == "slide":
-        out.update(crop_size=list(spec.crop_size), stride=list(spec.slide_stride))
+def _protocol_summary(protocol) -> dict:
+    """``mode``, ``test_scale``, ``size_divisor`` and, for sliding windows, ``crop_size`` / ``stride``."""
+    out = dict(mode=protocol.mode, test_scale=None if protocol.scale is None else list(protocol.scale),
+               size_divisor=protocol.size_divisor)
+    if protocol.mode == "slide":
+        out.update(crop_size=list(protocol.crop_size), stride=list(protocol.stride))
     return out
 
 
-def _resize_rule(protocol: Mapping) -> str:
-    """The test-time resize rule of :func:`_test_protocol` in words."""
-    long, short = protocol["test_scale"]
-    rule = (f"resize keeping the aspect ratio to fit a ({long}, {short}) (long, short) box (bilinear, no "
-            "antialiasing)")
-    if protocol.get("size_divisor"):
-        rule += f", then resize it so that both sides are rounded up to a multiple of {protocol['size_divisor']}"
-    if protocol["mode"] == "slide":
-        (ch, cw), (sh, sw) = protocol["crop_size"], protocol["stride"]
+def _resize_rule(protocol) -> str:
+    """A :class:`~edaformer.inference.TestProtocol`'s test-time resize rule in words."""
+    if protocol.scale is None:
+        rule = "keep the image size"
+    else:
+        long, short = protocol.scale
+        rule = (f"resize keeping the aspect ratio to fit a ({long}, {short}) (long, short) box (bilinear, no "
+                "antialiasing)")
+    if protocol.size_divisor:
+        rule += f", then resize it so that both sides are rounded up to a multiple of {protocol.size_divisor}"
+    if protocol.mode == "slide":
+        (ch, cw), (sh, sw) = protocol.crop_size, protocol.stride
         rule += f"; run {ch}x{cw} windows every {sh}x{sw} pixels and average the overlapping logits"
     return rule + "; resize the logits back to the image size before argmax"
 
 
 def onnx_metadata(model: nn.Module, classes: Sequence[str] | None = None,
-                  palette: Sequence[Sequence[int]] | None = None, dynamic: bool = False) -> dict[str, str]:
+                  palette: Sequence[Sequence[int]] | None = None, dynamic: bool = False,
+                  protocol=None) -> dict[str, str]:
     """The ``metadata_props`` an export writes: what the model is and how to feed / read it.
 
     Keys: ``model``, ``num_classes``, ``classes`` and ``palette`` (JSON), ``isr``, ``input``, ``mean`` and
     ``std`` (JSON, RGB on 0-255 values), ``test_protocol`` (JSON), ``resize``, ``output``, ``dynamic``.
     ``classes`` / ``palette`` that do not fit the class count are replaced by the dataset's or generated ones.
+    ``protocol``: the :class:`~edaformer.inference.TestProtocol` to state (default: the model spec's).
     """
     from .data.transforms import MEAN, STD
+    from .inference.protocol import TestProtocol
 
     names, colours = _class_info(model, classes, palette)
-    protocol = _test_protocol(model)
+    protocol = protocol or TestProtocol.from_model(model)
     return {
         "model": str(getattr(model, "name", type(model).__name__)),
         "num_classes": str(int(model.num_classes)),
@@ -127,7 +129,7 @@ def onnx_metadata(model: nn.Module, classes: Sequence[str] | None = None,
         "input": "image: float32 (N, 3, H, W), RGB, (pixel - mean) / std with pixels in 0-255",
         "mean": json.dumps(list(MEAN)),
         "std": json.dumps(list(STD)),
-        "test_protocol": json.dumps(protocol),
+        "test_protocol": json.dumps(_protocol_summary(protocol)),
         "resize": _resize_rule(protocol),
         "output": "logits: float32 (N, num_classes, H, W) at the input size; argmax over dim 1 = class id",
         "dynamic": "batch, height, width" if dynamic else "none",
@@ -158,7 +160,7 @@ def _quiet(enabled: bool):
 def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] = (512, 512),
                 isr: ISRSpec | None = None, dynamic: bool = False, opset: int = DEFAULT_OPSET,
                 batch: int = 1, verbose: bool = False, classes: Sequence[str] | None = None,
-                palette: Sequence[Sequence[int]] | None = None) -> Path:
+                palette: Sequence[Sequence[int]] | None = None, protocol=None) -> Path:
     """Export ``model`` (an :class:`~edaformer.EDAFormer`) to ONNX at ``path``.
 
     ``size``: the example input ``(H, W)`` (the fixed input size unless ``dynamic``). ``isr``: the
@@ -166,8 +168,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
     afterwards). ``dynamic``: batch, height and width become symbolic (``height >= min_h``,
     ``width >= min_w`` for the ISR setting, see the module docstring); else the batch is ``batch``.
     Input ``image`` (float32 ``(B, C, H, W)``), output ``logits`` (``(B, K, H, W)``). ``classes`` /
-    ``palette`` go to the file's metadata (:func:`onnx_metadata`). The exporter's own logging is
-    shown only with ``verbose``.
+    ``palette`` and the test ``protocol`` go to the file's metadata (:func:`onnx_metadata`). The
+    exporter's own logging is shown only with ``verbose``.
 
     Raises ``ValueError`` when ``size`` does not fit the ISR setting (the message names the stage,
     the feature map and the pooling ratio) or when the graph cannot be exported shape-generic, and
@@ -194,7 +196,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
             dynamic_shapes = ({0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=min_h),
                                3: torch.export.Dim("width", min=min_w)},)
         x = torch.randn(batch, in_chans, h, w, device=device)
-        metadata = onnx_metadata(model, classes, palette, dynamic=dynamic)
+        metadata = onnx_metadata(model, classes, palette, dynamic=dynamic, protocol=protocol)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with torch.inference_mode(False), torch.no_grad(), _quiet(not verbose):

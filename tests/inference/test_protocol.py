@@ -225,3 +225,8 @@ def test_large_image_is_resized_in_bands(monkeypatch):
     step = float(torch.tensor(STD).min())
     diff = (banded - plain).abs()
     assert diff.max() <= 1.01 / step and (diff > 0).float().mean() < 1e-3
+
+
+def test_resolve_names_the_checkpoint_of_a_malformed_stored_protocol():
+    with pytest.raises(ValueError, match=r"^run/best\.pth: invalid meta\['test_protocol'\]"):
+        TestProtocol.resolve(None, {"test_protocol": {"mode": "sideways"}}, source="run/best.pth")

@@ -145,12 +145,17 @@ class TestProtocol:
 
     @classmethod
     def resolve(cls, model: Any = None, meta: Mapping[str, Any] | None = None, base: "TestProtocol | None" = None,
-                **overrides: Any) -> "TestProtocol":
+                source: Any = None, **overrides: Any) -> "TestProtocol":
         """Explicit ``overrides`` (``None`` = not given) > ``meta["test_protocol"]`` > ``base`` (default:
-        the model's spec)."""
+        the model's spec). A malformed stored protocol raises ``ValueError`` naming ``source`` (the
+        checkpoint file)."""
         stored = (meta or {}).get(META_KEY)
         if stored is not None:
-            protocol = cls.from_dict(stored)
+            try:
+                protocol = cls.from_dict(stored)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source if source is not None else 'checkpoint'}: invalid "
+                                 f"meta[{META_KEY!r}]: {e}") from None
         else:
             protocol = base if base is not None else cls.from_model(model)
         if overrides.get("mode") == "whole" and protocol.divisor is None and overrides.get("divisor") is None:

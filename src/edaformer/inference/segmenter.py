@@ -106,10 +106,7 @@ class Segmenter:
         kwargs.setdefault("classes", _meta_sequence(meta.get("CLASSES")))
         kwargs.setdefault("palette", _meta_sequence(meta.get("PALETTE")))
         if kwargs.get("protocol") is None:
-            try:
-                kwargs["protocol"] = TestProtocol.resolve(model, meta)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{checkpoint_path}: invalid meta['test_protocol']: {e}") from None
+            kwargs["protocol"] = TestProtocol.resolve(model, meta, source=checkpoint_path)
         return cls(model, device=device, isr=isr, **kwargs)
 
     # prediction ------------------------------------------------------------------------------
