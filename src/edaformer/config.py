@@ -250,6 +250,22 @@ class _Palette(_List):
                          optional=True)
 
 
+class _ClassWeight(_List):
+    """``median_freq`` or one positive weight per class."""
+
+    def __init__(self):
+        super().__init__(_Float(positive=True), None, "median_freq or a list of positive weights, one per class",
+                         optional=True)
+
+    def convert(self, value, name):
+        if value == "median_freq":
+            return value
+        return super().convert(value, name)
+
+    def parse(self, text):
+        return text.strip() if text.strip() == "median_freq" else super().parse(text)
+
+
 # -- the known keys ----------------------------------------------------------------------------
 class _Unset:
     def __repr__(self) -> str:
@@ -328,6 +344,13 @@ KEYS: dict[str, dict[str, Key]] = {
         warmup_ratio=(1e-6, _Float()),
         power=(1.0, _Float()),
         min_lr=(0.0, _Float()),
+    ),
+    # the training loss (see edaformer.engine.losses)
+    "loss": _keys(
+        name=("ce", _Choice("ce", "ohem")),                 # cross-entropy, or CE on OHEM-mined pixels
+        class_weight=(None, _ClassWeight()),                 # None | median_freq | one weight per class
+        ohem_thresh=(0.7, _Float(**_PROB)),                  # ohem: keep pixels with p(true class) below this
+        ohem_min_kept=(100000, _Int(1)),                     # ohem: ... and at least this many per image
     ),
     "train": _keys(
         amp=(False, _Choice(False, "bf16", "fp16", optional=True)),  # CUDA only

@@ -2,7 +2,8 @@
 
 The recipe is the reference (mmsegmentation-style) one: AdamW with the decoder at 10x the
 learning rate and no weight decay on normalization parameters; linear warmup then poly decay,
-stepped per iteration; pixel-wise cross-entropy (ignore index 255) on logits at crop size.
+stepped per iteration; pixel-wise cross-entropy (ignore index 255) on logits at crop size, or
+another loss of :mod:`edaformer.engine.losses`.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
+from .losses import build_loss, segmentation_loss
 
 __all__ = ["build_model", "load_init_from", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
-           "WarmupPolyLR", "build_scheduler", "segmentation_loss", "resolve_amp"]
+           "WarmupPolyLR", "build_scheduler", "build_loss", "segmentation_loss", "resolve_amp"]
 
 log = logging.getLogger("edaformer")
 
@@ -160,16 +162,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
                             schedule_cfg["warmup_ratio"], schedule_cfg["power"], schedule_cfg["min_lr"])
                for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Pixel-wise cross-entropy, summed over the non-ignored pixels and divided by *all* pixels
-    (mmseg 0.x ``CrossEntropyLoss`` with ``reduction='mean'``). This is finite even for a crop
-    with no labelled pixel, and equal-sized per-rank batches average to the global-batch loss.
-    Half-precision logits are promoted to float32; float64 stays float64."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    return loss / labels.numel()
 
 
 def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:

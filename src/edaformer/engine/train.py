@@ -34,6 +34,7 @@ from ..plotting import plot_training_log
 from ..utils import unwrap_model
 from .builders import (WarmupPolyLR, build_datasets, build_model, build_optimizer, build_param_groups,
                        build_scheduler, build_train_loader, resolve_amp, segmentation_loss)
+from .losses import SegmentationLoss, build_loss
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
                           convert_sync_batchnorm, init_distributed, is_distributed)
 from .signals import StopRequest, TrainingAborted, TrainingInterrupted
@@ -255,16 +256,17 @@ def _all_finite(model: nn.Module) -> bool:
 
 # -- one step, validation ------------------------------------------------------------------------
 def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, state: TrainState,
-                        amp_dtype: torch.dtype | None, ignore_index: int,
+                        amp_dtype: torch.dtype | None, criterion: SegmentationLoss | int,
                         flags: tuple[float, ...] = ()) -> tuple[float, list[bool]]:
     """Forward, loss, backward, optimizer and schedule step; ``state.iteration`` advances by one.
+    ``criterion``: the run's loss, or an ignore index for plain cross-entropy.
 
     ``flags`` (per process) are averaged over the processes with the loss, in the same
     collective; returns the mean loss and, per flag, whether any process raised it.
     """
     with torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
         logits = model(images)
-    loss = segmentation_loss(logits, labels, ignore_index)
+    loss = segmentation_loss(logits, labels, criterion) if isinstance(criterion, int) else criterion(logits, labels)
     shared = torch.tensor([0.0, *flags], dtype=torch.float64, device=loss.device)
     shared[0] = loss.detach().double()
     shared = all_reduce_mean(shared).tolist()
@@ -349,6 +351,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         cleanup.callback(opened["lock"].release)
     ckpt_path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)
     _on_main(info, _verify_data, {"train": train_set, "val": val_set}, verify_data)
+    criterion = build_loss(cfg.get("loss"), train_set, ignore_index)
+    log.info("loss: %s", criterion.extra_repr())
 
     # model and state: identical initial weights on every rank (DDP also broadcasts rank 0's)
     ckpt = None
@@ -446,7 +450,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         time_due = main and checkpoint_minutes > 0 and time.monotonic() - last_save >= 60 * checkpoint_minutes
         try:
             loss_value, (stopping, time_due) = train_one_iteration(
-                model, images, labels, state, amp_dtype, ignore_index, (float(stop.requested), float(time_due)))
+                model, images, labels, state, amp_dtype, criterion, (float(stop.requested), float(time_due)))
         except NonFiniteLossError as e:
             raise NonFiniteLossError(f"{e}; the last good checkpoint is "
                                      f"{ckpt_path or 'none (no checkpoint written yet)'}") from None
