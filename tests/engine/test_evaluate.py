@@ -126,6 +126,7 @@ def test_isr_sweep_writes_json_and_plot_beside_the_checkpoint(tmp_path, capsys, 
     rows = result["results"]
     assert [r["isr"] for r in rows] == ["1111-111", "1111-222", "2211-222", "2222-222"]
     assert rows[0]["delta_mIoU"] == 0.0 and all(0 <= r["mIoU"] <= 1 for r in rows)
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("mDice", "mPrec", "mRecall"))
     # the size the images run at: 48x60 fitted into (80, 60) is 60x75, sides to 32: 64x96 (2 of 3 images)
     assert result["meta"]["flops_input_size"] == [64, 96]
     assert "most common test size (2 of 3 images)" in result["meta"]["flops_input_size_source"]

@@ -177,6 +177,9 @@ def _progress(iterable, enabled: bool):
 
 
 # -- ISR sweep ------------------------------------------------------------------------------------
+SWEEP_METRICS = ("mIoU", "aAcc", "mAcc", "mDice", "mPrec", "mRecall")  # per setting, in isr_sweep.json
+
+
 def _gflops(model: nn.Module, input_size: Size) -> float | None:
     try:
         from ..flops import count_flops
@@ -214,8 +217,8 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
     """Evaluate the same weights under each ISR setting (switched with ``model.set_isr``).
 
     Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at;
-    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc`` and ``delta_mIoU``
-    vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
+    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc``, ``mDice``, ``mPrec``,
+    ``mRecall`` and ``delta_mIoU`` vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
     ``eval_kwargs`` go to :func:`evaluate` (``protocol``, ``workers``, ...).
     """
     from ..isr import parse_isr
@@ -229,8 +232,7 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
             model.set_isr(setting, pool=pool)
             gflops = _gflops(model, tuple(flops_input_size))
             metrics = evaluate(model, data, isr=setting, pool=pool, **eval_kwargs)
-            rows.append(dict(isr=setting, gflops=gflops, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"],
-                             mAcc=metrics["mAcc"]))
+            rows.append(dict(isr=setting, gflops=gflops, **{k: metrics[k] for k in SWEEP_METRICS}))
             log.info("ISR %s: mIoU %.2f%s", setting, 100 * metrics["mIoU"],
                      f"  GFLOPs {gflops:.2f}" if gflops is not None else "")
     finally:
