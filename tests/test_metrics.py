@@ -97,3 +97,71 @@ def test_formatting():
     assert format_metrics(out).startswith("aAcc ")
     with pytest.raises(ValueError):
         format_class_table(out, ["a"])
+
+
+# 3 classes, every class labelled and predicted. Pairs (label -> pred): 0->0, 0->1, 1->1, 1->2, 2->2;
+# the ignored pixel is predicted 0 and must not count.
+LABEL_C = _img([[0, 0, 1],
+                [1, 2, IGN]])
+PRED_C = _img([[0, 1, 1],
+               [2, 2, 0]])
+
+
+def test_dice_precision_recall_by_hand():
+    metric = SegMetric(3, IGN)
+    metric.update(PRED_C, LABEL_C)
+    out = metric.compute()
+    # intersection [1, 1, 1], label area [2, 2, 1], predicted area [1, 2, 2]
+    assert out["Dice"] == pytest.approx([2 / 3, 2 / 4, 2 / 3])
+    assert out["Precision"] == pytest.approx([1 / 1, 1 / 2, 1 / 2])
+    assert out["Recall"] == pytest.approx([1 / 2, 1 / 2, 1 / 1])
+    assert out["mDice"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert out["mPrec"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert out["mRecall"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3) == out["mAcc"]
+    # Dice = 2 IoU / (1 + IoU) per class
+    assert out["Dice"] == pytest.approx([2 * v / (1 + v) for v in out["IoU"]])
+
+
+def test_dice_precision_recall_nan_classes():
+    # class 1 is labelled but never predicted, class 2 is absent from both
+    metric = SegMetric(3, IGN)
+    metric.update(_img([[0, 0, 0, 0]]), _img([[0, 0, 1, 1]]))
+    out = metric.compute()
+    assert out["Dice"][:2] == pytest.approx([4 / 6, 0.0]) and math.isnan(out["Dice"][2])
+    assert out["Recall"][:2] == pytest.approx([1.0, 0.0]) and math.isnan(out["Recall"][2])
+    assert out["Precision"][0] == pytest.approx(2 / 4)
+    assert math.isnan(out["Precision"][1]) and math.isnan(out["Precision"][2])  # never predicted: 0 / 0
+    assert out["mDice"] == pytest.approx((4 / 6 + 0.0) / 2)      # NaN classes left out of the means
+    assert out["mRecall"] == pytest.approx(0.5)
+    assert out["mPrec"] == pytest.approx(0.5)
+
+
+def test_confusion_matrix_equals_a_brute_force_count():
+    torch.manual_seed(0)
+    pred = torch.randint(0, 4, (3, 6, 5))
+    label = torch.randint(0, 5, (3, 6, 5))
+    label[label == 4] = IGN
+    metric = SegMetric(4, IGN)
+    metric.update(pred, label)
+    expected = [[0] * 4 for _ in range(4)]
+    for t, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
+        if t != IGN:
+            expected[t][p] += 1  # rows: label, columns: prediction
+    assert metric.confusion.tolist() == expected
+    out = metric.compute()
+    assert out["confusion"] == expected
+    by_hand = SegMetric(3, IGN)
+    by_hand.update(PRED_C, LABEL_C)
+    assert by_hand.compute()["confusion"] == [[1, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_formatting_shows_dice_precision_recall():
+    metric = SegMetric(3, IGN)
+    metric.update(PRED_C, LABEL_C)
+    out = metric.compute()
+    line = format_metrics(out)
+    assert "mDice 61.11" in line and "mPrec 66.67" in line and "mRecall 66.67" in line
+    table = format_class_table(out, ["road", "sky", "car"]).splitlines()
+    assert table[0].split("|")[2:6] == ["    IoU ", "   Dice ", "   Prec ", " Recall "]
+    assert table[2].split("|")[1:6] == [" road  ", "  50.00 ", "  66.67 ", " 100.00 ", "  50.00 "]
+    assert table[-1].split("|")[3:6] == ["  61.11 ", "  66.67 ", "  66.67 "]

@@ -26,3 +26,24 @@ def test_training_curves_png(tmp_path):
 def test_sweep_png(tmp_path):
     rows = [dict(isr="1111-111", gflops=5.6, mIoU=0.42), dict(isr="2211-222", gflops=4.7, mIoU=0.41)]
     assert Image.open(plot_sweep(rows, tmp_path / "sweep.png")).size[0] > 100
+
+
+def test_confusion_png_cell_text_up_to_30_classes(tmp_path, monkeypatch):
+    import numpy as np
+
+    import edaformer.plotting as plotting
+
+    cells, save = [], plotting._save
+    monkeypatch.setattr(plotting, "_save", lambda fig, path: cells.append(
+        [t.get_text() for t in fig.axes[0].texts]) or save(fig, path))
+    counts = [[3, 1, 0], [0, 0, 0], [2, 0, 2]]  # class 1 is absent from the labels: a grey row, no numbers
+    png = plotting.plot_confusion(counts, tmp_path / "c3.png", ["road", "sky", "car"])
+    assert Image.open(png).format == "PNG"
+    assert cells[-1] == ["75", "25", "0", "50", "0", "50"]  # row-normalised percentages, row by row
+    big = np.eye(40, dtype=int) * 10 + 1
+    png = plotting.plot_confusion(big, tmp_path / "c40.png", [f"class {i}" for i in range(40)])
+    assert cells[-1] == [] and Image.open(png).size[0] > Image.open(tmp_path / "c3.png").size[0]
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        plotting.plot_confusion(counts, tmp_path / "x.png", ["a", "b"])
+    with pytest.raises(ValueError, match="square"):
+        plotting.plot_confusion([[1, 2]], tmp_path / "x.png")

@@ -234,6 +234,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", default=None, help="folder for sweep results (default: the checkpoint's folder)")
     p.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="write <stem>_label.png per validation image (named as `edaformer predict` names them)")
+    p.add_argument("--confusion", default=None, metavar="PATH.png",
+                   help="write the row-normalised confusion matrix plot to PATH.png (needs matplotlib) and its "
+                        "pixel counts to PATH.csv (rows: ground truth, columns: prediction)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.epilog = ("Test protocol: --scale / --mode / --tta, else the one stored in the checkpoint by `edaformer "
@@ -243,25 +246,37 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
     from .config import load_config
     from .data import build_dataset, test_transforms
     from .engine import build_model, evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
     from .engine.distributed import cleanup_distributed, init_distributed, is_distributed
-    from .engine.evaluate import common_test_size, sweep_title
+    from .engine.evaluate import common_test_size, save_confusion, sweep_title
     from .engine.isr_tune import stored_isr
     from .inference import TestProtocol
     from .isr import PAPER_ISR_SWEEP
     from .metrics import format_class_table, format_metrics
 
+    if args.confusion is not None:
+        if args.isr_sweep is not None:
+            raise ValueError("--confusion is for a single evaluation, not with --isr-sweep")
+        if Path(args.confusion).suffix.lower() != ".png":
+            raise ValueError(f"--confusion takes a .png path, got {args.confusion}")
     cfg = load_config(args.config, list(args.set) + ([f"eval.isr={args.isr}"] if args.isr else []))
     owns_group = not is_distributed()
     info = init_distributed(args.device)
     try:
         data_cfg, ecfg = cfg["data"], cfg["eval"]
         dataset = build_dataset({k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}, "val")
+        checkpoint = read_checkpoint(args.checkpoint)
+        trained_for = checkpoint_num_classes(checkpoint)
+        if trained_for is not None and trained_for != dataset.num_classes:
+            names = list(getattr(dataset, "classes", None) or [])
+            shown = ", ".join(map(str, names[:8])) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+            raise ValueError(f"checkpoint {args.checkpoint} has {trained_for} classes but the config's dataset has "
+                             f"{dataset.num_classes}" + (f" ({shown})" if names else ""))
         model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
-        report = load_checkpoint(model, args.checkpoint)
+        report = load_checkpoint(model, checkpoint)
         model.to(info.device).eval()
         protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg),
                                         source=args.checkpoint, scale=args.scale, mode=args.mode)
@@ -303,6 +318,12 @@ def _run_eval(args) -> int:
                 print(format_class_table(metrics, getattr(dataset, "classes", None)))
                 if args.save_predictions:
                     print(f"wrote {metrics['num_images']} label map(s) to {args.save_predictions}")
+                if args.confusion is not None:
+                    title = f"{sweep_title(args.checkpoint)} confusion matrix (each row sums to 100%)"
+                    for path in save_confusion(metrics["confusion"], args.confusion,
+                                               getattr(dataset, "classes", None), title):
+                        if path:  # without matplotlib, only the counts (plot_confusion has said so)
+                            print(f"wrote {path}")
     finally:
         if owns_group:
             cleanup_distributed()

@@ -362,6 +362,7 @@ KEYS: dict[str, dict[str, Key]] = {
         log_interval=(50, _Int(0)),
         keep_checkpoints=(3, _Int(0)),                       # iter_<n>.pth files kept (latest.pth and best_mIoU.pth always)
         grad_checkpointing=(False, _Bool()),
+        tensorboard=(False, _Bool()),                        # also write the log records to <work_dir>/tensorboard/
     ),
     "eval": _keys(
         mode=("whole", _Choice("whole", "slide")),

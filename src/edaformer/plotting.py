@@ -1,5 +1,5 @@
-"""PNG plots: the ISR trade-off (mIoU against GFLOPs), the ISR tuner's Pareto front and training
-curves (loss, mIoU)."""
+"""PNG plots: the ISR trade-off (mIoU against GFLOPs), the ISR tuner's Pareto front, training
+curves (loss, mIoU) and the confusion matrix of an evaluation."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from typing import Any
 
 log = logging.getLogger("edaformer")
 
-__all__ = ["plot_sweep", "plot_pareto", "plot_training_log"]
+__all__ = ["plot_sweep", "plot_pareto", "plot_training_log", "plot_confusion"]
 
 
 def _pyplot():
@@ -133,5 +133,53 @@ def plot_training_log(log_path: str | os.PathLike, path: str | os.PathLike, titl
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# above this many classes the confusion matrix cells carry no numbers (they would not be legible)
+CONFUSION_TEXT_MAX_CLASSES = 30
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], path: str | os.PathLike,
+                   class_names: Sequence[str] | None = None, title: str = "") -> Path | None:
+    """The confusion matrix (rows: ground truth, columns: prediction) normalised per row, as a
+    PNG with the class names on both axes and, up to :data:`CONFUSION_TEXT_MAX_CLASSES` classes, the
+    percentages in the cells; rows of classes absent from the labels are grey. None if
+    matplotlib is missing."""
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=np.float64)
+    num = counts.shape[0]
+    if counts.shape != (num, num) or num == 0:
+        raise ValueError(f"a confusion matrix must be square and not empty, got shape {counts.shape}")
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num)]
+    if len(names) != num:
+        raise ValueError(f"{len(names)} class names for {num} classes")
+    plt = _pyplot()
+    if plt is None:
+        return None
+    rows = counts.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(rows > 0, counts / rows, np.nan)
+    text = num <= CONFUSION_TEXT_MAX_CLASSES
+    cell = 0.42 if text else 0.17  # inches per class
+    label_inches = 0.07 * max(map(len, names)) + 0.6
+    side = num * cell
+    fig, ax = plt.subplots(figsize=(side + label_inches + 1.4, side + label_inches + 0.8), dpi=100)
+    cmap = plt.get_cmap("Blues").with_extremes(bad="lightgray")
+    image = ax.imshow(share, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    tick_size = 8 if text else 5
+    ax.set_xticks(range(num), names, rotation=90, fontsize=tick_size)
+    ax.set_yticks(range(num), names, fontsize=tick_size)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title or "confusion matrix (each row sums to 100%)", fontsize=9)
+    if text:
+        for i, j in zip(*np.nonzero(np.isfinite(share))):
+            value = share[i, j]
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if value > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     fig.tight_layout()
     return _save(fig, path)

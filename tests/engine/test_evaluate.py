@@ -126,6 +126,7 @@ def test_isr_sweep_writes_json_and_plot_beside_the_checkpoint(tmp_path, capsys, 
     rows = result["results"]
     assert [r["isr"] for r in rows] == ["1111-111", "1111-222", "2211-222", "2222-222"]
     assert rows[0]["delta_mIoU"] == 0.0 and all(0 <= r["mIoU"] <= 1 for r in rows)
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("mDice", "mPrec", "mRecall"))
     # the size the images run at: 48x60 fitted into (80, 60) is 60x75, sides to 32: 64x96 (2 of 3 images)
     assert result["meta"]["flops_input_size"] == [64, 96]
     assert "most common test size (2 of 3 images)" in result["meta"]["flops_input_size_source"]
@@ -183,3 +184,74 @@ def test_eval_uses_the_checkpoint_stored_isr_and_pool_unless_given(eval_setup, t
     assert "ISR 2211-222 (overlap pooling)" in capsys.readouterr().out
     assert cli_main(base + ["--isr", "1111-222"]) == 0
     assert "ISR 1111-222" in capsys.readouterr().out
+
+
+def _label_pixels_per_class(data: Path) -> list[int]:
+    counts = np.zeros(len(CLASSES), np.int64)
+    for path in sorted((data / "annotations" / "val").iterdir()):
+        label = np.asarray(Image.open(path)).ravel()
+        counts += np.bincount(label[label != 255], minlength=len(CLASSES))
+    return counts.tolist()
+
+
+def test_eval_prints_dice_precision_recall(eval_setup, capsys):
+    cfg_path, ckpt = eval_setup
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    summary = next(line for line in out.splitlines() if line.startswith("aAcc "))
+    assert [part.split()[0] for part in summary.split("  ")] == ["aAcc", "mIoU", "mAcc", "mDice", "mPrec", "mRecall"]
+    assert "| Class" in out and "Dice" in out and "Prec" in out and "Recall" in out
+
+
+def test_eval_confusion_writes_counts_csv_and_png(tmp_path, capsys):
+    import csv
+
+    pytest.importorskip("matplotlib", reason="the confusion matrix plot needs matplotlib")
+    data = make_dataset(tmp_path / "data")
+    cfg_path = write_config(tmp_path / "e.yaml", data)
+    torch.manual_seed(0)
+    ckpt = edaformer.save_checkpoint(edaformer.create_model(MODEL, num_classes=4), tmp_path / "run" / "model.pth")
+    png = tmp_path / "plots" / "confusion.png"
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--confusion", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {png.with_suffix('.csv')}" in out and f"wrote {png}" in out
+    image = Image.open(png)
+    assert image.format == "PNG" and min(image.size) > 200
+    with open(png.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == CLASSES and [r[0] for r in rows[1:]] == CLASSES
+    counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+    assert counts.sum(1).tolist() == _label_pixels_per_class(data)   # rows: ground truth, ignore left out
+    summary = next(line for line in out.splitlines() if line.startswith("aAcc "))
+    assert float(summary.split()[1]) == pytest.approx(100 * np.trace(counts) / counts.sum(), abs=0.005)
+
+
+def test_eval_confusion_without_matplotlib_writes_the_counts(eval_setup, tmp_path, capsys, caplog, monkeypatch):
+    cfg_path, ckpt = eval_setup
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    png = tmp_path / "confusion.png"
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--confusion", str(png)]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err + caplog.text).count("matplotlib is not installed") == 1
+    assert png.with_suffix(".csv").is_file() and not png.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--confusion", "c.jpg"], "--confusion takes a .png path, got c.jpg"),
+    (["--confusion", "c.png", "--isr-sweep"], "--confusion is for a single evaluation, not with --isr-sweep"),
+])
+def test_eval_confusion_bad_use_is_one_line(eval_setup, capsys, extra, message):
+    cfg_path, ckpt = eval_setup
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", *extra]) == 2
+    assert capsys.readouterr().err.strip() == f"edaformer eval: error: {message}"
+
+
+def test_eval_checkpoint_with_another_class_count_is_one_line(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    cfg_path = write_config(tmp_path / "e.yaml", data)
+    torch.manual_seed(0)
+    ckpt = edaformer.save_checkpoint(edaformer.create_model(MODEL, num_classes=6), tmp_path / "six.pth")
+    assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"edaformer eval: error: checkpoint {ckpt} has 6 classes but the config's dataset has 4 "
+                   "(red, green, blue, yellow)")

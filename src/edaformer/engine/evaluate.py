@@ -5,9 +5,11 @@ window, optionally multi-scale + flip) image by image, scores each prediction at
 original size with :class:`~edaformer.metrics.SegMetric`, and under ``torch.distributed``
 splits the images over the ranks and reduces the counts. :func:`isr_sweep` repeats it for
 several ISR settings of the same model (no reload) and adds each setting's GFLOPs.
+:func:`save_confusion` writes an evaluation's confusion matrix (counts as CSV, a PNG plot).
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -23,11 +25,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..isr import PAPER_ISR_SWEEP, isr as isr_context
 from ..metrics import SegMetric
 from ..inference.protocol import TestProtocol
-from ..plotting import plot_sweep
+from ..plotting import plot_confusion, plot_sweep
 from .distributed import get_rank, get_world_size, is_main_process
 
 __all__ = ["evaluate", "isr_sweep", "format_sweep_table", "save_sweep", "plot_sweep", "common_test_size",
-           "sweep_title"]
+           "sweep_title", "save_confusion"]
 
 log = logging.getLogger("edaformer")
 
@@ -88,8 +90,9 @@ class _PredictionWriter:
 def evaluate(model: nn.Module, data: Dataset | DataLoader, protocol: TestProtocol | None = None, isr: Any = None, *,
              num_classes: int | None = None, ignore_index: int = 255, workers: int = 2, progress: bool = False,
              save_predictions: str | os.PathLike | None = None, pool: str | None = None) -> dict[str, Any]:
-    """Score ``model`` on a validation set; returns ``aAcc``, ``mIoU``, ``mAcc``, per-class ``IoU`` /
-    ``Acc`` (fractions) and ``num_images``.
+    """Score ``model`` on a validation set; returns :meth:`SegMetric.compute`'s ``aAcc``, ``mIoU``,
+    ``mAcc``, ``mDice``, ``mPrec``, ``mRecall``, their per-class lists (fractions), the
+    ``confusion`` matrix and ``num_images``.
 
     ``data``: a dataset of ``(normalized image at test size, label at original size)`` items, as
     :func:`~edaformer.data.test_transforms` gives them (split over the ranks under DDP), or a loader
@@ -174,6 +177,9 @@ def _progress(iterable, enabled: bool):
 
 
 # -- ISR sweep ------------------------------------------------------------------------------------
+SWEEP_METRICS = ("mIoU", "aAcc", "mAcc", "mDice", "mPrec", "mRecall")  # per setting, in isr_sweep.json
+
+
 def _gflops(model: nn.Module, input_size: Size) -> float | None:
     try:
         from ..flops import count_flops
@@ -211,8 +217,8 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
     """Evaluate the same weights under each ISR setting (switched with ``model.set_isr``).
 
     Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at;
-    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc`` and ``delta_mIoU``
-    vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
+    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc``, ``mDice``, ``mPrec``,
+    ``mRecall`` and ``delta_mIoU`` vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
     ``eval_kwargs`` go to :func:`evaluate` (``protocol``, ``workers``, ...).
     """
     from ..isr import parse_isr
@@ -226,8 +232,7 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
             model.set_isr(setting, pool=pool)
             gflops = _gflops(model, tuple(flops_input_size))
             metrics = evaluate(model, data, isr=setting, pool=pool, **eval_kwargs)
-            rows.append(dict(isr=setting, gflops=gflops, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"],
-                             mAcc=metrics["mAcc"]))
+            rows.append(dict(isr=setting, gflops=gflops, **{k: metrics[k] for k in SWEEP_METRICS}))
             log.info("ISR %s: mIoU %.2f%s", setting, 100 * metrics["mIoU"],
                      f"  GFLOPs {gflops:.2f}" if gflops is not None else "")
     finally:
@@ -267,3 +272,22 @@ def save_sweep(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, meta:
     path = out_dir / "isr_sweep.json"
     path.write_text(json.dumps({"meta": meta or {}, "results": list(rows)}, indent=2))
     return path
+
+
+# -- confusion matrix -------------------------------------------------------------------------
+def save_confusion(confusion: Sequence[Sequence[int]], png: str | os.PathLike,
+                   class_names: Sequence[str] | None = None, title: str = "") -> tuple[Path, Path | None]:
+    """Write the confusion matrix counts (rows: ground truth, columns: prediction) as a CSV with
+    the class names as header row and first column, ``<png stem>.csv`` beside ``png``, and its
+    row-normalised plot to ``png`` (None without matplotlib). Returns both paths."""
+    png = Path(png)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(confusion))]
+    if len(names) != len(confusion):
+        raise ValueError(f"{len(names)} class names for {len(confusion)} classes")
+    table = png.with_suffix(".csv")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["ground truth \\ prediction", *names])
+        out.writerows([name, *map(int, row)] for name, row in zip(names, confusion))
+    return table, plot_confusion(confusion, png, names, title)

@@ -40,6 +40,7 @@ from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcas
 from .signals import StopRequest, TrainingAborted, TrainingInterrupted
 from .state import (TrainState, capture_rng_state, check_resume_config, checkpoint_payload, find_resume_checkpoint,
                     restore_rng_state, seed_everything, write_training_checkpoint)
+from .tensorboard import TensorBoardLog, require_tensorboard
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
 
 __all__ = ["train", "train_one_iteration", "validate", "build_model", "build_param_groups", "build_optimizer",
@@ -330,6 +331,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
     tcfg, data_cfg, iters, seed = cfg["train"], cfg["data"], cfg["schedule"]["iters"], cfg["train"]["seed"]
     checkpoint_minutes = float(tcfg["checkpoint_minutes"])  # validated by edaformer.config
     amp_dtype = resolve_amp(tcfg["amp"], dev)
+    if tcfg["tensorboard"]:
+        require_tensorboard()  # before any work, on every rank
     if tcfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -388,6 +391,10 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         check_free_space(work_dir, _state_bytes(net))
         save_config(cfg, work_dir / "config.yaml")
         jlog.start(state.iteration)
+    tblog = None
+    if main and tcfg["tensorboard"]:
+        tblog = TensorBoardLog(work_dir / "tensorboard", state.iteration + 1, getattr(val_set, "classes", ()))
+        cleanup.callback(tblog.close)
 
     def save(iteration: int) -> Path:
         """Collective: every rank contributes its RNG state; rank 0 writes, then says how it went."""
@@ -417,7 +424,11 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
                                "first: fix the file, then continue with --resume auto)") from None
         log.info("iter %d/%d validation: aAcc %.2f  mIoU %.2f  mAcc %.2f", iteration, iters,
                  100 * metrics["aAcc"], 100 * metrics["mIoU"], 100 * metrics["mAcc"])
-        jlog.write(iter=iteration, mode="val", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"])
+        record = dict(iter=iteration, mode="val", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
+                      mDice=metrics["mDice"])
+        jlog.write(**record)
+        if tblog:
+            tblog.write(record, metrics["IoU"])
         if metrics["mIoU"] > state.best_miou and math.isfinite(metrics["mIoU"]):
             state.best_miou = metrics["mIoU"]
             if main:
@@ -466,6 +477,8 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
             record = dict(iter=done, loss=window["loss"] / n, lr=lr, time=window["time"] / n,
                           data_time=window["data_time"] / n, memory_mb=round(_memory_mb(dev), 1))
             jlog.write(**record)
+            if tblog:
+                tblog.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             window = dict(loss=0.0, time=0.0, data_time=0.0, n=0)
         if stopping:
