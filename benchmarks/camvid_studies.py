@@ -27,6 +27,7 @@ from edaformer.config import load_config  # noqa: E402
 from edaformer.data import build_dataset, test_transforms  # noqa: E402
 from edaformer.engine import build_model, evaluate  # noqa: E402
 from edaformer.inference import TestProtocol  # noqa: E402
+from edaformer.isr import get_isr  # noqa: E402
 
 SIZE = (360, 480)
 
@@ -61,7 +62,7 @@ def load_run(run_dir: Path):
 
 
 def gflops(model, isr, pool) -> float:
-    with edaformer.isr(model, isr or edaformer.get_isr(model), pool=pool if pool != "avg" else None):
+    with edaformer.isr(model, isr or get_isr(model), pool=pool if pool != "avg" else None):
         try:
             from edaformer.flops import count_flops
 
@@ -88,14 +89,14 @@ def score_table(name: str, runs: Path, cache: dict, latency_runs: int) -> list[d
                               IoU=list(metrics["IoU"]), iteration=int(meta.get("iteration", -1)),
                               params=sum(p.numel() for p in model.parameters()),
                               gflops=gflops(model, isr, pool))
-        rows.append(dict(table=name, label=label, run=run, isr=isr or edaformer.get_isr(model), pool=pool, **cache[key]))
+        rows.append(dict(table=name, label=label, run=run, isr=isr or get_isr(model), pool=pool, **cache[key]))
         timed[label] = (model, isr, pool)
     if latency_runs and timed:
         x = torch.randn(1, 3, *SIZE)
 
         def forward(model, isr, pool):
             def fn():
-                with torch.inference_mode(), edaformer.isr(model, isr or edaformer.get_isr(model),
+                with torch.inference_mode(), edaformer.isr(model, isr or get_isr(model),
                                                            pool=pool if pool != "avg" else None):
                     model(x)
             return fn

@@ -16,7 +16,7 @@ __all__ = ["WorkDirError", "WorkDirLock", "remove_partial_files", "previous_run_
 log = logging.getLogger("edaformer")
 
 LOCK_NAME = "train.lock"
-RUN_FILES = ("config.yaml", "log.jsonl", "curves.png", "latest.pth", "best_mIoU.pth")
+RUN_FILES = ("config.yaml", "log.jsonl", "curves.png", "latest.pth", "best_mIoU.pth", "tensorboard")
 _PARTIAL_PATTERNS = (".*.pth.*.tmp", ".*.link", ".log.jsonl.*.tmp")
 
 
