@@ -133,6 +133,27 @@ def test_package_weights_options_and_errors(trained, tmp_path, monkeypatch, caps
         pretrained.package_weights(bare, "bare", out=tmp_path)
 
 
+def test_package_weights_config_option_fills_what_the_checkpoint_lacks(tmp_path, capsys):
+    """A checkpoint without config, protocol or class names (a bare model file): --config supplies them."""
+    cfg_path = training_data.write_config(tmp_path / "config.yaml", tmp_path / "data", size=48,
+                                          model={"decoder_depths": [1, 2, 1]})
+    cfg = load_config(cfg_path)
+    torch.manual_seed(0)
+    model = edaformer.create_model(MODEL, num_classes=4, decoder_depths=(1, 2, 1))
+    source = save_checkpoint(model, tmp_path / "model.pth")
+    with pytest.raises(ValueError, match=r"model.pth stores no training config.*\(--config\)\ncheckpoint does not "
+                                         "match the model"):  # the architecture is in the config
+        pretrained.package_weights(source, "blocks", out=tmp_path)
+    assert main(["package-weights", str(source), "--name", "blocks", "--config", str(cfg_path),
+                 "--out", str(tmp_path / "blocks.safetensors")]) == 0
+    info = pretrained.read_info(tmp_path / "blocks.safetensors")
+    assert info.config == json.loads(json.dumps(cfg)) and info.config["model"]["decoder_depths"] == [1, 2, 1]
+    assert info.protocol == TestProtocol.from_config(cfg) and info.protocol.scale == (48, 48)
+    assert info.classes == tuple(training_data.CLASSES) and (info.mIoU, info.iteration) == (None, None)
+    loaded, _ = pretrained.load_pretrained("blocks", folder=tmp_path)
+    assert tuple(loaded.decoder_depths) == (1, 2, 1)
+
+
 def test_package_weights_is_atomic(trained, tmp_path, monkeypatch):
     _, path = trained
     target = tmp_path / "w.safetensors"

@@ -188,6 +188,9 @@ def _add_package_weights(sub) -> None:
                    "in the checkpoint by `edaformer isr-tune --write`, else 1111-111)")
     p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
                    help="ISR pooling kind of the recommended setting (default: the checkpoint's stored one, else avg)")
+    p.add_argument("--config", default=None,
+                   help="training config YAML to store, for a checkpoint that holds none (best_mIoU.pth: the "
+                        "work dir's config.yaml); default: the checkpoint's")
     p.add_argument("--out", default=None,
                    help="output .safetensors file, else a folder for NAME.safetensors (default: the package's "
                         "weights folder)")
@@ -196,7 +199,8 @@ def _add_package_weights(sub) -> None:
 def _run_package_weights(args) -> int:
     from .pretrained import package_weights
 
-    result = package_weights(args.checkpoint, args.name, isr=args.isr, pool=args.pool, out=args.out)
+    result = package_weights(args.checkpoint, args.name, isr=args.isr, pool=args.pool, out=args.out,
+                             config=args.config)
     info = result.info
     print(f"wrote {result.path} ({result.size / 2**20:.2f} MiB, {result.tensors} tensors in float16; "
           f"{info.model}, {info.num_classes} classes, ISR {info.isr} {info.isr_pool}"

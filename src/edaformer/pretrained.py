@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (FORMAT, CorruptCheckpointError, build_from_checkpoint, checkpoint_model_name,
-                         read_checkpoint, resolve_checkpoint_source, tensor_checksum, write_bytes_atomically)
+from .checkpoint import (FORMAT, CheckpointMismatchError, CorruptCheckpointError, build_from_checkpoint,
+                         checkpoint_model_name, read_checkpoint, resolve_checkpoint_source, tensor_checksum,
+                         write_bytes_atomically)
 from .data.palettes import class_info
 from .inference.protocol import META_KEY as PROTOCOL_KEY
 from .inference.protocol import TestProtocol
@@ -300,23 +301,37 @@ def _class_info(num_classes: int, model: nn.Module, meta: Mapping[str, Any], con
 
 
 def package_weights(checkpoint: str | os.PathLike, name: str, isr: Any = None, pool: str | None = None,
-                    out: str | os.PathLike | None = None) -> PackagedWeights:
+                    out: str | os.PathLike | None = None,
+                    config: str | os.PathLike | Mapping[str, Any] | None = None) -> PackagedWeights:
     """Write the shipped weights file ``name`` from a training checkpoint.
 
     The model is rebuilt from the checkpoint (its name, class count and architecture options)
     and loaded strictly; its state dict (BN running statistics included) is written in float16,
     integer buffers unchanged, atomically, to ``out`` (a ``.safetensors`` file, else a folder to
     hold ``<name>.safetensors``; default: :func:`weights_dir`). ``isr`` / ``pool``: the recommended
-    setting (default: the checkpoint's stored one, else ``1111-111`` with ``avg``). Test
-    protocol, classes and palette: the checkpoint's meta, else its training config, else the
+    setting (default: the checkpoint's stored one, else ``1111-111`` with ``avg``). ``config``:
+    the training config to store (a YAML file or a resolved config) in place of the one the
+    checkpoint stores (``best_mIoU.pth`` stores none; the work dir's ``config.yaml`` is it). Test
+    protocol, classes and palette: the checkpoint's meta, else the training config, else the
     model spec's.
     """
     check_name(name)
     source = resolve_checkpoint_source(checkpoint)
     obj = read_checkpoint(source)
-    model, report = build_from_checkpoint(obj, checkpoint_model_name(obj, source))
+    if config is not None:
+        from .config import load_config
+
+        obj["config"] = load_config(config) if isinstance(config, (str, os.PathLike)) else config
+    try:
+        model, report = build_from_checkpoint(obj, checkpoint_model_name(obj, source))
+    except CheckpointMismatchError as e:
+        if isinstance(obj.get("config"), Mapping):
+            raise
+        raise CheckpointMismatchError(f"checkpoint {source} stores no training config, so the model was built "
+                                      f"with the default architecture options; pass the config it was trained "
+                                      f"with (--config)\n{e}") from None
     meta = report.get("meta") or {}
-    config = dict(obj["config"]) if isinstance(obj.get("config"), Mapping) else {}
+    config = json.loads(json.dumps(obj["config"], default=str)) if isinstance(obj.get("config"), Mapping) else {}
     setting, isr_pool = _recommended_isr(meta, isr, pool, source)
     model.set_isr(setting, pool=isr_pool)  # the model accepts the setting
     base = TestProtocol.from_config(config) if all(isinstance(config.get(k), Mapping) for k in ("data", "eval")) \
@@ -335,7 +350,7 @@ def package_weights(checkpoint: str | os.PathLike, name: str, isr: Any = None, p
     metadata = {"format": WEIGHTS_FORMAT, "format_version": FORMAT_VERSION, "model": info.model,
                 "num_classes": str(num_classes), "classes": json.dumps(list(info.classes)),
                 "palette": json.dumps([list(c) for c in info.palette]), PROTOCOL_KEY: json.dumps(protocol.to_dict()),
-                "isr": info.isr, "isr_pool": info.isr_pool, "config": json.dumps(config, default=str),
+                "isr": info.isr, "isr_pool": info.isr_pool, "config": json.dumps(config),
                 "source_sha256": info.source_sha256 or "", "iteration": "" if info.iteration is None
                 else str(info.iteration), "mIoU": "" if info.mIoU is None else repr(info.mIoU),
                 "checksum": tensor_checksum(tensors)}
