@@ -233,8 +233,11 @@ def test_read_checkpoint_takes_a_shipped_name(trained, installed):
     report = load_checkpoint(fresh, "tiny")
     assert report["format"] == "edaformer" and report["meta"]["CLASSES"] == CLASSES
     assert report["meta"]["isr"] == "1111-222" and report["meta"]["test_protocol"] == PROTOCOL.to_dict()
-    with pytest.raises(FileNotFoundError, match=r"checkpoint not found: nope \(nor a shipped model: "):
+    with pytest.raises(FileNotFoundError, match=rf"^checkpoint not found: nope \(nor a shipped model: "
+                                                rf"{pretrained.DEFAULT_NAME}, tiny\)$"):
         read_checkpoint("nope")
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint not found: \S+nope.pth$"):
+        read_checkpoint(installed / "nope.pth")
 
 
 def _image(path, h=40, w=56):

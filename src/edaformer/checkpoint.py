@@ -188,9 +188,10 @@ def resolve_checkpoint_source(source: str | os.PathLike) -> Path:
 
 
 def _not_found_message(path: Path) -> str:
+    """Not found; a bare name also lists the shipped models."""
     from . import pretrained
 
-    shipped = pretrained.available()
+    shipped = pretrained.available() if len(path.parts) == 1 else []
     return f"checkpoint not found: {path}" + (f" (nor a shipped model: {', '.join(shipped)})" if shipped else "")
 
 
