@@ -272,6 +272,13 @@ def test_predict_without_a_shipped_model_says_so(tmp_path, monkeypatch, capsys):
     assert main(["predict", str(image), "--checkpoint", "nope", "--out", str(tmp_path / "out"),
                  "--device", "cpu"]) == 2
     assert "checkpoint not found: nope" in capsys.readouterr().err
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "other.safetensors").write_bytes(b"")
+    assert main(["predict", str(image), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"edaformer predict: error: the default model {pretrained.DEFAULT_NAME} is not shipped with this install; "
+        "pass --checkpoint (a checkpoint file, or a shipped model: other)")
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def test_predict_help_names_the_default_model(capsys):

@@ -137,9 +137,11 @@ def _predict_checkpoint(checkpoint: str | None) -> str:
     if checkpoint is not None:
         return checkpoint
     shipped = available()
+    if not shipped:
+        raise ValueError("no model is shipped with this install; pass --checkpoint")
     if DEFAULT_NAME not in shipped:
-        raise ValueError("no model is shipped with this install; pass --checkpoint"
-                         + (f" (a checkpoint file, or a shipped model: {', '.join(shipped)})" if shipped else ""))
+        raise ValueError(f"the default model {DEFAULT_NAME} is not shipped with this install; pass --checkpoint "
+                         f"(a checkpoint file, or a shipped model: {', '.join(shipped)})")
     return DEFAULT_NAME
 
 
