@@ -14,7 +14,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ from torch import nn
 
 from .models.eft import reference_encoder_key
 
-__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "checkpoint_num_classes", "reference_to_native",
-           "native_to_reference", "export_reference", "CheckpointMismatchError", "CorruptCheckpointError",
-           "CheckpointWriteError", "tensor_checksum", "FORMAT"]
+__all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "resolve_checkpoint_source",
+           "checkpoint_num_classes", "checkpoint_model_name", "architecture_options", "build_from_checkpoint",
+           "reference_to_native", "native_to_reference", "export_reference", "CheckpointMismatchError",
+           "CorruptCheckpointError", "CheckpointWriteError", "tensor_checksum", "write_bytes_atomically", "FORMAT",
+           "ARCHITECTURE_KEYS"]
 
 FORMAT = "edaformer"
 
@@ -173,8 +175,32 @@ def tensor_checksum(obj: Any) -> str | None:
     return digest.hexdigest() if found else None
 
 
+def resolve_checkpoint_source(source: str | os.PathLike) -> Path:
+    """The file a ``--checkpoint`` value names: the path itself when something exists there, else
+    the shipped weights of that name (:func:`edaformer.pretrained.available`), else the path (which
+    :func:`read_checkpoint` then reports as not found)."""
+    path = Path(source)
+    if path.exists() or not isinstance(source, str):
+        return path
+    from . import pretrained
+
+    return pretrained.weights_path(source) if source in pretrained.available() else path
+
+
+def _not_found_message(path: Path) -> str:
+    """Not found; a bare name also lists the shipped models."""
+    from . import pretrained
+
+    shipped = pretrained.available() if len(path.parts) == 1 else []
+    return f"checkpoint not found: {path}" + (f" (nor a shipped model: {', '.join(shipped)})" if shipped else "")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU.
+
+    ``path`` may also be the name of a shipped model (:func:`resolve_checkpoint_source`). A
+    ``.safetensors`` file (shipped weights, :mod:`edaformer.pretrained`) reads as a checkpoint in
+    this library's format, float32, with its ``meta`` and training ``config``.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for a
     folder, an empty or text file, a file that is no ``torch.save`` output, or one that holds
@@ -183,11 +209,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     A file written by :func:`save_checkpoint` carries a checksum of its tensors; a mismatch
     (a corrupted file) raises :class:`CorruptCheckpointError`.
     """
-    path = Path(path)
+    path = resolve_checkpoint_source(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(_not_found_message(path))
+    from . import pretrained
+
+    if pretrained.is_safetensors(path):
+        return pretrained.read_as_checkpoint(path)
     reason = _not_a_checkpoint_reason(path)
     if reason is None:
         try:
@@ -221,6 +251,48 @@ def checkpoint_num_classes(checkpoint: str | os.PathLike | Mapping[str, Any]) ->
         if isinstance(value, torch.Tensor) and key in ("decoder.classifier.weight", "decode_head.linear_pred.weight"):
             return int(value.shape[0])
     return None
+
+
+# training-config model keys that change the architecture (create_model keywords)
+ARCHITECTURE_KEYS = ("decoder_depths", "decoder_op", "train_isr")
+
+
+def architecture_options(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``create_model`` keywords of a training config's ``model`` section that change the
+    architecture (:data:`ARCHITECTURE_KEYS`, those set)."""
+    model_cfg = (config or {}).get("model") or {}
+    return {k: model_cfg[k] for k in ARCHITECTURE_KEYS if model_cfg.get(k) is not None}
+
+
+def checkpoint_model_name(obj: Mapping[str, Any], source: Any = None) -> str:
+    """The model name a loaded checkpoint stores (``model``, else its config's ``model.name``);
+    ``ValueError`` naming ``source`` when it stores none."""
+    name = obj.get("model")
+    if not isinstance(name, str):
+        config = obj.get("config")
+        name = ((config.get("model") or {}).get("name")) if isinstance(config, Mapping) else None
+    if not isinstance(name, str) or not name:
+        what = f"checkpoint {source}" if source is not None else "the checkpoint"
+        raise ValueError(f"{what} stores no model name; give one (--model, see `edaformer list`)")
+    return name
+
+
+def build_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], name: str | None = None,
+                          num_classes: int | None = None, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a checkpoint holds, with its weights: ``name`` (default: the checkpoint's
+    :func:`checkpoint_model_name`), ``num_classes`` (default: its classifier's) and the
+    architecture options of its training config (:func:`architecture_options`). Returns
+    ``(model, report)``, the report of :func:`load_checkpoint`."""
+    from .models import create_model
+
+    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None
+    obj = read_checkpoint(checkpoint) if source is not None else checkpoint
+    name = name or checkpoint_model_name(obj, source)
+    if num_classes is None:
+        num_classes = checkpoint_num_classes(obj)
+    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+    model = create_model(name, num_classes=num_classes, **architecture_options(config))
+    return model, load_checkpoint(model, obj, strict=strict)
 
 
 def _unwrap(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -346,13 +418,25 @@ def save_checkpoint(obj: Mapping[str, Any] | nn.Module, path: str | os.PathLike)
     checksum = tensor_checksum(obj) if obj.get("format") == FORMAT else None
     if checksum is not None:
         obj = {**obj, "checksum": {"algorithm": "sha256", "tensors": checksum}}
+    return _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_bytes_atomically(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` as :func:`save_checkpoint` writes: a temporary file, then a
+    rename; a full disk raises :class:`CheckpointWriteError` and keeps the previous file."""
+    return _write_atomically(Path(path), lambda f: f.write(data))
+
+
+def _write_atomically(path: Path, write: Callable[[Any], Any]) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     writer = None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
-            torch.save(obj, writer)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -111,10 +111,13 @@ def _add_predict(sub) -> None:
     p = _command(sub, "predict", _run_predict,
                  help="segment images: writes <stem>_label.png and <stem>_overlay.png (and <stem>_probs.png)")
     p.add_argument("images", nargs="+", help="image files or folders (folders: the images inside, not recursive)")
-    p.add_argument("--model", required=True, help="model name, see `edaformer list`")
-    p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
+    p.add_argument("--model", default=None,
+                   help="model name, see `edaformer list` (default: the one the checkpoint stores)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights (any supported format) or the name of a shipped model (default: the shipped "
+                        "edaformer-t-camvid)")
     p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: the setting stored in the "
-                   "checkpoint by `edaformer isr-tune --write`, else the training ratios)")
+                   "checkpoint by `edaformer isr-tune --write` or shipped with the model, else the training ratios)")
     p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
                    help="ISR key/value pooling kind (default: the checkpoint's stored one, else avg)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
@@ -125,6 +128,21 @@ def _add_predict(sub) -> None:
     p.add_argument("--save-probs", action="store_true",
                    help="also write <stem>_probs.png: the top class probability per pixel as 8-bit gray")
     _add_protocol_options(p)
+
+
+def _predict_checkpoint(checkpoint: str | None) -> str:
+    """``--checkpoint``, by default the shipped default model (an error when none is shipped)."""
+    from .pretrained import DEFAULT_NAME, available
+
+    if checkpoint is not None:
+        return checkpoint
+    shipped = available()
+    if not shipped:
+        raise ValueError("no model is shipped with this install; pass --checkpoint")
+    if DEFAULT_NAME not in shipped:
+        raise ValueError(f"the default model {DEFAULT_NAME} is not shipped with this install; pass --checkpoint "
+                         f"(a checkpoint file, or a shipped model: {', '.join(shipped)})")
+    return DEFAULT_NAME
 
 
 def _run_predict(args) -> int:
@@ -142,9 +160,9 @@ def _run_predict(args) -> int:
         print(f"edaformer predict: skipped {path}: {why}", file=sys.stderr)
     if not inputs.files:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(args.images)}")
-    segmenter = Segmenter.from_checkpoint(args.model, args.checkpoint, device=device, isr=args.isr,
-                                          num_classes=args.num_classes, test_scale=args.scale, mode=args.mode,
-                                          pool=args.pool)
+    segmenter = Segmenter.from_checkpoint(args.model, _predict_checkpoint(args.checkpoint), device=device,
+                                          isr=args.isr, num_classes=args.num_classes, test_scale=args.scale,
+                                          mode=args.mode, pool=args.pool)
     log.info("%r", segmenter)
     result = predict_files(segmenter, inputs.files, args.out, alpha=args.alpha, legend=args.legend,
                            save_probs=args.save_probs,
@@ -155,6 +173,41 @@ def _run_predict(args) -> int:
           + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else "")
           + (f"; {len(inputs.skipped)} input(s) skipped" if inputs.skipped else ""))
     return 1 if failed else 0
+
+
+# -- package-weights -------------------------------------------------------------------
+def _add_package_weights(sub) -> None:
+    p = _command(sub, "package-weights", _run_package_weights,
+                 help="write a training checkpoint as shipped fp16 safetensors weights with their metadata",
+                 description="Write a training checkpoint as shipped weights: float16 safetensors (integer buffers "
+                             "as they are) whose metadata hold the model name, classes, palette, test protocol, "
+                             "recommended ISR, training config, the checkpoint's SHA-256, iteration and mIoU. "
+                             "Default output: <package>/weights/NAME.safetensors, which `edaformer predict` and "
+                             "`edaformer.pretrained.load_pretrained(NAME)` then find by name.")
+    p.add_argument("checkpoint", help="training checkpoint (as `edaformer train` writes it)")
+    p.add_argument("--name", required=True, help="shipped name, e.g. edaformer-t-camvid")
+    p.add_argument("--isr", default=None, help="recommended ISR setting, e.g. 2211-222 (default: the one stored "
+                   "in the checkpoint by `edaformer isr-tune --write`, else 1111-111)")
+    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
+                   help="ISR pooling kind of the recommended setting (default: the checkpoint's stored one, else avg)")
+    p.add_argument("--config", default=None,
+                   help="training config YAML to store, for a checkpoint that holds none (best_mIoU.pth: the "
+                        "work dir's config.yaml); default: the checkpoint's")
+    p.add_argument("--out", default=None,
+                   help="output .safetensors file, else a folder for NAME.safetensors (default: the package's "
+                        "weights folder)")
+
+
+def _run_package_weights(args) -> int:
+    from .pretrained import package_weights
+
+    result = package_weights(args.checkpoint, args.name, isr=args.isr, pool=args.pool, out=args.out,
+                             config=args.config)
+    info = result.info
+    print(f"wrote {result.path} ({result.size / 2**20:.2f} MiB, {result.tensors} tensors in float16; "
+          f"{info.model}, {info.num_classes} classes, ISR {info.isr} {info.isr_pool}"
+          + (f", mIoU {100 * info.mIoU:.2f}" if info.mIoU is not None else "") + ")")
+    return 0
 
 
 # -- train -----------------------------------------------------------------------------
@@ -587,7 +640,7 @@ def _run_isr_tune(args) -> int:
 
 
 COMMANDS = (_add_list, _add_predict, _add_train, _add_eval, _add_isr_tune, _add_flops, _add_bench, _add_export,
-            _add_export_reference, _add_convert)
+            _add_export_reference, _add_package_weights, _add_convert)
 
 _DESCRIPTION = ("EDAFormer semantic segmentation: train, evaluate, segment images, count FLOPs, benchmark and "
                 "export, with Inference Spatial Reduction (ISR) chosen at run time.")

@@ -239,3 +239,43 @@ def test_from_checkpoint_uses_stored_isr_pool_and_architecture(tmp_path):
     assert (str(explicit.model.isr), explicit.model.isr_pool) == ("1111-222", "avg")   # an explicit --isr wins
     pooled = Segmenter.from_checkpoint("edaformer-t-ade20k", path, device="cpu", isr="1111-222", pool="overlap")
     assert pooled.model.isr_pool == "overlap"
+
+
+def test_from_checkpoint_takes_the_model_name_the_checkpoint_stores(tmp_path):
+    from edaformer.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = edaformer.create_model("edaformer-t-cityscapes", num_classes=3)
+    named = save_checkpoint(model, tmp_path / "named.pth")
+    seg = Segmenter.from_checkpoint(None, named, device="cpu")
+    assert seg.model.name == "edaformer-t-cityscapes" and seg.protocol.mode == "slide"
+    bare = save_checkpoint({"state_dict": model.state_dict()}, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match=r"checkpoint .*bare.pth stores no model name; give one \(--model"):
+        Segmenter.from_checkpoint(None, bare, device="cpu")
+
+
+def test_segmenter_pretrained_uses_the_shipped_settings(tmp_path, monkeypatch):
+    """Shipped weights: architecture from the stored config, protocol, classes, palette, ISR and pool."""
+    from edaformer import pretrained
+    from edaformer.checkpoint import save_checkpoint
+    from edaformer.engine.state import checkpoint_payload
+
+    torch.manual_seed(0)
+    model = edaformer.create_model(ADE, num_classes=3, decoder_depths=(1, 2, 1))
+    stored = TestProtocol(scale=(64, 48), divisor=32)
+    meta = {"CLASSES": ["a", "b", "c"], "PALETTE": [[1, 2, 3], [4, 5, 6], [7, 8, 9]], "test_protocol": stored.to_dict()}
+    config = {"model": {"name": ADE, "decoder_depths": [1, 2, 1]}}
+    source = save_checkpoint(checkpoint_payload(model, meta, config=config), tmp_path / "run.pth")
+    pretrained.package_weights(source, pretrained.DEFAULT_NAME, isr="2211-222", pool="max", out=tmp_path / "w")
+    monkeypatch.setattr(pretrained, "weights_dir", lambda: tmp_path / "w")
+    seg = Segmenter.pretrained(device="cpu")
+    assert tuple(seg.model.decoder_depths) == (1, 2, 1)
+    assert (str(seg.model.isr), seg.model.isr_pool) == ("2211-222", "max")
+    assert seg.protocol == stored and seg.classes == ("a", "b", "c") and seg.palette[2] == (7, 8, 9)
+    img = rgb(40, 50)
+    np.testing.assert_array_equal(seg(img), Segmenter.from_checkpoint(None, pretrained.DEFAULT_NAME, device="cpu")(img))
+    explicit = Segmenter.pretrained(pretrained.DEFAULT_NAME, device="cpu", isr="1111-222", test_scale=(96, 64))
+    assert (str(explicit.model.isr), explicit.model.isr_pool) == ("1111-222", "avg")  # an explicit isr wins
+    assert explicit.protocol.scale == (96, 64)
+    with pytest.raises(pretrained.UnknownPretrainedError, match=rf"available: {pretrained.DEFAULT_NAME}$"):
+        Segmenter.pretrained("edaformer-b-camvid")

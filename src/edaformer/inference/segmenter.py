@@ -21,10 +21,6 @@ __all__ = ["Segmenter"]
 Size = tuple[int, int]
 
 
-# training-config model keys that change the architecture (create_model keywords)
-ARCHITECTURE_KEYS = ("decoder_depths", "decoder_op", "train_isr")
-
-
 def _meta_sequence(value: Any) -> tuple | None:
     return tuple(value) if isinstance(value, (list, tuple)) and value else None
 
@@ -75,29 +71,26 @@ class Segmenter:
         return info.classes, info.palette
 
     @classmethod
-    def from_checkpoint(cls, name: str, checkpoint_path: str | os.PathLike, device: torch.device | str | None = None,
-                        isr: Any = None, num_classes: int | None = None, **kwargs) -> "Segmenter":
-        """Build the named model, load a checkpoint (any supported format) and wrap it.
+    def from_checkpoint(cls, name: str | None, checkpoint_path: str | os.PathLike,
+                        device: torch.device | str | None = None, isr: Any = None, num_classes: int | None = None,
+                        **kwargs) -> "Segmenter":
+        """Build the named model, load a checkpoint (any supported format, or the name of a
+        shipped model, see :mod:`edaformer.pretrained`) and wrap it.
 
-        From the checkpoint's ``meta`` when present: the test protocol (``test_protocol``, as
-        ``edaformer train`` writes it), class names and palette (``CLASSES``, ``PALETTE``); else the
-        model's; the ISR setting and pool kind stored by ``edaformer isr-tune --write`` (``isr``,
-        ``isr_pool``) unless ``isr`` / ``pool`` are given; the architecture options of the training
-        config (``decoder_depths``, ``decoder_op``, ``train_isr``). ``num_classes`` defaults to the
-        checkpoint's classifier size.
+        ``name`` None: the model name the checkpoint stores (``edaformer train`` and shipped
+        weights store one). From the checkpoint's ``meta`` when present: the test protocol
+        (``test_protocol``, as ``edaformer train`` writes it), class names and palette
+        (``CLASSES``, ``PALETTE``); else the model's; the ISR setting and pool kind stored by
+        ``edaformer isr-tune --write`` (``isr``, ``isr_pool``) unless ``isr`` / ``pool`` are given;
+        the architecture options of the training config (``decoder_depths``, ``decoder_op``,
+        ``train_isr``). ``num_classes`` defaults to the checkpoint's classifier size.
         """
-        from ..checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
+        from ..checkpoint import build_from_checkpoint, checkpoint_model_name, read_checkpoint
         from ..engine.isr_tune import stored_isr
-        from ..models import create_model
 
         device = resolve_device(device)
         obj = read_checkpoint(checkpoint_path)
-        if num_classes is None:
-            num_classes = checkpoint_num_classes(obj)
-        model_cfg = (obj.get("config") or {}).get("model") or {}
-        arch = {k: model_cfg[k] for k in ARCHITECTURE_KEYS if model_cfg.get(k) is not None}
-        model = create_model(name, num_classes=num_classes, **arch)
-        report = load_checkpoint(model, obj)
+        model, report = build_from_checkpoint(obj, name or checkpoint_model_name(obj, checkpoint_path), num_classes)
         meta = report.get("meta") or {}
         if isr is None:
             isr = stored_isr(meta, source=checkpoint_path)
@@ -107,6 +100,28 @@ class Segmenter:
         kwargs.setdefault("palette", _meta_sequence(meta.get("PALETTE")))
         if kwargs.get("protocol") is None:
             kwargs["protocol"] = TestProtocol.resolve(model, meta, source=checkpoint_path)
+        return cls(model, device=device, isr=isr, **kwargs)
+
+    @classmethod
+    def pretrained(cls, name: str | None = None, device: torch.device | str | None = None, isr: Any = None,
+                   **kwargs) -> "Segmenter":
+        """The shipped model ``name`` (default :data:`edaformer.pretrained.DEFAULT_NAME`) with its
+        stored test protocol, classes, palette and recommended ISR setting and pool kind; an
+        explicit ``isr`` (with ``pool``, default avg) and protocol keywords win.
+
+        >>> seg = Segmenter.pretrained()        # edaformer-t-camvid
+        >>> label = seg("street.jpg")
+        """
+        from ..pretrained import DEFAULT_NAME, load_pretrained
+
+        model, info = load_pretrained(name or DEFAULT_NAME)
+        if isr is None:
+            isr = info.isr
+            kwargs.setdefault("pool", info.isr_pool)
+        kwargs.setdefault("classes", info.classes)
+        kwargs.setdefault("palette", info.palette)
+        if kwargs.get("protocol") is None:
+            kwargs["protocol"] = info.protocol
         return cls(model, device=device, isr=isr, **kwargs)
 
     # prediction ------------------------------------------------------------------------------
