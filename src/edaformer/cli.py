@@ -57,15 +57,11 @@ def _add_export_reference(sub) -> None:
 
 
 def _load_weights(name: str, checkpoint: str, num_classes: int | None):
-    """The named model with a checkpoint's weights; its class count is the checkpoint's unless given."""
-    from .checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
-    from .models import create_model
+    """The named model with a checkpoint's weights and the architecture options of its training
+    config; its class count is the checkpoint's unless given."""
+    from .checkpoint import build_from_checkpoint
 
-    obj = read_checkpoint(checkpoint)
-    if num_classes is None:
-        num_classes = checkpoint_num_classes(obj)
-    model = create_model(name, num_classes=num_classes)
-    return model, load_checkpoint(model, obj)
+    return build_from_checkpoint(checkpoint, name, num_classes)
 
 
 def _run_export_reference(args) -> int:
