@@ -141,6 +141,9 @@ def test_isr_gflops_drop():
         assert reduced.isr == "2211-111" and reduced.pool_ratios == {
             "encoder.stage1": 16, "encoder.stage2": 8, "encoder.stage3": 2, "encoder.stage4": 1}
     assert full.isr == "1111-111" and reduced.gflops < full.gflops
+    first = full.attention[0], reduced.attention[0]  # stage 1 at 64x64: a 16x16 grid, reduced by 8, pooled by 2
+    assert [(t.query_hw, t.kv_hw, t.pool_ratio, t.kv_tokens) for t in first] == [((16, 16), (2, 2), 8, 4),
+                                                                                  ((16, 16), (1, 1), 16, 1)]
     by_stage = lambda r: r.attention_by_group()  # noqa: E731
     assert by_stage(reduced)["encoder.stage1"] == by_stage(full)["encoder.stage1"] / 4
     assert by_stage(reduced)["encoder.stage3"] == by_stage(full)["encoder.stage3"]
