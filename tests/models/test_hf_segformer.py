@@ -72,6 +72,17 @@ def test_forward_gives_logits_at_the_input_size():
         model(torch.randn(2, 1, 40, 56))
 
 
+def test_grad_checkpointing_gives_the_same_gradients():
+    grads = []
+    for enable in (False, True):
+        model = tiny(drop_path_rate=0.0, dropout=0.0).train()
+        model.set_grad_checkpointing(enable)
+        model(torch.ones(1, 3, 32, 32)).square().mean().backward()
+        grads.append(model.encoder.stages[0].blocks[0].attention.q_proj.weight.grad)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.encoder.modules())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_state_dict_reads_as_this_librarys_format():
     """encoder.* / decoder.* keys: the native checkpoint format, the classifier found for the class
     count, the head in the decoder's 10x learning-rate groups, norms without weight decay."""

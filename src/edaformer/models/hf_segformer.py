@@ -143,10 +143,12 @@ class SegFormer(nn.Module):
     # training and counting helpers ------------------------------------------------------
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder blocks' activations in the backward pass (transformers' checkpointing)."""
+        prefix = "activation" if hasattr(self.encoder, "activation_checkpointing_enable") else "gradient"
         if enable:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            getattr(self.encoder, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
         else:
-            self.encoder.gradient_checkpointing_disable()
+            getattr(self.encoder, f"{prefix}_checkpointing_disable")()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
