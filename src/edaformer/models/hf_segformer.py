@@ -93,6 +93,7 @@ class SegFormer(nn.Module):
 
     @property
     def isr_pool(self) -> str:
+        """How the ISR factors reduce the key/value tokens: average pooling, the only kind."""
         return "avg"
 
     def set_isr(self, spec: ISRSpec | Sequence[int], pool: str = "avg") -> "SegFormer":
