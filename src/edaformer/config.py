@@ -172,7 +172,7 @@ class _Isr(_Type):
         from .isr import parse_isr
 
         try:
-            return str(parse_isr(str(value)))
+            return str(parse_isr(f"{value}-111" if str(value).isdigit() and len(str(value)) == 4 else str(value)))
         except ValueError as e:
             raise ConfigError(f"{name} must be {self.expected}: {e}") from None
 

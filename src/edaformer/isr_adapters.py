@@ -272,7 +272,8 @@ def set_stage_factors(model: nn.Module, factors: Sequence[int]) -> None:
 # -- FLOP count ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionCall:
-    """One attention call: query and (pooled) key/value token counts, channels, ``2 * Nq * Nkv * C``."""
+    """One attention call: query and (pooled) key/value token counts, channels, ``2 * Nq * Nkv * C``,
+    and the query and key/value grids."""
 
     layer: str
     stage: int
@@ -280,6 +281,8 @@ class AttentionCall:
     n_kv: int
     channels: int
     flops: int
+    query_hw: tuple[int, int] = (0, 0)
+    kv_hw: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -375,11 +378,12 @@ class _Counter:
             for layer, attn in layers:
                 key = id(attn)
                 handles.append(attn.register_forward_pre_hook(
-                    lambda mod, args, key=key: self._open.__setitem__(key, {"x": args[0].shape})))
+                    lambda mod, args, kwargs, key=key: self._open.__setitem__(
+                        key, {"x": args[0].shape, "query_hw": family.query_grid(args, kwargs)}), with_kwargs=True))
                 conv = family.reduction(attn)[0]
                 if conv is not None:
                     handles.append(conv.register_forward_hook(
-                        lambda mod, args, out, key=key: self._open[key].__setitem__("raw", out.shape[-2:].numel())))
+                        lambda mod, args, out, key=key: self._open[key].__setitem__("raw", tuple(out.shape[-2:]))))
                 handles.append(getattr(attn, family.kv_projections[0]).register_forward_hook(
                     lambda mod, args, out, key=key: self._open[key].__setitem__("kv", args[0].shape[1])))
                 handles.append(attn.register_forward_hook(
@@ -389,10 +393,13 @@ class _Counter:
     def _close(self, key: int, attn: nn.Module, layer: str, stage: int) -> None:
         shapes = self._open.pop(key)
         b, n_query, channels = shapes["x"]
-        if _factor(attn) > 1:  # pooling input: the reduced grid, or the tokens themselves
-            self.add(ISR_POOLING, b * shapes.get("raw", n_query) * channels)
+        raw_hw = shapes.get("raw", shapes["query_hw"])
+        factor = _factor(attn)
+        if factor > 1:  # pooling input: the reduced grid, or the tokens themselves
+            self.add(ISR_POOLING, b * math.prod(raw_hw) * channels)
         self.attention.append(AttentionCall(layer, stage, n_query, shapes["kv"], channels,
-                                            2 * b * n_query * shapes["kv"] * channels))
+                                            2 * b * n_query * shapes["kv"] * channels, shapes["query_hw"],
+                                            (raw_hw[0] // factor, raw_hw[1] // factor)))
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -415,9 +422,12 @@ def count_flops_external(model: nn.Module, input_size: Sequence[int] = (512, 512
     """
     h, w = to_pair(input_size, "input_size")
     target = unwrap_model(model)
-    if callable(getattr(target, "set_isr", None)) and hasattr(target, "isr"):
-        raise TypeError(f"{type(target).__name__} counts its own FLOPs: use edaformer.count_flops")
-    factors = stage_factors(target)
+    try:
+        factors = stage_factors(target)
+    except TypeError:
+        if callable(getattr(target, "set_isr", None)) and hasattr(target, "isr"):  # EDAFormer
+            raise TypeError(f"{type(target).__name__} counts its own FLOPs: use edaformer.count_flops") from None
+        raise
     meta = _meta_copy(target).eval()
     family, stages = _find_stages(meta)
     in_chans = next(m.in_channels for m in meta.modules() if isinstance(m, nn.Conv2d))

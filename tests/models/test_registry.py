@@ -7,7 +7,8 @@ from edaformer.models import MODEL_SPECS
 
 def test_list_models():
     names = edaformer.list_models()
-    assert names == sorted(f"edaformer-{s}-{d}" for s in "tb" for d in ("ade20k", "cityscapes", "cocostuff"))
+    assert names == sorted([f"edaformer-{s}-{d}" for s in "tb" for d in ("ade20k", "cityscapes", "cocostuff")]
+                           + ["segformer-b0", "segformer-b1"])
     assert {n: MODEL_SPECS[n].num_classes for n in names if "-t-" in n} == {
         "edaformer-t-ade20k": 150, "edaformer-t-cityscapes": 19, "edaformer-t-cocostuff": 171}
 
