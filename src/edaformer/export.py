@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .isr import ISRSpec, isr as isr_context
+from .utils import unwrap_model
 
 __all__ = ["export_onnx", "min_input_side", "onnx_metadata", "verify_onnx", "require_onnx", "OnnxExtrasMissing",
            "DEFAULT_OPSET"]
@@ -175,6 +176,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
     the feature map and the pooling ratio) or when the graph cannot be exported shape-generic, and
     :class:`OnnxExtrasMissing` without the onnx extras.
     """
+    from .models import EDAFormer
+
+    if not isinstance(unwrap_model(model), EDAFormer):
+        raise ValueError(f"ONNX export takes EDAFormer models, not {type(unwrap_model(model)).__name__}")
     require_onnx()
     path = Path(path)
     h, w = (int(s) for s in size)

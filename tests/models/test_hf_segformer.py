@@ -276,3 +276,14 @@ def test_train_two_iterations_then_evaluate_predict_and_sweep(tmp_path, capsys):
                      str(tmp_path / "sweep"), "--isr-sweep", "1111-111", "2211-111"]) == 0
     rows = yaml.safe_load((tmp_path / "sweep" / "isr_sweep.json").read_text())["results"]
     assert [r["isr"] for r in rows] == ["1111-111", "2211-111"] and rows[1]["gflops"] < rows[0]["gflops"]
+
+
+def test_export_and_pretrained_refuse_segformer_in_one_line(tmp_path):
+    from edaformer.engine.builders import build_model
+    from edaformer.export import export_onnx
+
+    model = edaformer.create_model("segformer-b0", num_classes=3)
+    with pytest.raises(ValueError, match="ONNX export takes EDAFormer models, not SegFormer"):
+        export_onnx(model, tmp_path / "m.onnx", (64, 64))
+    with pytest.raises(ValueError, match="segformer-b0 is not an EDAFormer model"):
+        build_model({"name": "segformer-b0", "pretrained": str(tmp_path / "eft.pth")}, 3)

@@ -37,12 +37,16 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained:
     from its own checkpoint.
     """
     from ..models import create_model
+    from ..models.registry import get_model_spec
 
     extra = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_ARGUMENTS and v is not None}
     model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
     if not load_pretrained:
         return model
     init_from, path = model_cfg.get("init_from"), model_cfg.get("pretrained")
+    if path and get_model_spec(model_cfg["name"]).family != "edaformer":
+        raise ValueError(f"model.pretrained loads an EFT encoder checkpoint; {model_cfg['name']} is not an "
+                         "EDAFormer model (use model.init_from for a checkpoint of this model)")
     if init_from:
         if path:
             log.info("model.pretrained %s not loaded: model.init_from sets every weight", path)
