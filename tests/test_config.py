@@ -62,7 +62,10 @@ def test_repository_configs():
                                        for d in ("ade20k", "cityscapes", "cocostuff", "camvid")}
     for f in files:
         cfg = load_config(f)
-        assert cfg["optim"]["lr"] == 6e-5 and cfg["optim"]["decoder_lr_mult"] == 10
+        if f.stem.endswith("camvid"):  # from scratch: one rate for encoder and decoder
+            assert cfg["optim"]["lr"] == 6e-4 and cfg["optim"]["decoder_lr_mult"] == 1
+        else:  # the reference recipe (ImageNet encoder)
+            assert cfg["optim"]["lr"] == 6e-5 and cfg["optim"]["decoder_lr_mult"] == 10
         assert cfg["model"]["name"] in edaformer.list_models()
     city_b = load_config(REPO / "configs" / "edaformer-b-cityscapes.yaml")
     assert city_b["data"]["batch_size"] == 1 and city_b["eval"]["mode"] == "slide"
