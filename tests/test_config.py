@@ -188,4 +188,4 @@ def test_finetune_recipe_starts_from_a_trained_model_at_raised_ratios():
         pytest.skip("model.train_isr is not a config key in this version")
     cfg = load_config(FINETUNE)
     assert cfg["model"]["name"] == "edaformer-t-ade20k" and cfg["model"]["num_classes"] == 11
-    assert cfg["schedule"]["iters"] == 500 and cfg["data"]["type"] == "folder"
+    assert cfg["schedule"]["iters"] == 250 and cfg["data"]["type"] == "folder"
