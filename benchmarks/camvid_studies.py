@@ -43,9 +43,11 @@ TABLES: dict[str, list[tuple[str, str, str | None, str]]] = {
            for pool in ("avg", "max", "overlap", "merge")],
     "7": [(f"SegFormer-B0 {isr}", "segformer-b0", isr, "avg") for isr in ("1111", "2211", "2222")]
     + [(f"EDAFormer-T {isr}", "base", isr, "avg") for isr in ("1111-111", "2211-111", "2222-111")],
-    "4": [("ISR 2222-222, no fine-tuning", "base", "2222-222", "avg"),
-          ("ISR 2222-222 after fine-tuning at 2222-222", "finetune", "2222-222", "avg"),
-          ("fine-tuned model at 1111-111", "finetune", "1111-111", "avg")],
+    "4": [("base, ISR 2222-222, no fine-tuning", "base", "2222-222", "avg"),
+          ("+100 it. at 2222-222 (fine-tuned), ISR 2222-222", "finetune", "2222-222", "avg"),
+          ("+100 it. at 1111-111 (control), ISR 2222-222", "cont", "2222-222", "avg"),
+          ("+100 it. at 2222-222 (fine-tuned), 1111-111", "finetune", "1111-111", "avg"),
+          ("+100 it. at 1111-111 (control), 1111-111", "cont", "1111-111", "avg")],
 }
 
 
