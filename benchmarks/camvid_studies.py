@@ -67,14 +67,7 @@ def load_run(run_dir: Path):
 
 def gflops(model, isr, pool) -> float:
     with edaformer.isr(model, isr or get_isr(model), pool=pool if pool != "avg" else None):
-        try:
-            from edaformer.flops import count_flops
-
-            return count_flops(model, SIZE).gflops
-        except (TypeError, AttributeError):
-            from edaformer.isr_adapters import count_flops_external
-
-            return count_flops_external(model, SIZE).gflops
+        return bench.gflops(model, SIZE)  # SegFormer models are counted by their own method
 
 
 def score_table(name: str, runs: Path, cache: dict, latency_runs: int) -> list[dict]:
