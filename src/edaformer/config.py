@@ -344,6 +344,7 @@ KEYS: dict[str, dict[str, Key]] = {
         warmup_ratio=(1e-6, _Float()),
         power=(1.0, _Float()),
         min_lr=(0.0, _Float()),
+        restarts=(None, _List(_Int(1), optional=True)),     # where earlier, shorter schedules ended [none]
     ),
     # the training loss (see edaformer.engine.losses)
     "loss": _keys(
@@ -419,6 +420,9 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for section, values in out.items():
         for name, value in values.items():
             values[name] = KEYS[section][name].type.check(value, f"{section}.{name}")
+    restarts, iters = out["schedule"]["restarts"], out["schedule"]["iters"]
+    if restarts and (restarts != sorted(set(restarts)) or restarts[-1] >= iters):
+        raise ConfigError(f"schedule.restarts must increase and stay below schedule.iters ({iters}), got {restarts}")
     return out
 
 

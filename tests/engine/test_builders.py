@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import edaformer
+from edaformer.config import ConfigError, validate_config
 from edaformer.engine import WarmupPolyLR, build_optimizer, build_param_groups, build_scheduler, segmentation_loss
 
 
@@ -22,6 +23,23 @@ def test_schedule_values():
     assert lrs[100] == 0.0                                           # poly end
     f = WarmupPolyLR(1.0, 100, warmup_iters=0, power=2.0, min_lr=0.1)
     assert f(0) == 1.0 and f(50) == pytest.approx(0.9 * 0.25 + 0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_poly_restarts_follow_a_continued_run():
+    # a 10-iteration run continued to 40: decays to 0 at 10, then steps up onto the 40-iteration curve
+    f = WarmupPolyLR(1.0, 40, warmup_iters=2, restarts=[10])
+    short = WarmupPolyLR(1.0, 10, warmup_iters=2)
+    assert [f(i) for i in range(10)] == [short(i) for i in range(10)]
+    assert f(10) == pytest.approx(1 - 10 / 40) and f(39) == pytest.approx(1 / 40) and f(40) == 0.0
+    assert [f(i) for i in range(10, 41)] == [WarmupPolyLR(1.0, 40, warmup_iters=2)(i) for i in range(10, 41)]
+
+
+@pytest.mark.parametrize("restarts", [[50, 20], [20, 20], [100], [150]])
+def test_poly_restarts_checked(restarts):
+    cfg = {"model": {"name": "edaformer-t-ade20k"}, "data": {"type": "folder", "root": "x"},
+           "schedule": {"iters": 100, "restarts": restarts}}
+    with pytest.raises(ConfigError, match=r"schedule.restarts must increase and stay below schedule.iters \(100\)"):
+        validate_config(cfg)
 
 
 def test_param_groups():

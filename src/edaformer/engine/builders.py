@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -142,17 +142,23 @@ class WarmupPolyLR:
     first ``warmup_iters`` iterations it is scaled by ``1 - (1 - i / warmup_iters) * (1 - warmup_ratio)``,
     i.e. linear from ``warmup_ratio`` (mmcv's linear warmup). The schedule is per optimizer step,
     so it is the same for any number of processes.
+
+    ``restarts``: iterations where an earlier, shorter schedule ended (a run continued with a longer
+    ``iters``). Before ``restarts[k]`` the decay runs to ``min_lr`` at ``restarts[k]``; from there
+    ``i / iters`` is used again, so the rate steps back up onto the longer schedule's curve.
     """
 
     def __init__(self, base_lr: float, iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
-                 power: float = 1.0, min_lr: float = 0.0):
+                 power: float = 1.0, min_lr: float = 0.0, restarts: Sequence[int] = ()):
         self.base_lr, self.iters, self.warmup_iters = float(base_lr), int(iters), int(warmup_iters)
         self.warmup_ratio, self.power, self.min_lr = float(warmup_ratio), float(power), float(min_lr)
+        self.restarts = tuple(int(r) for r in restarts or ())
 
     def __call__(self, i: int) -> float:
         if self.base_lr <= 0:
             return 0.0
-        progress = min(i, self.iters) / self.iters
+        end = next((r for r in self.restarts if i < r), self.iters)
+        progress = min(i, end) / end
         factor = ((self.base_lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr) / self.base_lr
         if i < self.warmup_iters:
             factor *= 1.0 - (1.0 - i / self.warmup_iters) * (1.0 - self.warmup_ratio)
@@ -163,7 +169,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
                     schedule_cfg: Mapping[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` with one :class:`WarmupPolyLR` per parameter group; call ``step()`` per iteration."""
     lambdas = [WarmupPolyLR(group["lr"], schedule_cfg["iters"], schedule_cfg["warmup_iters"],
-                            schedule_cfg["warmup_ratio"], schedule_cfg["power"], schedule_cfg["min_lr"])
+                            schedule_cfg["warmup_ratio"], schedule_cfg["power"], schedule_cfg["min_lr"],
+                            schedule_cfg.get("restarts") or ())
                for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
