@@ -32,13 +32,16 @@ def test_poly_restarts_follow_a_continued_run():
     assert [f(i) for i in range(10)] == [short(i) for i in range(10)]
     assert f(10) == pytest.approx(1 - 10 / 40) and f(39) == pytest.approx(1 / 40) and f(40) == 0.0
     assert [f(i) for i in range(10, 41)] == [WarmupPolyLR(1.0, 40, warmup_iters=2)(i) for i in range(10, 41)]
+    # the same config shortened below the restart is a plain poly
+    shortened = WarmupPolyLR(1.0, 8, warmup_iters=2, restarts=[10])
+    assert [shortened(i) for i in range(9)] == [WarmupPolyLR(1.0, 8, warmup_iters=2)(i) for i in range(9)]
 
 
-@pytest.mark.parametrize("restarts", [[50, 20], [20, 20], [100], [150]])
+@pytest.mark.parametrize("restarts", [[50, 20], [20, 20], [0]])
 def test_poly_restarts_checked(restarts):
     cfg = {"model": {"name": "edaformer-t-ade20k"}, "data": {"type": "folder", "root": "x"},
            "schedule": {"iters": 100, "restarts": restarts}}
-    with pytest.raises(ConfigError, match=r"schedule.restarts must increase and stay below schedule.iters \(100\)"):
+    with pytest.raises(ConfigError, match="schedule.restarts"):
         validate_config(cfg)
 
 

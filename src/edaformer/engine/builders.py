@@ -145,14 +145,15 @@ class WarmupPolyLR:
 
     ``restarts``: iterations where an earlier, shorter schedule ended (a run continued with a longer
     ``iters``). Before ``restarts[k]`` the decay runs to ``min_lr`` at ``restarts[k]``; from there
-    ``i / iters`` is used again, so the rate steps back up onto the longer schedule's curve.
+    ``i / iters`` is used again, so the rate steps back up onto the longer schedule's curve. Restarts
+    at or after ``iters`` are never reached (a shortened run of the same config is a plain poly).
     """
 
     def __init__(self, base_lr: float, iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
                  power: float = 1.0, min_lr: float = 0.0, restarts: Sequence[int] = ()):
         self.base_lr, self.iters, self.warmup_iters = float(base_lr), int(iters), int(warmup_iters)
         self.warmup_ratio, self.power, self.min_lr = float(warmup_ratio), float(power), float(min_lr)
-        self.restarts = tuple(int(r) for r in restarts or ())
+        self.restarts = tuple(int(r) for r in restarts or () if int(r) < self.iters)
 
     def __call__(self, i: int) -> float:
         if self.base_lr <= 0:
