@@ -23,7 +23,7 @@ def test_shipped_model_metadata_round_trips():
     assert tuple(info.classes) == camvid.classes and tuple(map(tuple, info.palette)) == camvid.palette
     assert info.config["data"]["crop_size"] == [352, 352] and info.config["model"]["num_classes"] == 11
     assert edaformer.parse_isr(info.isr) is not None and info.isr_pool == "avg"
-    assert info.protocol.scale == (960, 360) and info.mIoU is not None and info.mIoU > 0.3
+    assert info.protocol.scale == (960, 360) and info.mIoU is not None and info.mIoU > 0.55
     assert not model.training and next(model.parameters()).dtype.is_floating_point
     segmenter = edaformer.Segmenter.pretrained()
     assert segmenter.classes == camvid.classes and str(segmenter.model.isr) == str(info.isr)
@@ -51,7 +51,7 @@ def test_shipped_model_sees_road_below_and_sky_above(tmp_path, one_thread):
     assert (top == 0).mean() > 0.8, "sky (class 0) at the top centre"
     assert (bottom == 3).mean() > 0.8, "road (class 3) at the bottom centre"
     labelled = label < 11
-    assert (pred[labelled] == label[labelled]).mean() > 0.6
+    assert (pred[labelled] == label[labelled]).mean() > 0.85
 
     # the command line with no model and no checkpoint uses the same shipped model
     Image.fromarray(image).save(tmp_path / "street.png")
