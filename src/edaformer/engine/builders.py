@@ -150,7 +150,7 @@ class WarmupPolyLR:
     """
 
     def __init__(self, base_lr: float, iters: int, warmup_iters: int = 1500, warmup_ratio: float = 1e-6,
-                 power: float = 1.0, min_lr: float = 0.0, restarts: Sequence[int] = ()):
+                 power: float = 1.0, min_lr: float = 0.0, restarts: Sequence[int] | None = None):
         self.base_lr, self.iters, self.warmup_iters = float(base_lr), int(iters), int(warmup_iters)
         self.warmup_ratio, self.power, self.min_lr = float(warmup_ratio), float(power), float(min_lr)
         self.restarts = tuple(int(r) for r in restarts or () if int(r) < self.iters)
@@ -171,7 +171,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
     """A ``LambdaLR`` with one :class:`WarmupPolyLR` per parameter group; call ``step()`` per iteration."""
     lambdas = [WarmupPolyLR(group["lr"], schedule_cfg["iters"], schedule_cfg["warmup_iters"],
                             schedule_cfg["warmup_ratio"], schedule_cfg["power"], schedule_cfg["min_lr"],
-                            schedule_cfg.get("restarts") or ())
+                            schedule_cfg.get("restarts"))
                for group in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
