@@ -191,6 +191,45 @@ def test_build_dataset_config_errors(tmp_path):
         build_dataset(_folder_cfg(tmp_path), "test")
 
 
+def test_split_lists_and_filters(tmp_path):
+    """Holding out by group: several split folders, stem patterns to keep, ``!`` patterns to drop."""
+    for split, stems in (("train", ["a_1", "a_2", "b_1", "c_1"]), ("val", ["a_3", "b_2"])):
+        for i, stem in enumerate(stems):
+            _save_image(tmp_path / "images" / split / f"{stem}.png", seed=i)
+            _save_label(tmp_path / "annotations" / split / f"{stem}.png", _label(4, seed=i))
+    (tmp_path / "images/train/d_1.png").write_bytes(b"")  # no label, but filtered out: no error
+
+    def stems(ds):
+        return sorted(p.stem for p, _ in ds.samples)
+
+    train = build_dataset(_folder_cfg(tmp_path, train_split=["train", "val"], train_filter=["!b_*", "!d_*"]), "train")
+    assert stems(train) == ["a_1", "a_2", "a_3", "c_1"]
+    val = build_dataset(_folder_cfg(tmp_path, val_split="train", val_filter=["b_*"]), "val")
+    assert stems(val) == ["b_1"] and len(val) == 1
+    both = FolderDataset(tmp_path, ["train", "val"], classes=4, img_suffix=".png", include=["a_*", "!a_2"])
+    assert stems(both) == ["a_1", "a_3"]
+    with pytest.raises(DatasetError, match=r"empty dataset: no image in .*images.*val passes the filter \['x_\*'\]"):
+        FolderDataset(tmp_path, "val", classes=4, img_suffix=".png", include=["x_*"])
+    with pytest.raises(DatasetError, match="1 of 4 images .* have no label: .*d_1"):
+        FolderDataset(tmp_path, "train", classes=4, img_suffix=".png", include=["!b_*"])
+    with pytest.raises(DatasetError, match="a list of split folders is for 'folder' datasets"):
+        build_dataset(dict(type="ade20k", root=str(tmp_path), train_split=["train", "val"]), "train")
+
+
+def test_split_filter_config_keys():
+    from edaformer.config import ConfigError, apply_overrides, validate_config
+
+    base = dict(model=dict(name="edaformer-t-ade20k"), data=dict(type="folder", root="x"), schedule=dict(iters=1))
+    cfg = validate_config(apply_overrides(base, ["data.train_split=train,val", "data.train_filter=!0006R0_*",
+                                                 "data.val_filter=0006R0_*,0001TP_00*"]))
+    data = cfg["data"]
+    assert data["train_split"] == ["train", "val"] and data["train_filter"] == ["!0006R0_*"]
+    assert data["val_filter"] == ["0006R0_*", "0001TP_00*"]
+    assert validate_config({**base, "data": dict(type="folder", root="x", val_filter="a*")})["data"]["val_filter"] == ["a*"]
+    with pytest.raises(ConfigError, match="data.train_split must be a name or a list of names"):
+        validate_config({**base, "data": dict(type="folder", root="x", train_split=3)})
+
+
 # -- pipelines ----------------------------------------------------------------------------
 _COLORS = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [145, 30, 180],
                         [70, 240, 240]], dtype=torch.float32)

@@ -206,6 +206,34 @@ class _List(_Type):
         return parse_value(text)
 
 
+class _Names(_List):
+    """A name, or a list of names (``a,b`` in an override)."""
+
+    def __init__(self):
+        super().__init__(_Str(), None, "a name or a list of names")
+
+    def convert(self, value, name):
+        if isinstance(value, str) and value:
+            return value
+        return super().convert(value, name)
+
+
+class _Patterns(_List):
+    """Shell-style patterns: a list, or one pattern; an override's text ``a*,!b*`` is taken as it is."""
+
+    def __init__(self):
+        super().__init__(_Str(), None, "a list of patterns such as ['0006R0_*'] or ['!0006R0_*']", optional=True)
+
+    def convert(self, value, name):
+        return super().convert([value] if isinstance(value, str) else value, name)
+
+    def parse(self, text):
+        stripped = text.strip()
+        if stripped.startswith("[") or stripped in ("null", "~", ""):
+            return parse_value(text)
+        return [part.strip() for part in stripped.split(",")]
+
+
 class _Size(_List):
     """A positive int ``n`` (meaning ``[n, n]``) or a pair of them; stored as a list of two."""
 
@@ -320,8 +348,10 @@ KEYS: dict[str, dict[str, Key]] = {
         reduce_zero_label=(UNSET, _Bool()),                  # folder: 0 -> ignore, 1.. -> 0..
         img_suffix=(UNSET, _Str()),
         seg_suffix=(UNSET, _Str()),
-        train_split=(UNSET, _Str()),
-        val_split=(UNSET, _Str()),
+        train_split=(UNSET, _Names()),                       # a split folder, or (folder) a list of them
+        val_split=(UNSET, _Names()),
+        train_filter=(UNSET, _Patterns()),                   # stem patterns to keep; "!pattern" excludes
+        val_filter=(UNSET, _Patterns()),
         scale=(UNSET, _Size("(long, short)")),               # resize box
         test_scale=(UNSET, _Size("(long, short)", optional=True)),
         size_divisor=(UNSET, _Int(1, optional=True)),        # test sides rounded up to a multiple

@@ -11,7 +11,10 @@ classes, palette       folder only: class names (or a count) and RGB triples [ge
 ignore_index           folder only: label value in the files that means ignore [255]
 reduce_zero_label      folder only: 0 -> ignore, 1.. -> 0.. [False]
 img_suffix/seg_suffix  folder only: file endings [".jpg" / ".png"]
-train_split/val_split  split folder names [per dataset: training/validation, train/val, ...]
+train_split/val_split  split folder name [per dataset: training/validation, train/val, ...];
+                       folder: also a list of them (``[train, val]``)
+train_filter/          keep the images whose stem (path below the split folder, no suffix)
+val_filter             matches one of these shell patterns; ``!pattern`` excludes [all]
 scale                  resize box [(2048, 512); Cityscapes (2048, 1024)]
 test_scale             resize box at test time [scale]
 size_divisor           test image sides rounded up to a multiple of this [32; Cityscapes none]
@@ -99,16 +102,20 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:
     else:
         transforms = test_transforms(cfg.get("test_scale") or opts["scale"], opts["size_divisor"])
     folder = cfg.get(f"{split}_split") or _DEFAULT_SPLITS[kind][split == "val"]
+    include = cfg.get(f"{split}_filter")
 
     if kind != "folder":
-        return DATASETS[kind](cfg["root"], folder, transforms=transforms)
+        if not isinstance(folder, str):
+            raise DatasetError(f"data.{split}_split: a list of split folders is for 'folder' datasets; "
+                               f"{kind} takes one")
+        return DATASETS[kind](cfg["root"], folder, transforms=transforms, include=include)
     if "classes" not in cfg:
         raise DatasetError("a 'folder' dataset needs 'classes' (a list of names or a count)")
     return FolderDataset(cfg["root"], folder, classes=cfg["classes"], palette=cfg.get("palette"),
                          ignore_value=cfg.get("ignore_index", IGNORE_INDEX),
                          reduce_zero_label=bool(cfg.get("reduce_zero_label", False)),
                          img_suffix=cfg.get("img_suffix", ".jpg"), seg_suffix=cfg.get("seg_suffix", ".png"),
-                         transforms=transforms)
+                         transforms=transforms, include=include)
 
 
 def collate(batch: Sequence[Any]) -> Any:

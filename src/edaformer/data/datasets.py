@@ -7,6 +7,7 @@ whatever ``transforms(image, label)`` returns.
 """
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torchvision import tv_tensors
 from .palettes import class_names, get_dataset_info, make_palette
 
 __all__ = ["SegmentationDataset", "ADE20K", "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError",
-           "IGNORE_INDEX", "dataset_info"]
+           "IGNORE_INDEX", "dataset_info", "matches_filter"]
 
 IGNORE_INDEX = 255
 _MAX_LISTED = 5  # how many offending files an error message names
@@ -43,6 +44,19 @@ def _list_files(folder: Path, suffix: str) -> list[Path]:
 def _names(paths: Sequence[Any]) -> str:
     shown = ", ".join(str(p) for p in paths[:_MAX_LISTED])
     return shown + (f", ... ({len(paths) - _MAX_LISTED} more)" if len(paths) > _MAX_LISTED else "")
+
+
+def matches_filter(stem: str, patterns: Sequence[str] | None) -> bool:
+    """Whether an image's stem (its path below the split folder, without the suffix, ``/``
+    separated) passes ``patterns``: shell-style patterns (``0006R0_*``), those starting with ``!``
+    excluding. A stem passes when it matches some plain pattern (or there is none) and no
+    ``!`` pattern. A list of exact stems is a split file's worth of patterns."""
+    if not patterns:
+        return True
+    keep = [p for p in patterns if not p.startswith("!")]
+    drop = [p[1:] for p in patterns if p.startswith("!")]
+    return ((not keep or any(fnmatch.fnmatchcase(stem, p) for p in keep))
+            and not any(fnmatch.fnmatchcase(stem, p) for p in drop))
 
 
 def read_image(path: str | Path) -> tv_tensors.Image:
@@ -84,7 +98,8 @@ class SegmentationDataset(Dataset):
     ``img_dir/a/b<img_suffix>`` goes with ``ann_dir/a/b<seg_suffix>``.
 
     Args:
-        img_dir, ann_dir: image and label folders (searched recursively).
+        img_dir, ann_dir: image and label folders (searched recursively), or equally long lists of
+            them (e.g. the train and val splits together).
         classes: class names (``num_classes = len(classes)``, at most 255).
         palette: one RGB triple per class; generated when None.
         img_suffix, seg_suffix: file name endings that identify images and labels.
@@ -92,15 +107,17 @@ class SegmentationDataset(Dataset):
             255 is always ignored.
         reduce_zero_label: map 0 to ignore and 1.. to 0.. (ADE20K convention).
         transforms: called as ``transforms(image, label)``; its result is the item.
+        include: keep only the images whose stem passes these patterns (:func:`matches_filter`),
+            e.g. ``["0006R0_*"]`` for one drive or ``["!0006R0_*"]`` for all others.
     """
 
     ignore_index: int = IGNORE_INDEX
     missing_label_hint: str = ""
 
-    def __init__(self, img_dir: str | Path, ann_dir: str | Path, *, classes: Sequence[str],
-                 palette: Sequence[Sequence[int]] | None = None, img_suffix: str = ".jpg",
+    def __init__(self, img_dir: str | Path | Sequence[str | Path], ann_dir: str | Path | Sequence[str | Path], *,
+                 classes: Sequence[str], palette: Sequence[Sequence[int]] | None = None, img_suffix: str = ".jpg",
                  seg_suffix: str = ".png", ignore_value: int | None = None, reduce_zero_label: bool = False,
-                 transforms: Callable | None = None) -> None:
+                 transforms: Callable | None = None, include: Sequence[str] | None = None) -> None:
         self.classes = list(classes)
         self.num_classes = len(self.classes)
         if not 0 < self.num_classes <= 255:
@@ -109,34 +126,42 @@ class SegmentationDataset(Dataset):
         if len(palette) != self.num_classes or any(len(c) != 3 for c in palette):
             raise DatasetError(f"palette must hold {self.num_classes} RGB triples, got {len(palette)} entries")
         self.palette = palette
-        self.img_dir, self.ann_dir = Path(img_dir), Path(ann_dir)
+        self.img_dirs, self.ann_dirs = _paths(img_dir), _paths(ann_dir)
+        if len(self.img_dirs) != len(self.ann_dirs) or not self.img_dirs:
+            raise DatasetError(f"{len(self.img_dirs)} image folder(s) but {len(self.ann_dirs)} label folder(s)")
+        self.img_dir, self.ann_dir = self.img_dirs[0], self.ann_dirs[0]
         self.img_suffix, self.seg_suffix = img_suffix, seg_suffix
+        self.include = list(include) if include else None
         self.ignore_value = ignore_value
         self.reduce_zero_label = reduce_zero_label
         self.transforms = transforms
         self._lut, self._valid = self._value_tables(256)
-        self.samples = self._pair()
+        self.samples = [s for img_dir, ann_dir in zip(self.img_dirs, self.ann_dirs) for s in self._pair(img_dir, ann_dir)]
+        if not self.samples:
+            folders = ", ".join(str(d) for d in self.img_dirs)
+            raise DatasetError(f"empty dataset: no image in {folders} passes the filter {self.include}")
 
     # -- construction -------------------------------------------------------------------
-    def _pair(self) -> list[tuple[Path, Path]]:
-        for what, folder in (("image", self.img_dir), ("label", self.ann_dir)):
+    def _pair(self, img_dir: Path, ann_dir: Path) -> list[tuple[Path, Path]]:
+        for what, folder in (("image", img_dir), ("label", ann_dir)):
             if not folder.is_dir():
                 raise DatasetError(f"{what} folder does not exist: {folder}")
-        images = _list_files(self.img_dir, self.img_suffix)
+        images = _list_files(img_dir, self.img_suffix)
         if not images:
-            raise DatasetError(f"empty dataset: no '*{self.img_suffix}' images in {self.img_dir}")
-        labels = {p.relative_to(self.ann_dir) for p in _list_files(self.ann_dir, self.seg_suffix)}
+            raise DatasetError(f"empty dataset: no '*{self.img_suffix}' images in {img_dir}")
+        stems = {img: img.relative_to(img_dir).as_posix()[: -len(self.img_suffix)] for img in images}
+        images = [img for img in images if matches_filter(stems[img], self.include)]
+        labels = {p.relative_to(ann_dir) for p in _list_files(ann_dir, self.seg_suffix)}
         samples, missing = [], []
         for img in images:
-            rel = img.relative_to(self.img_dir)
-            ann = rel.parent / (rel.name[: -len(self.img_suffix)] + self.seg_suffix)
+            ann = Path(stems[img] + self.seg_suffix)
             if ann in labels:
-                samples.append((img, self.ann_dir / ann))
+                samples.append((img, ann_dir / ann))
             else:
-                missing.append((img, self.ann_dir / ann))
+                missing.append((img, ann_dir / ann))
         if missing:
             raise DatasetError(
-                f"{len(missing)} of {len(images)} images in {self.img_dir} have no label: "
+                f"{len(missing)} of {len(images)} images in {img_dir} have no label: "
                 f"{_names([p for p, _ in missing])} (expected e.g. {missing[0][1]}){self.missing_label_hint}")
         return samples
 
@@ -231,6 +256,10 @@ class SegmentationDataset(Dataset):
                 f"img_dir={str(self.img_dir)!r}, ann_dir={str(self.ann_dir)!r})")
 
 
+def _paths(folders: str | Path | Sequence[str | Path]) -> list[Path]:
+    return [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+
+
 def _check_root(root: str | Path) -> Path:
     root = Path(root)
     if not root.is_dir():
@@ -250,11 +279,13 @@ class ADE20K(SegmentationDataset):
     NUM_CLASSES = 150
     SPLITS = {"train": "training", "val": "validation"}
 
-    def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None,
+                 include: Sequence[str] | None = None) -> None:
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=".jpg", seg_suffix=".png", reduce_zero_label=True, transforms=transforms)
+                         img_suffix=".jpg", seg_suffix=".png", reduce_zero_label=True, transforms=transforms,
+                         include=include)
 
 
 class Cityscapes(SegmentationDataset):
@@ -266,12 +297,13 @@ class Cityscapes(SegmentationDataset):
     SPLITS: dict[str, str] = {}
     missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cityscapes ROOT`"
 
-    def __init__(self, root: str | Path, split: str = "train", transforms: Callable | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train", transforms: Callable | None = None,
+                 include: Sequence[str] | None = None) -> None:
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "leftImg8bit" / split, root / "gtFine" / split, classes=classes, palette=palette,
                          img_suffix="_leftImg8bit.png", seg_suffix="_gtFine_labelTrainIds.png",
-                         transforms=transforms)
+                         transforms=transforms, include=include)
 
 
 class COCOStuff(SegmentationDataset):
@@ -283,28 +315,34 @@ class COCOStuff(SegmentationDataset):
     SPLITS = {"train": "train2017", "val": "val2017"}
     missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cocostuff ROOT`"
 
-    def __init__(self, root: str | Path, split: str = "train2017", transforms: Callable | None = None) -> None:
+    def __init__(self, root: str | Path, split: str = "train2017", transforms: Callable | None = None,
+                 include: Sequence[str] | None = None) -> None:
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=".jpg", seg_suffix="_labelTrainIds.png", transforms=transforms)
+                         img_suffix=".jpg", seg_suffix="_labelTrainIds.png", transforms=transforms,
+                         include=include)
 
 
 class FolderDataset(SegmentationDataset):
     """A custom dataset: ``images/<split>/*<img_suffix>`` and ``annotations/<split>/*<seg_suffix>``.
 
+    ``split`` is a folder name or a list of them (``["train", "val"]`` trains on both);
+    ``include`` keeps the images whose stem passes its patterns (:func:`matches_filter`).
     ``classes`` is a list of names or a class count (names ``class0..`` then). ``ignore_value`` is
     the label value in the files that means "ignore" (e.g. 11 for CamVid's void)."""
 
     name = "folder"
 
-    def __init__(self, root: str | Path, split: str = "train", *, classes: Sequence[str] | int,
+    def __init__(self, root: str | Path, split: str | Sequence[str] = "train", *, classes: Sequence[str] | int,
                  palette: Sequence[Sequence[int]] | None = None, ignore_value: int | None = IGNORE_INDEX,
                  reduce_zero_label: bool = False, img_suffix: str = ".jpg", seg_suffix: str = ".png",
-                 transforms: Callable | None = None) -> None:
+                 transforms: Callable | None = None, include: Sequence[str] | None = None) -> None:
         root = _check_root(root)
         if isinstance(classes, int):
             classes = list(class_names(classes))
-        super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=img_suffix, seg_suffix=seg_suffix, ignore_value=ignore_value,
-                         reduce_zero_label=reduce_zero_label, transforms=transforms)
+        splits = [split] if isinstance(split, str) else list(split)
+        super().__init__([root / "images" / s for s in splits], [root / "annotations" / s for s in splits],
+                         classes=classes, palette=palette, img_suffix=img_suffix, seg_suffix=seg_suffix,
+                         ignore_value=ignore_value, reduce_zero_label=reduce_zero_label, transforms=transforms,
+                         include=include)

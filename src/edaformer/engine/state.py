@@ -185,7 +185,7 @@ class ResumeConfigError(ValueError):
 
 # config keys that define what is trained on what: a change makes the checkpoint another run
 _FIXED_DATA_KEYS = ("type", "classes", "ignore_index", "reduce_zero_label", "img_suffix", "seg_suffix",
-                    "train_split", "val_split")
+                    "train_split", "val_split", "train_filter", "val_filter")
 _UNUSED_ON_RESUME = ("model.pretrained", "model.init_from")
 
 
