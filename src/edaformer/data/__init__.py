@@ -11,10 +11,9 @@ classes, palette       folder only: class names (or a count) and RGB triples [ge
 ignore_index           folder only: label value in the files that means ignore [255]
 reduce_zero_label      folder only: 0 -> ignore, 1.. -> 0.. [False]
 img_suffix/seg_suffix  folder only: file endings [".jpg" / ".png"]
-train_split/val_split  split folder name [per dataset: training/validation, train/val, ...];
-                       folder: also a list of them (``[train, val]``)
-train_filter/          keep the images whose stem (path below the split folder, no suffix)
-val_filter             matches one of these shell patterns; ``!pattern`` excludes [all]
+train_split/val_split  split folder name [per dataset: training/validation, train/val, ...]; a list for folder
+train_filter           stem patterns (path below the split folder, no suffix) to keep; ``!p`` excludes [all]
+val_filter             the same for the validation images [all]
 scale                  resize box [(2048, 512); Cityscapes (2048, 1024)]
 test_scale             resize box at test time [scale]
 size_divisor           test image sides rounded up to a multiple of this [32; Cityscapes none]
