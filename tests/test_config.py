@@ -106,6 +106,8 @@ def test_unknown_key_in_a_file_names_the_file_and_the_closest_key(tmp_path):
     ("eval.isr=22-1", r"eval.isr must be an ISR setting"),
     ("train.amp=fp8", r"train.amp must be one of false, bf16, fp16 or null, got 'fp8'"),
     ("data.x.y=1", r"must look like section.key=value"),
+    ("data.img_suffix=jpg", r"data.img_suffix must be a file ending such as '\.jpg' \(with its dot\), got 'jpg'"),
+    ("data.ignore_index=300", r"data.ignore_index must be an integer in \[0, 255\], got 300"),
     ("nosection.x=1", r"unknown config section"),
 ])
 def test_override_errors_name_the_override_key_type_and_value(tmp_path, override, match):
@@ -125,6 +127,18 @@ def test_override_values_parse_for_the_key_type(tmp_path):
     assert cfg["eval"]["tta_scales"] == [0.5, 1.0] and cfg["eval"]["stride"] == [4, 8]
     assert cfg["model"]["pretrained"] is None and cfg["model"]["dropout"] == 0.0
     assert cfg["train"]["checkpoint_minutes"] == 30
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["data.classes=a,b,c,d", "model.num_classes=11"],
+     r"model.num_classes is 11 but data.classes names 4 classes: set model.num_classes to null"),
+    (["data.classes=a,b", "data.palette=[[0,0,0]]"], r"data.palette has 1 colours but data.classes names 2 classes"),
+    (["data.classes=5", "data.ignore_index=3"], r"data.ignore_index is 3, which is also a class id"),
+])
+def test_class_count_palette_and_ignore_value_agree(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_config(tmp_path), overrides)
+    assert load_config(_config(tmp_path), ["data.classes=a,b,c,d", "model.num_classes=4", "data.ignore_index=4"])
 
 
 def test_type_errors_in_a_file_name_the_file(tmp_path):

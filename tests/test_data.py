@@ -160,6 +160,20 @@ def test_missing_label_and_empty(tmp_path):
         FolderDataset(tmp_path, classes=4)  # the images are .png
 
 
+def test_suffix_hints(tmp_path, caplog):
+    """Images under another ending are named: none found says which endings are there; a mix says
+    what was left out."""
+    _folder(tmp_path)  # three .png images
+    with pytest.raises(DatasetError, match=r"no '\*\.jpg' images in .*train \(it holds 3 '\*\.png' files: set data.img_suffix\)"):
+        FolderDataset(tmp_path, classes=4)
+    _save_image(tmp_path / "images/train/extra.jpg")
+    with caplog.at_level("WARNING", logger="edaformer"):
+        ds = FolderDataset(tmp_path, classes=4, img_suffix=".png")
+    assert len(ds) == 3 and "3 '*.png' images used, 1 '*.jpg' file beside them left out" in caplog.text
+    with pytest.raises(DatasetError, match=r"data.palette\) must hold one RGB triple per class: 4 classes"):
+        FolderDataset(tmp_path, classes=4, img_suffix=".png", palette=[(0, 0, 0)])
+
+
 def test_size_mismatch_and_bad_values(tmp_path):
     _folder(tmp_path)
     _save_label(tmp_path / "annotations/train/im0.png", _label(4, h=20, w=30))

@@ -153,6 +153,18 @@ class _Str(_Type):
         return value if value is None or isinstance(value, str) else text.strip()
 
 
+class _Suffix(_Str):
+    """A file-name ending: ``.jpg``, ``_gtFine_labelTrainIds.png``; a bare extension is refused."""
+
+    expected = "a file ending such as '.jpg'"
+
+    def convert(self, value, name):
+        value = super().convert(value, name)
+        if value.isalnum():
+            raise ConfigError(f"{name} must be a file ending such as '.{value}' (with its dot), got {value!r}")
+        return value
+
+
 class _Choice(_Type):
     def __init__(self, *choices: Any, optional: bool = False):
         super().__init__(optional)
@@ -340,14 +352,14 @@ KEYS: dict[str, dict[str, Key]] = {
     "data": _keys(
         type=(None, _Str(optional=True)),                    # required: ade20k | cityscapes | cocostuff | folder
         root=(None, _Str(optional=True)),                    # required
-        ignore_index=(255, _Int(0)),
+        ignore_index=(255, _Int(0, 255)),                    # label value in the files that means "ignore"
         batch_size=(4, _Int(1)),                             # per GPU / process
         workers=(4, _Int(0)),                                # per GPU / process
         classes=(UNSET, _Classes()),                         # folder: class names or a count
         palette=(UNSET, _Palette()),                         # folder: RGB per class
         reduce_zero_label=(UNSET, _Bool()),                  # folder: 0 -> ignore, 1.. -> 0..
-        img_suffix=(UNSET, _Str()),
-        seg_suffix=(UNSET, _Str()),
+        img_suffix=(UNSET, _Suffix()),                       # file ending of the images, e.g. ".jpg"
+        seg_suffix=(UNSET, _Suffix()),                       # file ending of the labels, e.g. ".png"
         train_split=(UNSET, _Names()),                       # a split folder, or (folder) a list of them
         val_split=(UNSET, _Names()),
         train_filter=(UNSET, _Patterns()),                   # stem patterns to keep; "!pattern" excludes
@@ -438,6 +450,25 @@ def _check_known(cfg: Mapping[str, Any]) -> None:
                               f"valid keys: {', '.join(KEYS[section])}")
 
 
+def _check_classes(cfg: Mapping[str, Any]) -> None:
+    """The class count stated twice (model.num_classes, data.classes) must agree, and the ignore
+    value must not be a class id."""
+    data, classes = cfg["data"], cfg["data"].get("classes")
+    count = classes if isinstance(classes, int) else len(classes) if classes else None
+    declared = cfg["model"].get("num_classes")
+    if count is not None and declared is not None and declared != count:
+        raise ConfigError(f"model.num_classes is {declared} but data.classes names {count} classes: "
+                          "set model.num_classes to null (it follows the dataset) or make them agree")
+    palette = data.get("palette")
+    if count is not None and palette is not None and len(palette) != count:
+        raise ConfigError(f"data.palette has {len(palette)} colours but data.classes names {count} classes: "
+                          "give one [r, g, b] per class, or set data.palette to null to generate one")
+    ignore = data["ignore_index"]
+    if count is not None and ignore < count:
+        raise ConfigError(f"data.ignore_index is {ignore}, which is also a class id (data.classes names {count} "
+                          "classes): set it to the label value that means 'ignore' in your files (255 if none)")
+
+
 def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Check sections, keys, required keys and value types; return the config with defaults filled in."""
     if not isinstance(cfg, Mapping):
@@ -450,6 +481,7 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for section, values in out.items():
         for name, value in values.items():
             values[name] = KEYS[section][name].type.check(value, f"{section}.{name}")
+    _check_classes(out)
     restarts = out["schedule"]["restarts"]
     if restarts and restarts != sorted(set(restarts)):
         raise ConfigError(f"schedule.restarts must be increasing iterations, got {restarts}")

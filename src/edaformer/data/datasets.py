@@ -8,6 +8,7 @@ whatever ``transforms(image, label)`` returns.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from .palettes import class_names, get_dataset_info, make_palette
 
 __all__ = ["SegmentationDataset", "ADE20K", "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError",
            "IGNORE_INDEX", "dataset_info", "matches_filter"]
+
+log = logging.getLogger("edaformer")
 
 IGNORE_INDEX = 255
 _MAX_LISTED = 5  # how many offending files an error message names
@@ -124,7 +127,8 @@ class SegmentationDataset(Dataset):
             raise DatasetError(f"a dataset needs 1 to 255 classes (255 is the ignore value), got {self.num_classes}")
         palette = list(make_palette(self.num_classes)) if palette is None else [tuple(int(v) for v in c) for c in palette]
         if len(palette) != self.num_classes or any(len(c) != 3 for c in palette):
-            raise DatasetError(f"palette must hold {self.num_classes} RGB triples, got {len(palette)} entries")
+            raise DatasetError(f"the palette (data.palette) must hold one RGB triple per class: {self.num_classes} "
+                               f"classes (data.classes) but {len(palette)} palette entries")
         self.palette = palette
         self.img_dirs, self.ann_dirs = _paths(img_dir), _paths(ann_dir)
         if len(self.img_dirs) != len(self.ann_dirs) or not self.img_dirs:
@@ -146,9 +150,13 @@ class SegmentationDataset(Dataset):
         for what, folder in (("image", img_dir), ("label", ann_dir)):
             if not folder.is_dir():
                 raise DatasetError(f"{what} folder does not exist: {folder}")
-        images = _list_files(img_dir, self.img_suffix)
+        images, others = _split_by_suffix(img_dir, self.img_suffix)
         if not images:
-            raise DatasetError(f"empty dataset: no '*{self.img_suffix}' images in {img_dir}")
+            hint = f" (it holds {_counted(others)}: set data.img_suffix)" if others else ""
+            raise DatasetError(f"empty dataset: no '*{self.img_suffix}' images in {img_dir}{hint}")
+        if others:
+            log.warning("%s: %d '*%s' images used, %s beside them left out (data.img_suffix selects the images)",
+                        img_dir, len(images), self.img_suffix, _counted(others))
         stems = {img: img.relative_to(img_dir).as_posix()[: -len(self.img_suffix)] for img in images}
         images = [img for img in images if matches_filter(stems[img], self.include)]
         labels = {p.relative_to(ann_dir) for p in _list_files(ann_dir, self.seg_suffix)}
@@ -254,6 +262,26 @@ class SegmentationDataset(Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(samples={len(self)}, classes={self.num_classes}, "
                 f"img_dir={str(self.img_dir)!r}, ann_dir={str(self.ann_dir)!r})")
+
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _split_by_suffix(folder: Path, suffix: str) -> tuple[list[Path], dict[str, int]]:
+    """The files under ``folder`` ending in ``suffix`` (sorted), and the other image files
+    there counted by extension."""
+    images, others = [], {}
+    for p in folder.rglob("*"):
+        if p.name.endswith(suffix):
+            if p.is_file():
+                images.append(p)
+        elif p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file():
+            others[p.suffix] = others.get(p.suffix, 0) + 1
+    return sorted(images), others
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} '*{ext}' file{'s' if n > 1 else ''}" for ext, n in sorted(counts.items()))
 
 
 def _paths(folders: str | Path | Sequence[str | Path]) -> list[Path]:
