@@ -164,9 +164,21 @@ def test_preprocess_inputs_agree():
     torch.testing.assert_close(preprocess(Image.fromarray(arr), None), ref)
     tensor = torch.from_numpy(arr).permute(2, 0, 1)
     torch.testing.assert_close(preprocess(tensor, None), ref)
-    torch.testing.assert_close(preprocess(tensor.double(), None), ref)
+    # floating-point images hold 0-1, as torchvision's do (to_dtype(..., scale=True))
+    torch.testing.assert_close(preprocess(tensor.double() / 255, None), ref)
+    torch.testing.assert_close(preprocess(arr.astype(np.float32) / 255, None), ref)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\] \(torchvision's convention\); this one spans \[.*, 2"):
+        preprocess(tensor.float(), None)
     gray = Image.fromarray(arr[..., 0], mode="L")
     torch.testing.assert_close(preprocess(gray, None), preprocess(np.repeat(arr[..., :1], 3, 2), None))
+    # gray and RGBA arrays / tensors load as the same content from a file would
+    torch.testing.assert_close(preprocess(arr[..., 0], None), preprocess(gray, None))
+    rgba = np.concatenate([arr, np.full_like(arr[..., :1], 7)], axis=2)
+    torch.testing.assert_close(preprocess(rgba, None), ref)
+    torch.testing.assert_close(preprocess(torch.from_numpy(rgba).permute(2, 0, 1), None), ref)
+    torch.testing.assert_close(preprocess(torch.from_numpy(arr[..., 0]), None), preprocess(gray, None))
+    with pytest.raises(ValueError, match=r"expected an HxW gray, HxWx3 RGB or HxWx4 RGBA array, got shape \(20, 30, 2\)"):
+        preprocess(arr[..., :2], None)
 
 
 def test_preprocess_resizes_twice_with_rounding():
@@ -183,10 +195,9 @@ def test_preprocess_resizes_twice_with_rounding():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (np.zeros((8, 8, 4), np.uint8), "HxWx3"),
-    (np.zeros((8, 8), np.uint8), "HxWx3"),
-    (np.zeros((8, 8, 3), np.float32), "uint8"),
-    (torch.zeros(4, 8, 8), r"\(3, H, W\)"),
+    (np.zeros((8, 8, 5), np.uint8), "HxWx3"),
+    (np.zeros((8, 8, 3), np.int32), "uint8 or floating"),
+    (torch.zeros(2, 8, 8), r"\(3, H, W\)"),
     (torch.zeros(1, 3, 8, 8), r"\(3, H, W\)"),
     (torch.zeros(3, 8, 8, dtype=torch.int64), "uint8 or floating"),
     ([[1, 2, 3]], "unsupported image type"),

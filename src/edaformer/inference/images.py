@@ -51,28 +51,57 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
+def _rgb_array(image: np.ndarray) -> np.ndarray:
+    """An ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` array as ``(H, W, 3)``: gray is
+    repeated, alpha dropped, as for image files."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an HxW gray, HxWx3 RGB or HxWx4 RGBA array, got shape {image.shape}")
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    return image[:, :, :3]
+
+
+def _unit_to_255(image: torch.Tensor) -> torch.Tensor:
+    """A floating-point image in [0, 1] (torchvision's convention) as float32 0-255."""
+    if image.numel():
+        low, high = float(image.min()), float(image.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(f"a floating-point image must hold values in [0, 1] (torchvision's convention); this "
+                             f"one spans [{low:g}, {high:g}]: divide 0-255 values by 255, or pass uint8")
+    return image.float().mul(255.0).clamp_(0.0, 255.0)
+
+
 def as_chw(image: ImageInput) -> torch.Tensor:
-    """An image as a ``(3, H, W)`` tensor with values in 0-255: uint8 for files, PIL images, uint8
-    arrays and uint8 tensors (no copy where possible), float32 for floating-point tensors."""
+    """An image as a ``(3, H, W)`` tensor with values in 0-255: uint8 for files, PIL images and uint8
+    arrays / tensors (no copy where possible), float32 for floating-point ones, which must hold values
+    in [0, 1] as torchvision's do. Arrays may be ``(H, W)`` gray, ``(H, W, 3)`` RGB or ``(H, W, 4)``
+    RGBA, tensors ``(1 | 3 | 4, H, W)``; gray is repeated and alpha dropped, as for files."""
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, Image.Image):
         image = np.asarray(to_rgb(image), dtype=np.uint8)
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an HxWx3 RGB array, got shape {image.shape}")
+        image = _rgb_array(image)
+        if image.dtype.kind == "f":
+            return _unit_to_255(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
         if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 array, got dtype {image.dtype}")
+            raise ValueError(f"expected a uint8 or floating-point array, got dtype {image.dtype}")
         if not image.flags.writeable:
             image = image.copy()
         return torch.from_numpy(image).permute(2, 0, 1)
     if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"expected a (3, H, W) RGB, (1, H, W) gray or (4, H, W) RGBA tensor, "
+                             f"got shape {tuple(image.shape)}")
+        image = image[:3] if image.shape[0] != 1 else image.expand(3, -1, -1)
         if image.dtype == torch.uint8:
             return image
         if not image.is_floating_point():
             raise ValueError(f"expected a uint8 or floating-point tensor, got {image.dtype}")
-        return image.float()
+        return _unit_to_255(image)
     raise ValueError(f"unsupported image type {type(image).__name__}; "
                      "give a path, a PIL image, an HxWx3 uint8 array or a (3, H, W) tensor")
