@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import command, load_weights
+from .common import command
 
 
 def add_parser(sub) -> None:
@@ -32,6 +32,7 @@ def run(args) -> int:
     import torch
 
     from ..bench import environment, format_table, run_isr_sweep, to_jsonable
+    from ..checkpoint import build_from_checkpoint
     from ..isr import PAPER_ISR_SWEEP, parse_isr
     from ..models import create_model
 
@@ -41,7 +42,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.checkpoint:
-        model, _ = load_weights(args.model, args.checkpoint, args.num_classes)
+        model, _ = build_from_checkpoint(args.checkpoint, args.model, args.num_classes)
     else:
         model = create_model(args.model, num_classes=args.num_classes)
     rows = run_isr_sweep(model, tuple(args.size), settings, batch=args.batch, runs=args.runs, warmup=args.warmup,

@@ -20,11 +20,3 @@ def add_protocol_options(p: argparse.ArgumentParser) -> None:
                    help="resize box of the test protocol (default: the checkpoint's, else the model's / config's)")
     p.add_argument("--mode", choices=["whole", "slide"], default=None,
                    help="whole image or sliding window (default: the checkpoint's, else the model's / config's)")
-
-
-def load_weights(name: str, checkpoint: str, num_classes: int | None):
-    """The named model with a checkpoint's weights and the architecture options of its training
-    config; its class count is the checkpoint's unless given."""
-    from ..checkpoint import build_from_checkpoint
-
-    return build_from_checkpoint(checkpoint, name, num_classes)

@@ -1,6 +1,8 @@
 """``edaformer eval``: evaluate a checkpoint on the config's validation set."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import add_protocol_options, command
 
 
@@ -30,18 +32,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from ..checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
     from ..config import load_config
-    from ..data import build_dataset, test_transforms
-    from ..engine import build_model, evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
     from ..engine.distributed import cleanup_distributed, init_distributed, is_distributed
-    from ..engine.evaluate import common_test_size, save_confusion, sweep_title
-    from ..engine.isr_tune import stored_isr
-    from ..inference import TestProtocol
-    from ..isr import PAPER_ISR_SWEEP
-    from ..metrics import format_class_table, format_metrics
+    from ..engine.prepare import prepare_evaluation
 
     if args.confusion is not None:
         if args.isr_sweep is not None:
@@ -52,65 +45,68 @@ def run(args) -> int:
     owns_group = not is_distributed()
     info = init_distributed(args.device)
     try:
-        data_cfg, ecfg = cfg["data"], cfg["eval"]
-        dataset = build_dataset({k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}, "val")
-        checkpoint = read_checkpoint(args.checkpoint)
-        trained_for = checkpoint_num_classes(checkpoint)
-        if trained_for is not None and trained_for != dataset.num_classes:
-            names = list(getattr(dataset, "classes", None) or [])
-            shown = ", ".join(map(str, names[:8])) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-            raise ValueError(f"checkpoint {args.checkpoint} has {trained_for} classes but the config's dataset has "
-                             f"{dataset.num_classes}" + (f" ({shown})" if names else ""))
-        model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
-        report = load_checkpoint(model, checkpoint)
-        model.to(info.device).eval()
-        protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg),
-                                        source=args.checkpoint, scale=args.scale, mode=args.mode)
-        if args.tta:
-            protocol = protocol.replace(tta_scales=tuple(ecfg["tta_scales"]), flip=bool(ecfg["tta_flip"]))
-        dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
-        kwargs = dict(protocol=protocol, workers=data_cfg["workers"], progress=True)
+        ev = prepare_evaluation(cfg, args.checkpoint, info.device, scale=args.scale, mode=args.mode, tta=args.tta)
         if info.is_main:
-            print(f"{cfg['model']['name']}: {args.checkpoint} ({report['format']} format), {len(dataset)} images, "
-                  f"{protocol.describe()}")
+            print(f"{cfg['model']['name']}: {args.checkpoint} ({ev.report['format']} format), {len(ev.dataset)} "
+                  f"images, {ev.protocol.describe()}")
         if args.isr_sweep is not None:
-            specs = args.isr_sweep or list(PAPER_ISR_SWEEP)
-            if ecfg["flops_input_size"]:
-                size, note = tuple(ecfg["flops_input_size"]), "eval.flops_input_size of the config"
-            else:
-                size, count, total = common_test_size(dataset, protocol)
-                note = (f"the test size of all {total} images" if count == total else
-                        f"the most common test size ({count} of {total} images)")
-            rows = isr_sweep(model, dataset, specs, flops_input_size=size, pool=args.pool, **kwargs)
-            if info.is_main:
-                print(format_sweep_table(rows, size, note))
-                out = Path(args.out) if args.out else Path(args.checkpoint).parent
-                meta = dict(config=str(args.config), checkpoint=str(args.checkpoint), model=cfg["model"]["name"],
-                            flops_input_size=list(size), flops_input_size_source=note,
-                            test_protocol=protocol.to_dict())
-                print(f"wrote {save_sweep(rows, out, meta)}")
-                png = plot_sweep(rows, out / "isr_sweep.png", title=f"{sweep_title(args.checkpoint)} ISR sweep")
-                if png:  # without matplotlib, plot_sweep has said so
-                    print(f"wrote {png}")
+            _sweep(args, cfg, ev, info.is_main)
         else:
-            isr, pool = ecfg["isr"], args.pool
-            if isr is None:  # the setting `edaformer isr-tune --write` stored, with its pool kind
-                isr = stored_isr(report["meta"], source=args.checkpoint)
-                pool = pool or (report["meta"].get("isr_pool") if isr else None)
-            metrics = evaluate(model, dataset, isr=isr, save_predictions=args.save_predictions, pool=pool, **kwargs)
-            if info.is_main:
-                print(f"ISR {isr or model.isr} ({pool or model.isr_pool} pooling)  images {metrics['num_images']}")
-                print(format_metrics(metrics))
-                print(format_class_table(metrics, getattr(dataset, "classes", None)))
-                if args.save_predictions:
-                    print(f"wrote {metrics['num_images']} label map(s) to {args.save_predictions}")
-                if args.confusion is not None:
-                    title = f"{sweep_title(args.checkpoint)} confusion matrix (each row sums to 100%)"
-                    for path in save_confusion(metrics["confusion"], args.confusion,
-                                               getattr(dataset, "classes", None), title):
-                        if path:  # without matplotlib, only the counts (plot_confusion has said so)
-                            print(f"wrote {path}")
+            _evaluate_once(args, cfg, ev, info.is_main)
     finally:
         if owns_group:
             cleanup_distributed()
     return 0
+
+
+def _sweep(args, cfg, ev, is_main: bool) -> None:
+    """``--isr-sweep``: every setting's mIoU and GFLOPs, a table, isr_sweep.json and .png."""
+    from ..engine import format_sweep_table, isr_sweep, plot_sweep, save_sweep
+    from ..engine.evaluate import common_test_size, sweep_title
+    from ..isr import PAPER_ISR_SWEEP
+
+    specs = args.isr_sweep or list(PAPER_ISR_SWEEP)
+    if cfg["eval"]["flops_input_size"]:
+        size, note = tuple(cfg["eval"]["flops_input_size"]), "eval.flops_input_size of the config"
+    else:
+        size, count, total = common_test_size(ev.dataset, ev.protocol)
+        note = (f"the test size of all {total} images" if count == total else
+                f"the most common test size ({count} of {total} images)")
+    rows = isr_sweep(ev.model, ev.dataset, specs, flops_input_size=size, pool=args.pool, protocol=ev.protocol,
+                     workers=cfg["data"]["workers"], progress=True)
+    if not is_main:
+        return
+    print(format_sweep_table(rows, size, note))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    meta = dict(config=str(args.config), checkpoint=str(args.checkpoint), model=cfg["model"]["name"],
+                flops_input_size=list(size), flops_input_size_source=note, test_protocol=ev.protocol.to_dict())
+    print(f"wrote {save_sweep(rows, out, meta)}")
+    png = plot_sweep(rows, out / "isr_sweep.png", title=f"{sweep_title(args.checkpoint)} ISR sweep")
+    if png:  # without matplotlib, plot_sweep has said so
+        print(f"wrote {png}")
+
+
+def _evaluate_once(args, cfg, ev, is_main: bool) -> None:
+    """One evaluation at eval.isr (else the checkpoint's stored setting): metrics, the class table,
+    label maps and the confusion matrix when asked for."""
+    from ..engine import evaluate
+    from ..engine.evaluate import save_confusion, sweep_title
+    from ..engine.prepare import evaluation_isr
+    from ..metrics import format_class_table, format_metrics
+
+    isr, pool = evaluation_isr(cfg["eval"]["isr"], args.pool, ev.report["meta"], source=args.checkpoint)
+    metrics = evaluate(ev.model, ev.dataset, isr=isr, save_predictions=args.save_predictions, pool=pool,
+                       protocol=ev.protocol, workers=cfg["data"]["workers"], progress=True)
+    if not is_main:
+        return
+    classes = getattr(ev.dataset, "classes", None)
+    print(f"ISR {isr or ev.model.isr} ({pool or ev.model.isr_pool} pooling)  images {metrics['num_images']}")
+    print(format_metrics(metrics))
+    print(format_class_table(metrics, classes))
+    if args.save_predictions:
+        print(f"wrote {metrics['num_images']} label map(s) to {args.save_predictions}")
+    if args.confusion is not None:
+        title = f"{sweep_title(args.checkpoint)} confusion matrix (each row sums to 100%)"
+        for path in save_confusion(metrics["confusion"], args.confusion, classes, title):
+            if path:  # without matplotlib, only the counts (plot_confusion has said so)
+                print(f"wrote {path}")

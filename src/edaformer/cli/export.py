@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import command, load_weights
+from .common import command
 
 
 _EXPORT_DESCRIPTION = """\
@@ -37,13 +37,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..checkpoint import build_from_checkpoint
     from ..export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
     from ..inference import TestProtocol
     from ..isr import parse_isr
 
     require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
-    model, report = load_weights(args.model, args.checkpoint, args.num_classes)
+    model, report = build_from_checkpoint(args.checkpoint, args.model, args.num_classes)
     model.set_isr(setting, pool=args.pool)  # the active setting is what export_onnx bakes in
     meta = report.get("meta") or {}
     # the protocol the checkpoint was trained and evaluated with, else the model's

@@ -1,7 +1,7 @@
 """``edaformer export-reference``: a checkpoint in the reference (mmseg) format."""
 from __future__ import annotations
 
-from .common import command, load_weights
+from .common import command
 
 
 def add_parser(sub) -> None:
@@ -14,9 +14,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import export_reference
+    from ..checkpoint import build_from_checkpoint, export_reference
 
-    model, report = load_weights(args.model, args.checkpoint, args.num_classes)
+    model, report = build_from_checkpoint(args.checkpoint, args.model, args.num_classes)
     path = export_reference(model, args.out, meta=report["meta"])
     print(f"wrote {path} (from {report['format']} format)")
     return 0

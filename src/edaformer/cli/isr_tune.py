@@ -59,13 +59,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import load_checkpoint
     from ..config import load_config
-    from ..data import build_dataset, test_transforms
-    from ..inference import TestProtocol
-    from ..engine import build_model
-    from ..engine.isr_tune import (Budget, calibration_subset, format_pareto_table,
-                                  grid_settings, parse_factors, plot_result, tune_isr, write_isr_checkpoint)
+    from ..engine.isr_tune import (Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors,
+                                   plot_result, tune_isr, write_isr_checkpoint)
+    from ..engine.prepare import prepare_evaluation
     from ..utils import resolve_device
 
     kind, value = next((k, v) for k, v in (("gflops", args.budget_gflops), ("ms", args.budget_ms),
@@ -76,18 +73,15 @@ def run(args) -> int:
     settings = grid_settings(grid="paper") if args.grid else grid_settings(parse_factors(args.factors))
     cfg = load_config(args.config, args.set)
     data_cfg, ecfg = cfg["data"], cfg["eval"]
-    dataset = build_dataset({k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}, "val")
-    model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
-    report = load_checkpoint(model, args.checkpoint)
-    model.to(resolve_device(args.device)).eval()
-    protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=args.checkpoint)
-    dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
-    calib = calibration_subset(dataset, args.calib)
-    size = ecfg["flops_input_size"] or data_cfg.get("crop_size") or list(getattr(model.spec, "crop_size", (512, 512)))
-    print(f"{cfg['model']['name']}: {args.checkpoint} ({report['format']} format), {len(calib)} of {len(dataset)} "
-          f"images, {len(settings)} ISR settings, budget {budget}")
-    result = tune_isr(model, calib, budget, settings=settings, flops_input_size=size,
-                      eval_kwargs=dict(protocol=protocol, workers=data_cfg["workers"]), pool=args.pool, runs=args.runs, warmup=args.warmup)
+    ev = prepare_evaluation(cfg, args.checkpoint, resolve_device(args.device))
+    calib = calibration_subset(ev.dataset, args.calib)
+    size = (ecfg["flops_input_size"] or data_cfg.get("crop_size")
+            or list(getattr(ev.model.spec, "crop_size", (512, 512))))
+    print(f"{cfg['model']['name']}: {args.checkpoint} ({ev.report['format']} format), {len(calib)} of "
+          f"{len(ev.dataset)} images, {len(settings)} ISR settings, budget {budget}")
+    result = tune_isr(ev.model, calib, budget, settings=settings, flops_input_size=size,
+                      eval_kwargs=dict(protocol=ev.protocol, workers=data_cfg["workers"]), pool=args.pool,
+                      runs=args.runs, warmup=args.warmup)
     print(format_pareto_table(result))
     print(f"{len(result.evaluated)} of {len(result.candidates)} settings evaluated"
           + (f"; left out (do not fit {size[0]}x{size[1]}): {', '.join(result.skipped)}" if result.skipped else ""))

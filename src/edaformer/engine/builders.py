@@ -93,9 +93,9 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The training and validation datasets of a config's ``data`` section."""
-    from ..data import build_dataset
+    from ..data import build_dataset, dataset_config
 
-    dataset_cfg = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}
+    dataset_cfg = dataset_config(data_cfg)
     return build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "val")
 
 
