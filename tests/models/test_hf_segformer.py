@@ -214,10 +214,8 @@ def _config(tmp_path, data_root, **model):
 
 
 def test_the_camvid_config_resolves_to_segformer_b0():
-    from training_data import REPO
-
-    cfg = load_config(REPO / "configs" / "ablations" / "segformer-b0-camvid.yaml")
-    reference = load_config(REPO / "configs" / "edaformer-t-camvid.yaml")
+    cfg = load_config("ablations/segformer-b0-camvid")
+    reference = load_config("edaformer-t-camvid")
     assert cfg["model"]["name"] == "segformer-b0" and cfg["model"]["num_classes"] == 11
     assert cfg["model"]["drop_path_rate"] == 0.1
     assert {k: cfg[k] for k in ("data", "optim", "schedule", "train")} == {

@@ -7,8 +7,8 @@ import re
 import sys
 
 from .. import __version__
-from . import (bench, convert, evaluate, export, export_reference, flops, isr_tune, list_models, package_weights,
-               predict, train)
+from . import (bench, configs, convert, evaluate, export, export_reference, flops, isr_tune, list_models,
+               package_weights, predict, train)
 from .common import VERBOSE
 
 
@@ -16,8 +16,8 @@ log = logging.getLogger("edaformer")
 
 
 # one module per sub-command, each with ``add_parser(subparsers)`` and ``run(args)``, in help order
-COMMANDS = (list_models, predict, train, evaluate, isr_tune, flops, bench, export, export_reference, package_weights,
-            convert)
+COMMANDS = (list_models, configs, predict, train, evaluate, isr_tune, flops, bench, export, export_reference,
+            package_weights, convert)
 
 _DESCRIPTION = ("EDAFormer semantic segmentation: train, evaluate, segment images, count FLOPs, benchmark and "
                 "export, with Inference Spatial Reduction (ISR) chosen at run time.")
