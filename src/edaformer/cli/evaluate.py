@@ -8,7 +8,8 @@ from .common import add_protocol_options, command
 
 def add_parser(sub) -> None:
     p = command(sub, "eval", run, help="evaluate a checkpoint on the config's validation set (mIoU, per class)")
-    p.add_argument("config", help="YAML config the model was trained with")
+    p.add_argument("config", help="the config the model was trained with: a YAML file or a shipped name "
+                   "(`edaformer configs`)")
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
     p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config, else "
                    "the setting stored in the checkpoint by `edaformer isr-tune --write`, else the training ratios)")

@@ -31,7 +31,8 @@ and isr_tune.json to --out; --json ends the output with one line {"isr", "gflops
 def add_parser(sub) -> None:
     p = command(sub, "isr-tune", run, help="find the best ISR setting within a GFLOPs, latency or mIoU budget",
                 description=_ISR_TUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="YAML config the model was trained with")
+    p.add_argument("config", help="the config the model was trained with: a YAML file or a shipped name "
+                   "(`edaformer configs`)")
     p.add_argument("--checkpoint", required=True, help="trained weights (any supported format)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-gflops", type=float, metavar="G", help="at most G GFLOPs")

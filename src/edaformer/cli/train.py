@@ -8,7 +8,8 @@ from .common import command
 
 def add_parser(sub) -> None:
     p = command(sub, "train", run, help="train a model from a config (also under torchrun for DDP)")
-    p.add_argument("config", help="YAML config, e.g. configs/edaformer-t-ade20k.yaml")
+    p.add_argument("config", help="a YAML file or a shipped config name (`edaformer configs`), e.g. "
+                   "edaformer-t-ade20k")
     p.add_argument("--work-dir", default=None, help="output folder (default work_dirs/<config name>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
                    help="continue from the newest checkpoint in the work dir (auto, the default) or from PATH")
