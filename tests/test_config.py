@@ -5,7 +5,7 @@ import pytest
 
 import edaformer
 from edaformer.config import (DEFAULTS, KEYS, UNSET, ConfigError, apply_overrides, configs_dir, load_config, load_yaml,
-                              save_config)
+                              save_config, validate_config)
 
 CONFIGS = configs_dir()
 DEFAULT_YAML = CONFIGS / "_base_" / "default.yaml"
@@ -19,7 +19,7 @@ def test_config_inheritance_overrides_and_save(tmp_path):
     (tmp_path / "base" / "b.yaml").write_text("_base_: a.yaml\noptim: {weight_decay: 0.5}\nmodel: {name: edaformer-t-ade20k}\n")
     (tmp_path / "run.yaml").write_text("_base_: [base/b.yaml]\noptim: {betas: [0.7, 0.8]}\ndata: {batch_size: 3}\n")
     cfg = load_config(tmp_path / "run.yaml", ["optim.lr=2e-4", "data.root=/x", "eval.isr=2211-222",
-                                              "train.amp=bf16", "data.crop_size=[16, 24]", "model.pretrained=null"])
+                                              "train.amp=bf16", "data.crop_size=[16, 24]", "model.encoder_weights=null"])
     assert cfg["optim"] == {"lr": 2e-4, "betas": [0.7, 0.8], "eps": 1e-8, "weight_decay": 0.5, "decoder_lr_mult": 10.0}
     assert cfg["data"]["root"] == "/x" and cfg["data"]["batch_size"] == 3 and cfg["data"]["crop_size"] == [16, 24]
     assert cfg["data"]["workers"] == DEFAULTS["data"]["workers"]          # defaults filled in
@@ -178,17 +178,40 @@ def test_override_errors_name_the_override_key_type_and_value(tmp_path, override
         load_config(_config(tmp_path), [override])
 
 
+def test_model_pretrained_is_refused_naming_model_encoder_weights(tmp_path):
+    message = "model.pretrained was renamed: use model.encoder_weights"
+    (tmp_path / "c.yaml").write_text(MINIMAL.replace("model: {name: edaformer-t-ade20k}",
+                                                     "model: {name: edaformer-t-ade20k, pretrained: eft_t.pth}"))
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "c.yaml")
+    assert str(error.value) == f"{tmp_path / 'c.yaml'}: {message}"
+    (tmp_path / "base.yaml").write_text(MINIMAL)
+    for value in ("eft_t.pth", "null"):
+        with pytest.raises(ConfigError) as error:
+            load_config(tmp_path / "base.yaml", [f"model.pretrained={value}"])
+        assert str(error.value) == f"override 'model.pretrained={value}': {message}"
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        validate_config({**load_yaml(tmp_path / "base.yaml"), "model": {"name": "x", "pretrained": "eft_t.pth"}})
+    # a config saved before the rename holds model.pretrained: null, the absent key
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(MINIMAL.replace("model: {name: edaformer-t-ade20k}", "model: {name: edaformer-t-ade20k, "
+                                                                           "pretrained: null}"))
+    assert load_config(saved) == load_config(tmp_path / "base.yaml")
+    assert load_config(saved)["model"]["encoder_weights"] is None
+    assert validate_config(load_yaml(saved)) == load_config(saved)
+
+
 def test_override_values_parse_for_the_key_type(tmp_path):
     cfg = load_config(_config(tmp_path), [
         "data.crop_size=352,480", "data.scale=960,360", "optim.betas=0.8,0.9", "eval.tta_scales=0.5, 1.0",
-        "data.classes=sky,road", "data.root=2024", "model.pretrained=null", "optim.lr=1e-4",
+        "data.classes=sky,road", "data.root=2024", "model.encoder_weights=null", "optim.lr=1e-4",
         "eval.stride=[4, 8]", "model.dropout=0", "train.checkpoint_minutes=30", "data.crop_size=352,352"])
     data = cfg["data"]
     assert data["crop_size"] == [352, 352] and data["scale"] == [960, 360] and data["classes"] == ["sky", "road"]
     assert data["root"] == "2024"                                        # text as it is for a string key
     assert cfg["optim"]["betas"] == [0.8, 0.9] and cfg["optim"]["lr"] == 1e-4
     assert cfg["eval"]["tta_scales"] == [0.5, 1.0] and cfg["eval"]["stride"] == [4, 8]
-    assert cfg["model"]["pretrained"] is None and cfg["model"]["dropout"] == 0.0
+    assert cfg["model"]["encoder_weights"] is None and cfg["model"]["dropout"] == 0.0
     assert cfg["train"]["checkpoint_minutes"] == 30
 
 
@@ -233,7 +256,7 @@ def test_key_table_matches_its_readers():
     from edaformer.models.segmentor import EDAFormer
 
     accepted = set(inspect.signature(EDAFormer.__init__).parameters) | set(inspect.signature(create_model).parameters)
-    assert set(KEYS["model"]) <= accepted | {"pretrained", "init_from"}
+    assert set(KEYS["model"]) <= accepted | {"encoder_weights", "init_from"}
     documented = _build_dataset_keys()
     assert {"type", "root", "crop_size", "img_suffix", "seg_suffix", "classes", "palette"} <= documented
     assert documented <= set(KEYS["data"]), documented - set(KEYS["data"])

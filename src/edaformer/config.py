@@ -338,7 +338,7 @@ KEYS: dict[str, dict[str, Key]] = {
         name=(None, _Str(optional=True)),                    # required: a name from `edaformer list`
         num_classes=(None, _Int(1, optional=True)),          # None: the dataset's class count
         drop_path_rate=(0.2, _Float(**_PROB, open_max=True)),  # encoder stochastic depth (linear 0 -> rate)
-        pretrained=(None, _Str(optional=True)),              # optional ImageNet encoder checkpoint
+        encoder_weights=(None, _Str(optional=True)),         # ImageNet EFT encoder checkpoint, loaded non-strictly
         init_from=(None, _Str(optional=True)),               # trained checkpoint: all weights, strict, fresh runs only
         decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True)),  # decoder stochastic depth [0.1]
         dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
@@ -426,6 +426,27 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 REQUIRED = {"model": ["name"], "data": ["type", "root"], "schedule": ["iters"]}
 
+# Keys that were renamed: ``section.old`` -> ``section.new``. The old name is refused with a message
+# naming the new one; ``old: null``, which every config saved before the rename holds (a work dir's
+# config.yaml), is read as the absent key it means.
+RENAMED: dict[str, str] = {"model.pretrained": "model.encoder_weights"}
+
+
+def _renamed_error(section: str, name: str) -> ConfigError:
+    new = RENAMED[f"{section}.{name}"]
+    return ConfigError(f"{section}.{name} was renamed: use {new}")
+
+
+def _without_unset_renamed(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` without renamed keys whose value is null (see :data:`RENAMED`)."""
+    out = dict(cfg)
+    for old in RENAMED:
+        section, name = old.split(".")
+        values = out.get(section)
+        if isinstance(values, Mapping) and name in values and values[name] is None:
+            out[section] = {k: v for k, v in values.items() if k != name}
+    return out
+
 
 def _suggest(name: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
@@ -443,6 +464,9 @@ def _check_known(cfg: Mapping[str, Any]) -> None:
             continue
         if not isinstance(value, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
+        renamed = [k for k in value if f"{section}.{k}" in RENAMED]
+        if renamed:
+            raise _renamed_error(section, renamed[0])
         bad = [k for k in value if k not in KEYS[section]]
         if bad:
             hints = ", ".join(f"{k!r}{_suggest(str(k), KEYS[section])}" for k in bad)
@@ -454,6 +478,7 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Check sections, keys, required keys and value types; return the config with defaults filled in."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
+    cfg = _without_unset_renamed(cfg)
     _check_known(cfg)
     out = merge_configs(DEFAULTS, {k: v for k, v in cfg.items() if v is not None})
     missing = [f"{s}.{k}" for s, keys in REQUIRED.items() for k in keys if out[s].get(k) in (None, "")]
@@ -559,7 +584,7 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise ConfigError(f"circular _base_ inheritance: {cycle}")
-    data = load_yaml(path)
+    data = _without_unset_renamed(load_yaml(path))
     bases = data.pop(BASE_KEY, None) or []
     if isinstance(bases, str):
         bases = [bases]

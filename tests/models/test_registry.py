@@ -51,7 +51,7 @@ def test_ablation_configs_build_their_model(variant):
     assert {k: v for k, v in cfg["model"].items() if k not in ABLATIONS[variant]} == base["model"]
     assert {k: cfg["model"][k] for k in ABLATIONS[variant]} == ABLATIONS[variant]
     with torch.device("meta"):
-        model = build_model(cfg["model"], num_classes=11, load_pretrained=False)
+        model = build_model(cfg["model"], num_classes=11, init_weights=False)
     options = {**dict(decoder_depths=[3, 2, 1], decoder_op="efa", train_isr="1111-111"), **ABLATIONS[variant]}
     assert model.architecture_options() == options and model.decoder.num_classes == 11
 

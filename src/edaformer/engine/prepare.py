@@ -58,7 +58,7 @@ def prepare_evaluation(cfg: Mapping[str, Any], checkpoint: str | os.PathLike, de
     dataset = build_dataset(dataset_config(cfg["data"]), "val")
     obj = read_checkpoint(checkpoint)
     _check_class_count(obj, dataset, checkpoint)
-    model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
+    model = build_model(cfg["model"], dataset.num_classes, init_weights=False)
     report = load_checkpoint(model, obj)
     model.to(device).eval()
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=checkpoint,

@@ -363,7 +363,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         ckpt_path = Path(ckpt_path)
         ckpt = opened["found"][1] if main else read_checkpoint(ckpt_path)
     seed_everything(seed)
-    model = build_model(cfg["model"], train_set.num_classes, load_pretrained=ckpt is None)
+    model = build_model(cfg["model"], train_set.num_classes, init_weights=ckpt is None)
     if tcfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(dev)
