@@ -46,11 +46,11 @@ def add_parser(sub) -> None:
 
 def _predict_checkpoint(checkpoint: str | None) -> str:
     """``--checkpoint``, by default the shipped default model (an error when none is shipped)."""
-    from ..pretrained import DEFAULT_NAME, available
+    from ..pretrained import DEFAULT_NAME, list_pretrained
 
     if checkpoint is not None:
         return checkpoint
-    shipped = available()
+    shipped = list_pretrained()
     if not shipped:
         raise ValueError("no model is shipped with this install; pass --checkpoint")
     if DEFAULT_NAME not in shipped:
