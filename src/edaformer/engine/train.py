@@ -43,10 +43,7 @@ from .state import (TrainState, capture_rng_state, check_resume_config, checkpoi
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
 
-__all__ = ["train", "train_one_iteration", "validate", "build_model", "build_param_groups", "build_optimizer",
-           "WarmupPolyLR", "build_scheduler", "segmentation_loss", "capture_rng_state", "restore_rng_state",
-           "find_resume_checkpoint", "NonFiniteLossError", "TrainingInterrupted", "TrainingAborted",
-           "IGNORE_INDEX", "VERIFY_MODES"]
+__all__ = ["train", "train_one_iteration", "validate", "NonFiniteLossError", "VERIFY_MODES"]
 
 log = logging.getLogger("edaformer")
 
