@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from .common import command
 
@@ -58,11 +59,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from ..config import load_config
     from ..engine.isr_tune import (Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors,
-                                   plot_result, tune_isr, write_isr_checkpoint)
+                                   tune_isr)
     from ..engine.prepare import prepare_evaluation
     from ..utils import resolve_device
 
@@ -86,10 +85,23 @@ def run(args) -> int:
     print(format_pareto_table(result))
     print(f"{len(result.evaluated)} of {len(result.candidates)} settings evaluated"
           + (f"; left out (do not fit {size[0]}x{size[1]}): {', '.join(result.skipped)}" if result.skipped else ""))
+    _write_outputs(args, cfg, result, budget, images=len(calib))
+    c = result.chosen
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(f"best within {budget}: ISR {c.isr}, {c.gflops:.4g} GFLOPs, {c.ms:.1f} ms, mIoU {100 * c.mIoU:.2f}")
+    return 0
+
+
+def _write_outputs(args, cfg, result, budget, images: int) -> None:
+    """isr_tune.json and isr_tune.png to --out, and with --write the checkpoint with the setting."""
+    from ..engine.isr_tune import plot_result, write_isr_checkpoint
+
     out = Path(args.out) if args.out else Path("work_dirs") / Path(args.config).stem
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(config=str(args.config), checkpoint=str(args.checkpoint), model=cfg["model"]["name"],
-                images=len(calib), pool=args.pool, grid=args.grid or f"factors {args.factors}")
+                images=images, pool=args.pool, grid=args.grid or f"factors {args.factors}")
     (out / "isr_tune.json").write_text(json.dumps({"meta": meta, **result.to_dict()}, indent=2))
     print(f"wrote {out / 'isr_tune.json'}")
     png = plot_result(result, out / "isr_tune.png", title=f"{cfg['model']['name']}: {budget}")
@@ -97,9 +109,3 @@ def run(args) -> int:
     if args.write is not None:
         path = write_isr_checkpoint(args.checkpoint, result, args.write or None, pool=args.pool)
         print(f"wrote {path} (meta.isr = {result.chosen.isr})")
-    c = result.chosen
-    if args.json:
-        print(json.dumps(result.summary()))
-    else:
-        print(f"best within {budget}: ISR {c.isr}, {c.gflops:.4g} GFLOPs, {c.ms:.1f} ms, mIoU {100 * c.mIoU:.2f}")
-    return 0
