@@ -57,7 +57,7 @@ def load_run(run_dir: Path):
     cfg = load_config(run_dir / "config.yaml", [])
     data_cfg = {k: v for k, v in cfg["data"].items() if k not in ("batch_size", "workers")}
     dataset = build_dataset(data_cfg, "val")
-    model = build_model(cfg["model"], dataset.num_classes, load_pretrained=False)
+    model = build_model(cfg["model"], dataset.num_classes, init_weights=False)
     report = load_checkpoint(model, run_dir / "latest.pth")
     model.eval()
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=str(run_dir))

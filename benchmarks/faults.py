@@ -72,7 +72,7 @@ def make_dataset(root: Path, n: int = 6, size: int = 32) -> None:
 
 
 def write_config(path: Path, data: Path, **train) -> Path:
-    cfg = {"_base_": str(REPO / "configs" / "_base_" / "default.yaml"),
+    cfg = {"_base_": "_base_/default",  # the shipped defaults, by name
            "model": {"name": "edaformer-t-ade20k", "num_classes": 4, "drop_path_rate": 0.0},
            "data": {"type": "folder", "root": str(data), "classes": ["r", "g", "b", "y"], "img_suffix": ".png",
                     "scale": [32, 32], "ratio_range": [1.0, 1.0], "crop_size": [32, 32], "cat_max_ratio": 1.0,

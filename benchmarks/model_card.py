@@ -95,8 +95,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     cfg = load_config(args.config, args.set)
-    data_cfg = {k: v for k, v in cfg["data"].items() if k not in ("batch_size", "workers")}
-    dataset = build_dataset(data_cfg, "val")
+    dataset = build_dataset(dataset_config(cfg["data"]), "val")
     model, report = build_from_checkpoint(args.checkpoint)
     model.eval()
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=args.checkpoint)

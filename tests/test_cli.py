@@ -8,7 +8,7 @@ import torch
 
 import edaformer
 from edaformer import cli
-from edaformer.cli import build_parser, main
+from edaformer.cli import build_parser, list_models, main
 
 NAME = "edaformer-t-ade20k"
 
@@ -97,7 +97,7 @@ def test_unexpected_error_without_traceback_unless_verbose(monkeypatch, capsys):
     def broken(args):
         raise RuntimeError("something broke")
 
-    monkeypatch.setattr(cli, "_run_list", broken)
+    monkeypatch.setattr(list_models, "run", broken)
     assert main(["list"]) == 1
     (line,) = _error_lines(capsys)
     assert line == "edaformer list: error: RuntimeError: something broke (rerun with -v for the traceback)"
@@ -109,7 +109,7 @@ def test_keyboard_interrupt_prints_on_a_fresh_line(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_run_list", interrupted)
+    monkeypatch.setattr(list_models, "run", interrupted)
     assert main(["list"]) == 130
     assert capsys.readouterr().err == "\ninterrupted\n"
 
@@ -129,7 +129,7 @@ def test_loader_worker_error_prints_the_original_message_only(monkeypatch, capsy
         for _ in torch.utils.data.DataLoader(_BrokenDataset(), num_workers=1):
             pass
 
-    monkeypatch.setattr(cli, "_run_list", load)
+    monkeypatch.setattr(list_models, "run", load)
     assert main(["list"]) == 2
     (line,) = _error_lines(capsys)
     assert line == "edaformer list: error: /data/ann/0.png: label values 0..300 exceed the 150 classes"

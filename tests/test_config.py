@@ -1,14 +1,14 @@
 """Configs: ``_base_`` inheritance, overrides, the known keys and their types, the repository's files."""
 import inspect
-from pathlib import Path
 
 import pytest
 
 import edaformer
-from edaformer.config import DEFAULTS, KEYS, UNSET, ConfigError, apply_overrides, load_config, load_yaml, save_config
+from edaformer.config import (DEFAULTS, KEYS, UNSET, ConfigError, apply_overrides, configs_dir, load_config, load_yaml,
+                              save_config, validate_config)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "_base_" / "default.yaml"
+CONFIGS = configs_dir()
+DEFAULT_YAML = CONFIGS / "_base_" / "default.yaml"
 MINIMAL = "model: {name: edaformer-t-ade20k}\ndata: {type: folder, root: r}\nschedule: {iters: 1}\n"
 
 
@@ -19,7 +19,7 @@ def test_config_inheritance_overrides_and_save(tmp_path):
     (tmp_path / "base" / "b.yaml").write_text("_base_: a.yaml\noptim: {weight_decay: 0.5}\nmodel: {name: edaformer-t-ade20k}\n")
     (tmp_path / "run.yaml").write_text("_base_: [base/b.yaml]\noptim: {betas: [0.7, 0.8]}\ndata: {batch_size: 3}\n")
     cfg = load_config(tmp_path / "run.yaml", ["optim.lr=2e-4", "data.root=/x", "eval.isr=2211-222",
-                                              "train.amp=bf16", "data.crop_size=[16, 24]", "model.pretrained=null"])
+                                              "train.amp=bf16", "data.crop_size=[16, 24]", "model.encoder_weights=null"])
     assert cfg["optim"] == {"lr": 2e-4, "betas": [0.7, 0.8], "eps": 1e-8, "weight_decay": 0.5, "decoder_lr_mult": 10.0}
     assert cfg["data"]["root"] == "/x" and cfg["data"]["batch_size"] == 3 and cfg["data"]["crop_size"] == [16, 24]
     assert cfg["data"]["workers"] == DEFAULTS["data"]["workers"]          # defaults filled in
@@ -55,9 +55,74 @@ def test_config_base_cycle_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+
+def test_a_shipped_config_name_works_from_any_folder(tmp_path, monkeypatch):
+    from edaformer.config import list_configs, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    names = list_configs()
+    assert names[:8] == sorted(f"edaformer-{s}-{d}" for s in "tb" for d in ("ade20k", "camvid", "cityscapes",
+                                                                             "cocostuff"))
+    assert "ablations/edaformer-t-camvid-dec123" in names and not any(n.startswith("_base_/") for n in names)
+    assert "_base_/default" in list_configs(bases=True)
+    for name in names:
+        assert resolve_config(name) == CONFIGS / f"{name}.yaml"
+    camvid = load_config(CONFIGS / "edaformer-t-camvid.yaml")
+    assert load_config("edaformer-t-camvid") == load_config("edaformer-t-camvid.yaml") == camvid
+    dec123 = load_config("ablations/edaformer-t-camvid-dec123", ["data.root=/data/camvid"])
+    assert dec123["model"]["decoder_depths"] == [1, 2, 3] and dec123["data"]["root"] == "/data/camvid"
+    with pytest.raises(FileNotFoundError,
+                       match=r"config file not found: \S*nope \(nor a shipped config of that name: see "
+                             r"`edaformer configs`\)"):
+        load_config("nope")
+    with pytest.raises(FileNotFoundError):
+        load_config("../configs/edaformer-t-camvid")  # names stay inside the shipped folder
+
+
+def test_a_file_wins_over_a_shipped_name_and_bases_take_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edaformer-t-camvid").write_text(MINIMAL)  # a file in the working folder named like a config
+    assert load_config("edaformer-t-camvid")["model"]["num_classes"] is None
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "run.yaml").write_text("_base_: edaformer-t-camvid\ndata: {root: /data/camvid}\n")
+    cfg = load_config(tmp_path / "mine" / "run.yaml")
+    shipped = load_config("edaformer-t-camvid.yaml")
+    assert cfg == {**shipped, "data": {**shipped["data"], "root": "/data/camvid"}}
+    (tmp_path / "mine" / "edaformer-t-camvid").write_text(MINIMAL)  # beside the file: a relative path wins
+    assert load_config(tmp_path / "mine" / "run.yaml")["model"]["num_classes"] is None
+    (tmp_path / "mine" / "two.yaml").write_text("_base_: [_base_/default, _base_/camvid.yaml]\n"
+                                                "model: {name: edaformer-t-ade20k}\nschedule: {iters: 5}\n")
+    assert load_config(tmp_path / "mine" / "two.yaml")["data"]["classes"] == shipped["data"]["classes"]
+
+
+def test_configs_command_lists_the_names(capsys):
+    from edaformer.cli import main
+    from edaformer.config import list_configs
+
+    assert main(["configs"]) == 0
+    assert capsys.readouterr().out.split() == list_configs()
+    assert main(["configs", "--bases", "--paths"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(list_configs(bases=True))
+    assert lines[-1].split() == ["_base_/default", str(CONFIGS / "_base_" / "default.yaml")]
+
+
+@pytest.mark.parametrize("command", [["eval", "--checkpoint", "edaformer-t-camvid"],
+                                     ["isr-tune", "--checkpoint", "edaformer-t-camvid", "--budget-gflops", "1"],
+                                     ["train"]])
+def test_commands_take_a_shipped_config_name(command, tmp_path, monkeypatch, capsys):
+    from edaformer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-camvid"
+    argv = [command[0], "edaformer-t-camvid", *command[1:], "--device", "cpu", "--set", f"data.root={missing}"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == f"edaformer {command[0]}: error: dataset root does not exist: {missing}"
+
+
 def test_repository_configs():
     assert load_yaml(DEFAULT_YAML) == DEFAULTS | {"schedule": DEFAULTS["schedule"] | {"iters": 160000}}
-    files = sorted((REPO / "configs").glob("*.yaml"))
+    files = sorted(CONFIGS.glob("*.yaml"))
     assert {f.stem for f in files} >= {f"edaformer-{s}-{d}" for s in "tb"
                                        for d in ("ade20k", "cityscapes", "cocostuff", "camvid")}
     for f in files:
@@ -67,11 +132,11 @@ def test_repository_configs():
         else:  # the reference recipe (ImageNet encoder)
             assert cfg["optim"]["lr"] == 6e-5 and cfg["optim"]["decoder_lr_mult"] == 10
         assert cfg["model"]["name"] in edaformer.list_models()
-    city_b = load_config(REPO / "configs" / "edaformer-b-cityscapes.yaml")
+    city_b = load_config(CONFIGS / "edaformer-b-cityscapes.yaml")
     assert city_b["data"]["batch_size"] == 1 and city_b["eval"]["mode"] == "slide"
     assert city_b["eval"]["stride"] == [768, 768] and city_b["data"]["crop_size"] == [1024, 1024]
-    assert load_config(REPO / "configs" / "edaformer-t-cocostuff.yaml")["schedule"]["iters"] == 80000
-    camvid = load_config(REPO / "configs" / "edaformer-t-camvid.yaml")
+    assert load_config(CONFIGS / "edaformer-t-cocostuff.yaml")["schedule"]["iters"] == 80000
+    camvid = load_config(CONFIGS / "edaformer-t-camvid.yaml")
     assert camvid["model"]["num_classes"] == 11 and camvid["data"]["ignore_index"] == 11
     from edaformer.data.palettes import get_dataset_info
 
@@ -115,17 +180,40 @@ def test_override_errors_name_the_override_key_type_and_value(tmp_path, override
         load_config(_config(tmp_path), [override])
 
 
+def test_model_pretrained_is_refused_naming_model_encoder_weights(tmp_path):
+    message = "model.pretrained was renamed: use model.encoder_weights"
+    (tmp_path / "c.yaml").write_text(MINIMAL.replace("model: {name: edaformer-t-ade20k}",
+                                                     "model: {name: edaformer-t-ade20k, pretrained: eft_t.pth}"))
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "c.yaml")
+    assert str(error.value) == f"{tmp_path / 'c.yaml'}: {message}"
+    (tmp_path / "base.yaml").write_text(MINIMAL)
+    for value in ("eft_t.pth", "null"):
+        with pytest.raises(ConfigError) as error:
+            load_config(tmp_path / "base.yaml", [f"model.pretrained={value}"])
+        assert str(error.value) == f"override 'model.pretrained={value}': {message}"
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        validate_config({**load_yaml(tmp_path / "base.yaml"), "model": {"name": "x", "pretrained": "eft_t.pth"}})
+    # a config saved before the rename holds model.pretrained: null, the absent key
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(MINIMAL.replace("model: {name: edaformer-t-ade20k}", "model: {name: edaformer-t-ade20k, "
+                                                                           "pretrained: null}"))
+    assert load_config(saved) == load_config(tmp_path / "base.yaml")
+    assert load_config(saved)["model"]["encoder_weights"] is None
+    assert validate_config(load_yaml(saved)) == load_config(saved)
+
+
 def test_override_values_parse_for_the_key_type(tmp_path):
     cfg = load_config(_config(tmp_path), [
         "data.crop_size=352,480", "data.scale=960,360", "optim.betas=0.8,0.9", "eval.tta_scales=0.5, 1.0",
-        "data.classes=sky,road", "data.root=2024", "model.pretrained=null", "optim.lr=1e-4",
+        "data.classes=sky,road", "data.root=2024", "model.encoder_weights=null", "optim.lr=1e-4",
         "eval.stride=[4, 8]", "model.dropout=0", "train.checkpoint_minutes=30", "data.crop_size=352,352"])
     data = cfg["data"]
     assert data["crop_size"] == [352, 352] and data["scale"] == [960, 360] and data["classes"] == ["sky", "road"]
     assert data["root"] == "2024"                                        # text as it is for a string key
     assert cfg["optim"]["betas"] == [0.8, 0.9] and cfg["optim"]["lr"] == 1e-4
     assert cfg["eval"]["tta_scales"] == [0.5, 1.0] and cfg["eval"]["stride"] == [4, 8]
-    assert cfg["model"]["pretrained"] is None and cfg["model"]["dropout"] == 0.0
+    assert cfg["model"]["encoder_weights"] is None and cfg["model"]["dropout"] == 0.0
     assert cfg["train"]["checkpoint_minutes"] == 30
 
 
@@ -182,7 +270,7 @@ def test_key_table_matches_its_readers():
     from edaformer.models.segmentor import EDAFormer
 
     accepted = set(inspect.signature(EDAFormer.__init__).parameters) | set(inspect.signature(create_model).parameters)
-    assert set(KEYS["model"]) <= accepted | {"pretrained", "init_from"}
+    assert set(KEYS["model"]) <= accepted | {"encoder_weights", "init_from"}
     documented = _build_dataset_keys()
     assert {"type", "root", "crop_size", "img_suffix", "seg_suffix", "classes", "palette"} <= documented
     assert documented <= set(KEYS["data"]), documented - set(KEYS["data"])
@@ -192,7 +280,7 @@ def test_key_table_matches_its_readers():
                 assert key.type.check(key.default, name) == key.default, (section, name)
 
 
-FINETUNE = Path(__file__).resolve().parents[1] / "configs" / "ablations" / "edaformer-t-camvid-finetune-2222-222.yaml"
+FINETUNE = CONFIGS / "ablations" / "edaformer-t-camvid-finetune-2222-222.yaml"
 
 
 def test_finetune_recipe_starts_from_a_trained_model_at_raised_ratios():

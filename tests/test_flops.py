@@ -9,7 +9,7 @@ import torch
 import edaformer
 from edaformer import count_flops, create_model
 from edaformer.cli import main
-from edaformer.isr import PAPER_ISR_SWEEP, isr
+from edaformer.isr import PAPER_ISR_SWEEP, isr as isr_context
 from edaformer.models import efa
 from fixtures import FIXTURES, manifest, requires_fixtures
 
@@ -98,7 +98,7 @@ def test_published_gflops(key):
     size, dataset, input_size = key
     model = meta_model(f"edaformer-{size}-{dataset}")
     for spec, published in zip(PAPER_ISR_SWEEP, PUBLISHED[key]):
-        with isr(model, spec):
+        with isr_context(model, spec):
             assert round(count_flops(model, input_size).gflops, 1) == published, spec
 
 
@@ -112,7 +112,7 @@ def test_published_params():
 def test_pooled_grids_match_reference_geometry(setting):
     """Non-square input whose sides are not multiples of 32: the floored key/value grids."""
     expected = manifest("t")["settings"][setting]["per_input"]["x200x328"]["avgpool_geometry"]
-    with isr(meta_model("edaformer-t-ade20k"), setting.replace("e", "").replace("_d", "-")) as model:
+    with isr_context(meta_model("edaformer-t-ade20k"), setting.replace("e", "").replace("_d", "-")) as model:
         terms = count_flops(model, (200, 328)).attention
     got = sorted((t.pool_ratio, t.query_hw, t.kv_hw) for t in terms)
     assert got == sorted((g["kernel"], tuple(g["in_hw"]), tuple(g["out_hw"])) for g in expected)
@@ -156,7 +156,7 @@ def test_report_dict_is_json():
     (dict(input_size=(64, 64)), "does not fit"),
 ])
 def test_errors(kwargs, match):
-    with isr(meta_model("edaformer-t-ade20k"), "4411-111") as model, pytest.raises(ValueError, match=match):
+    with isr_context(meta_model("edaformer-t-ade20k"), "4411-111") as model, pytest.raises(ValueError, match=match):
         count_flops(model, **{"input_size": (512, 512), **kwargs})
 
 
@@ -195,7 +195,7 @@ def test_wrapped_model_is_unwrapped():
 def test_reference_rule_at_sizes_windows_do_not_divide():
     """375x500, ISR 2211-222: the attention follows the reference tool's true-division term."""
     model = meta_model("edaformer-t-ade20k")
-    with isr(model, "2211-222"):
+    with isr_context(model, "2211-222"):
         report = count_flops(model, (375, 500))
     # (stride, pool ratio, channels, layers): encoder stages 1-4, then decoder c2, c3, c4
     layers = [(4, 16, 32, 2), (8, 8, 64, 2), (16, 2, 128, 10), (32, 1, 256, 2),

@@ -182,13 +182,13 @@ def test_load_pretrained_equals_the_fp16_rounded_model(trained, installed):
     assert (got - full).abs().max() < 0.05 * full.abs().max()  # float16 weights: close to the fp32 model
 
 
-def test_available_and_unknown_names(installed, tmp_path, monkeypatch):
-    assert pretrained.available() == sorted([pretrained.DEFAULT_NAME, "tiny"])
+def test_list_pretrained_and_unknown_names(installed, tmp_path, monkeypatch):
+    assert edaformer.list_pretrained() == pretrained.list_pretrained() == sorted([pretrained.DEFAULT_NAME, "tiny"])
     with pytest.raises(pretrained.UnknownPretrainedError,
                        match=rf"^no shipped model 'nope'; available: {pretrained.DEFAULT_NAME}, tiny$"):
         pretrained.load_pretrained("nope")
     monkeypatch.setattr(pretrained, "weights_dir", lambda: tmp_path / "empty")
-    assert pretrained.available() == []
+    assert edaformer.list_pretrained() == []
     with pytest.raises(ValueError, match="no model is shipped with this install"):
         pretrained.load_pretrained()
 
@@ -198,7 +198,7 @@ def test_package_weights_folder_holds_no_stray_files():
     folder = pretrained.weights_dir()
     assert folder.is_dir() and (folder / "README.md").is_file()
     assert all(p.name == "README.md" or p.name.endswith(".safetensors") for p in folder.iterdir())
-    assert pretrained.available() == sorted(p.name[:-12] for p in folder.glob("*.safetensors"))
+    assert edaformer.list_pretrained() == sorted(p.name[:-12] for p in folder.glob("*.safetensors"))
 
 
 def test_corrupt_and_foreign_safetensors(shipped, tmp_path):

@@ -13,7 +13,7 @@ from edaformer.data.palettes import get_dataset_info
 NAME = "edaformer-t-camvid"
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
 
-pytestmark = pytest.mark.skipif(NAME not in pretrained.available(), reason=f"{NAME} is not shipped in this checkout")
+pytestmark = pytest.mark.skipif(NAME not in pretrained.list_pretrained(), reason=f"{NAME} is not shipped in this checkout")
 
 
 def test_shipped_model_metadata_round_trips():

@@ -9,8 +9,10 @@ import torch
 import yaml
 from PIL import Image
 
+from edaformer.config import configs_dir
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "_base_" / "default.yaml"
+DEFAULT_YAML = configs_dir() / "_base_" / "default.yaml"  # the shipped defaults
 CLASSES = ["red", "green", "blue", "yellow"]
 COLORS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 230, 40]], np.uint8)
 

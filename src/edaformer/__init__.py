@@ -5,10 +5,10 @@ from .flops import count_flops
 from .isr import ISRSetting, isr, parse_isr, set_isr
 from .models import EFT, EDAFormer, create_model, list_models
 from .inference import Segmenter
-from .pretrained import load_pretrained
+from .pretrained import list_pretrained, load_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["EDAFormer", "EFT", "create_model", "list_models", "load_checkpoint", "save_checkpoint",
            "export_reference", "isr", "set_isr", "parse_isr", "ISRSetting", "count_flops", "Segmenter", "export_onnx",
-           "load_pretrained", "__version__"]
+           "load_pretrained", "list_pretrained", "__version__"]

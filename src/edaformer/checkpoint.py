@@ -177,21 +177,21 @@ def tensor_checksum(obj: Any) -> str | None:
 
 def resolve_checkpoint_source(source: str | os.PathLike) -> Path:
     """The file a ``--checkpoint`` value names: the path itself when something exists there, else
-    the shipped weights of that name (:func:`edaformer.pretrained.available`), else the path (which
+    the shipped weights of that name (:func:`edaformer.pretrained.list_pretrained`), else the path (which
     :func:`read_checkpoint` then reports as not found)."""
     path = Path(source)
     if path.exists() or not isinstance(source, str):
         return path
     from . import pretrained
 
-    return pretrained.weights_path(source) if source in pretrained.available() else path
+    return pretrained.weights_path(source) if source in pretrained.list_pretrained() else path
 
 
 def _not_found_message(path: Path) -> str:
     """Not found; a bare name also lists the shipped models."""
     from . import pretrained
 
-    shipped = pretrained.available() if len(path.parts) == 1 else []
+    shipped = pretrained.list_pretrained() if len(path.parts) == 1 else []
     return f"checkpoint not found: {path}" + (f" (nor a shipped model: {', '.join(shipped)})" if shipped else "")
 
 

@@ -1,9 +1,19 @@
 """Training / evaluation configs: YAML files with ``_base_`` inheritance and dotted overrides.
 
-A config file may name one or more base files (paths relative to itself)::
+The configs of the paper's models and of the ablations ship inside the package
+(:func:`configs_dir`, listed by :func:`list_configs` and ``edaformer configs``). Wherever a config
+is taken, a path or the name of a shipped one works: ``edaformer-t-camvid`` is
+``<package>/configs/edaformer-t-camvid.yaml``, ``ablations/edaformer-t-camvid-dec123`` one of the
+ablations (:func:`resolve_config`; an existing file wins over a name).
+
+A config file may name one or more base files (paths relative to itself, else shipped names)::
 
     _base_: [_base_/default.yaml, _base_/ade20k.yaml]
     model: {name: edaformer-t-ade20k}
+
+    # a config of your own, on top of a shipped one
+    _base_: edaformer-t-camvid
+    data: {root: /data/camvid}
 
 Bases are merged in order, then the file itself on top (dicts merge key by key, everything
 else is replaced). ``--set optim.lr=1e-4 data.root=/x`` overrides are applied last, each value
@@ -22,6 +32,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +41,8 @@ import yaml
 from .utils import to_pair
 
 __all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
-           "apply_overrides", "validate_config", "save_config", "parse_value"]
+           "apply_overrides", "validate_config", "save_config", "parse_value", "configs_dir", "list_configs",
+           "resolve_config"]
 
 BASE_KEY = "_base_"
 
@@ -331,14 +343,14 @@ def _keys(**keys: tuple[Any, _Type]) -> dict[str, Key]:
 _PROB = dict(minimum=0.0, maximum=1.0)
 
 # Every section and key: default and type. ``None`` defaults mean "derived at run time" (see the
-# comments and configs/_base_/default.yaml); REQUIRED keys must be set by some config file.
+# comments and <package>/configs/_base_/default.yaml); REQUIRED keys must be set by some config file.
 KEYS: dict[str, dict[str, Key]] = {
     # ``create_model`` arguments: the named model, then EDAFormer constructor overrides.
     "model": _keys(
         name=(None, _Str(optional=True)),                    # required: a name from `edaformer list`
         num_classes=(None, _Int(1, optional=True)),          # None: the dataset's class count
         drop_path_rate=(0.2, _Float(**_PROB, open_max=True)),  # encoder stochastic depth (linear 0 -> rate)
-        pretrained=(None, _Str(optional=True)),              # optional ImageNet encoder checkpoint
+        encoder_weights=(None, _Str(optional=True)),         # ImageNet EFT encoder checkpoint, loaded non-strictly
         init_from=(None, _Str(optional=True)),               # trained checkpoint: all weights, strict, fresh runs only
         decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True)),  # decoder stochastic depth [0.1]
         dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
@@ -426,6 +438,27 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 REQUIRED = {"model": ["name"], "data": ["type", "root"], "schedule": ["iters"]}
 
+# Keys that were renamed: ``section.old`` -> ``section.new``. The old name is refused with a message
+# naming the new one; ``old: null``, which every config saved before the rename holds (a work dir's
+# config.yaml), is read as the absent key it means.
+RENAMED: dict[str, str] = {"model.pretrained": "model.encoder_weights"}
+
+
+def _renamed_error(section: str, name: str) -> ConfigError:
+    new = RENAMED[f"{section}.{name}"]
+    return ConfigError(f"{section}.{name} was renamed: use {new}")
+
+
+def _without_unset_renamed(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` without renamed keys whose value is null (see :data:`RENAMED`)."""
+    out = dict(cfg)
+    for old in RENAMED:
+        section, name = old.split(".")
+        values = out.get(section)
+        if isinstance(values, Mapping) and name in values and values[name] is None:
+            out[section] = {k: v for k, v in values.items() if k != name}
+    return out
+
 
 def _suggest(name: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
@@ -443,6 +476,9 @@ def _check_known(cfg: Mapping[str, Any]) -> None:
             continue
         if not isinstance(value, Mapping):
             raise ConfigError(f"config section {section!r} must be a mapping, got {value!r}")
+        renamed = [k for k in value if f"{section}.{k}" in RENAMED]
+        if renamed:
+            raise _renamed_error(section, renamed[0])
         bad = [k for k in value if k not in KEYS[section]]
         if bad:
             hints = ", ".join(f"{k!r}{_suggest(str(k), KEYS[section])}" for k in bad)
@@ -473,6 +509,7 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Check sections, keys, required keys and value types; return the config with defaults filled in."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
+    cfg = _without_unset_renamed(cfg)
     _check_known(cfg)
     out = merge_configs(DEFAULTS, {k: v for k, v in cfg.items() if v is not None})
     missing = [f"{s}.{k}" for s, keys in REQUIRED.items() for k in keys if out[s].get(k) in (None, "")]
@@ -488,6 +525,49 @@ def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- shipped configs ---------------------------------------------------------------------------
+CONFIG_SUFFIX = ".yaml"
+
+
+def configs_dir() -> Path:
+    """The package's ``configs`` folder: the shipped configs, their bases in ``_base_/`` and the
+    ablations in ``ablations/``."""
+    return Path(str(resources.files(__package__).joinpath("configs")))
+
+
+def list_configs(bases: bool = False) -> list[str]:
+    """The names of the shipped configs: the models' (``edaformer-t-camvid``), then those in
+    folders (``ablations/...``), each sorted; those in ``_base_/`` (defaults and datasets, not
+    runnable alone) last and only with ``bases``."""
+    root = configs_dir()
+    if not root.is_dir():
+        return []
+    names = [p.relative_to(root).with_suffix("").as_posix() for p in root.rglob(f"*{CONFIG_SUFFIX}") if p.is_file()]
+    return sorted((n for n in names if bases or not n.startswith(f"{BASE_KEY}/")),
+                  key=lambda n: (n.startswith(f"{BASE_KEY}/"), "/" in n, n))
+
+
+def _shipped(name: str) -> Path | None:
+    """The shipped file of a config name (``.yaml`` optional), None when there is none."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
+        return None
+    path = configs_dir() / name
+    if path.suffix != CONFIG_SUFFIX:
+        path = path.with_name(path.name + CONFIG_SUFFIX)
+    return path if path.is_file() else None
+
+
+def resolve_config(config: str | os.PathLike) -> Path:
+    """The file of a config path or shipped name: an existing path as it is (a file path wins over
+    a name), else the shipped config of that name (:func:`list_configs`), else the path (whose
+    reading then fails with the file name)."""
+    path = Path(config)
+    if path.exists():
+        return path
+    return _shipped(os.fspath(config)) or path
+
+
 # -- files and overrides -----------------------------------------------------------------------
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read one YAML file (no inheritance); an empty file is ``{}``."""
@@ -495,7 +575,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config {path} is a directory, not a YAML file")
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path} (nor a shipped config of that name: "
+                                "see `edaformer configs`)")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)
@@ -521,12 +602,21 @@ def merge_configs(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[
     return out
 
 
+def _base_file(path: Path, base: str) -> Path:
+    """A ``_base_`` entry of ``path``: relative to its folder (an absolute path as it is), else a
+    shipped config name."""
+    local = path.parent / base
+    if local.exists():
+        return local
+    return _shipped(base) or local
+
+
 def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
         raise ConfigError(f"circular _base_ inheritance: {cycle}")
-    data = load_yaml(path)
+    data = _without_unset_renamed(load_yaml(path))
     bases = data.pop(BASE_KEY, None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -538,7 +628,7 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e}") from None
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge_configs(merged, _load_with_bases(path.parent / base, chain + (path,)))
+        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,)))
     return merge_configs(merged, data)
 
 
@@ -568,8 +658,9 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Read ``path`` with its ``_base_`` chain, apply ``overrides`` and validate."""
-    cfg = apply_overrides(_load_with_bases(Path(path), ()), overrides)
+    """Read ``path`` (a file, or the name of a shipped config: :func:`resolve_config`) with its
+    ``_base_`` chain, apply ``overrides`` and validate."""
+    cfg = apply_overrides(_load_with_bases(resolve_config(path), ()), overrides)
     try:
         return validate_config(cfg)
     except ConfigError as e:

@@ -142,7 +142,11 @@ def get_isr(model):
 @contextlib.contextmanager
 def isr(model, spec: ISRSpec, pool: str | None = None) -> Iterator:
     """Apply an ISR setting (and pool kind) inside a ``with`` block, restoring the previous
-    setting and pool kind after (also on error)."""
+    setting and pool kind after (also on error).
+
+    Public as ``edaformer.isr(model, "2211-222")``; inside the package it is imported as
+    ``isr_context``, since ``isr`` also names this module, the models' property, the ``eval.isr``
+    key and the ``meta["isr"]`` entry."""
     previous = get_isr(model)
     previous_pool = getattr(unwrap_model(model), "isr_pool", None)
     set_isr(model, spec, pool=pool)

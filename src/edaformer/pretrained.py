@@ -4,7 +4,7 @@ A file holds a model's weights in float16 (integer buffers as they are) and, as 
 metadata, everything needed to use it: the model name and class count, class names and palette,
 the test protocol, the recommended ISR setting and its pooling kind, the training config, the
 source checkpoint's SHA-256, its iteration and validation mIoU. :func:`package_weights` writes
-one from a training checkpoint (``edaformer package-weights``), :func:`available` lists the
+one from a training checkpoint (``edaformer package-weights``), :func:`list_pretrained` lists the
 shipped names and :func:`load_pretrained` builds the model of one.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .inference.protocol import TestProtocol
 from .isr import TRAINING_ISR, parse_isr
 
 __all__ = ["DEFAULT_NAME", "SUFFIX", "WEIGHTS_FORMAT", "PretrainedInfo", "PackagedWeights", "UnknownPretrainedError",
-           "weights_dir", "available", "weights_path", "load_pretrained", "read_info", "read_weights",
+           "weights_dir", "list_pretrained", "weights_path", "load_pretrained", "read_info", "read_weights",
            "read_as_checkpoint", "is_safetensors", "package_weights", "check_name"]
 
 DEFAULT_NAME = "edaformer-t-camvid"
@@ -85,7 +85,7 @@ def weights_dir() -> Path:
     return Path(str(resources.files(__package__).joinpath("weights")))
 
 
-def available(folder: str | os.PathLike | None = None) -> list[str]:
+def list_pretrained(folder: str | os.PathLike | None = None) -> list[str]:
     """The shipped names (``<name>.safetensors`` in ``folder``, default :func:`weights_dir`), sorted."""
     folder = weights_dir() if folder is None else Path(folder)
     if not folder.is_dir():
@@ -97,7 +97,7 @@ def available(folder: str | os.PathLike | None = None) -> list[str]:
 def weights_path(name: str, folder: str | os.PathLike | None = None) -> Path:
     """The file of a shipped name; :class:`UnknownPretrainedError` listing the shipped ones."""
     folder = weights_dir() if folder is None else Path(folder)
-    shipped = available(folder)
+    shipped = list_pretrained(folder)
     if name not in shipped:
         if not shipped:
             raise UnknownPretrainedError(f"no shipped model {name!r}: no model is shipped with this install "

@@ -101,20 +101,20 @@ def test_init_from_loads_every_weight_strictly_and_logs_it(tmp_path, caplog):
     source = _trained_checkpoint(tmp_path / "trained.pth")
     caplog.set_level("INFO", logger="edaformer")
     model = build_model({"name": NAME, "init_from": str(tmp_path / "trained.pth"),
-                         "pretrained": str(tmp_path / "never-read.pth")}, num_classes=4)
+                         "encoder_weights": str(tmp_path / "never-read.pth")}, num_classes=4)
     expected = source.state_dict()
     assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
     text = caplog.text
     assert f"all {len(expected)} tensors loaded" in text and "iteration 160" in text
-    assert "model.pretrained" in text and "not loaded" in text
+    assert "model.encoder_weights" in text and "not loaded" in text
 
 
-def test_init_from_is_skipped_without_load_pretrained(tmp_path):
+def test_init_from_is_skipped_without_init_weights(tmp_path):
     """A resumed run or an evaluation takes its weights elsewhere: the file is not even read."""
     from edaformer.engine import build_model
 
     model = build_model({"name": NAME, "num_classes": 4, "init_from": str(tmp_path / "missing.pth")}, 4,
-                        load_pretrained=False)
+                        init_weights=False)
     assert model.num_classes == 4
 
 
@@ -128,7 +128,7 @@ def test_init_from_errors_name_the_file_and_both_class_counts(tmp_path):
         build_model({"name": NAME, "init_from": str(path)}, num_classes=5)
     encoder = edaformer.create_model(NAME, num_classes=4).encoder.state_dict()
     save_checkpoint({"state_dict": encoder}, tmp_path / "imagenet.pth")
-    with pytest.raises(CheckpointMismatchError, match=r"imagenet\.pth holds no classifier.*model\.pretrained"):
+    with pytest.raises(CheckpointMismatchError, match=r"imagenet\.pth holds no classifier.*model\.encoder_weights"):
         build_model({"name": NAME, "init_from": str(tmp_path / "imagenet.pth")}, num_classes=4)
     state = edaformer.create_model(NAME, num_classes=4).state_dict()
     del state["decoder.fuse.conv.weight"]

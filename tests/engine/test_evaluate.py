@@ -255,3 +255,31 @@ def test_eval_checkpoint_with_another_class_count_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"edaformer eval: error: checkpoint {ckpt} has 6 classes but the config's dataset has 4 "
                    "(red, green, blue, yellow)")
+
+
+def test_prepare_evaluation_loads_data_weights_and_protocol(eval_setup):
+    from edaformer.data import LOADER_KEYS, dataset_config
+    from edaformer.engine.prepare import evaluation_isr, prepare_evaluation
+
+    cfg_path, ckpt = eval_setup
+    cfg = load_config(cfg_path)
+    assert not set(LOADER_KEYS) & set(dataset_config(cfg["data"])) and "root" in dataset_config(cfg["data"])
+    ev = prepare_evaluation(cfg, ckpt, "cpu", mode="slide", tta=True)
+    assert not ev.model.training and ev.model.num_classes == 4 and len(ev.dataset) == 2
+    assert ev.report["format"] and ev.protocol.mode == "slide" and ev.protocol.flip
+    assert ev.protocol.tta_scales == tuple(cfg["eval"]["tta_scales"])
+    assert ev.protocol.scale == TestProtocol.from_config(cfg).scale  # the checkpoint stores none: the config's
+    assert evaluation_isr("2211-222", None, {"isr": "2222-222", "isr_pool": "max"}) == ("2211-222", None)
+    assert evaluation_isr(None, None, {"isr": "2222-222", "isr_pool": "max"}) == ("2222-222", "max")
+    assert evaluation_isr(None, "avg", {"isr": "2222-222", "isr_pool": "max"}) == ("2222-222", "avg")
+    assert evaluation_isr(None, None, {}) == (None, None)
+
+
+def test_isr_tune_checkpoint_with_another_class_count_is_the_same_line(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    cfg_path = write_config(tmp_path / "e.yaml", data)
+    ckpt = edaformer.save_checkpoint(edaformer.create_model(MODEL, num_classes=6), tmp_path / "six.pth")
+    assert cli_main(["isr-tune", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu",
+                     "--budget-gflops", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"edaformer isr-tune: error: checkpoint {ckpt} has 6 classes but the "
+                                               "config's dataset has 4 (red, green, blue, yellow)")

@@ -67,7 +67,7 @@ def test_payload_round_trip_takes_hyper_parameters_from_the_config():
 
 
 def _cfg(**changes):
-    cfg = {"model": {"name": "edaformer-t-ade20k", "num_classes": 4, "pretrained": None},
+    cfg = {"model": {"name": "edaformer-t-ade20k", "num_classes": 4, "encoder_weights": None},
            "data": {"type": "folder", "root": "/d", "classes": ["a", "b"], "batch_size": 2},
            "optim": dict(OPTIM), "schedule": dict(SCHEDULE), "train": {"seed": 0}}
     for key, value in changes.items():
@@ -80,8 +80,11 @@ def test_check_resume_config(tmp_path):
     ckpt = {"iteration": 6, "model": "edaformer-t-ade20k", "config": _cfg()}
     path = tmp_path / "iter_6.pth"
     assert check_resume_config(ckpt, _cfg(), path) == []
-    assert check_resume_config(ckpt, _cfg(**{"optim.lr": 5e-4, "data.root": "/e", "model.pretrained": "x.pth"}),
+    assert check_resume_config(ckpt, _cfg(**{"optim.lr": 5e-4, "data.root": "/e", "model.encoder_weights": "x.pth"}),
                                path) == ["data.root: '/d' -> '/e'", "optim.lr: 0.001 -> 0.0005"]
+    before_the_rename = _cfg()
+    before_the_rename["model"]["pretrained"] = before_the_rename["model"].pop("encoder_weights")
+    assert check_resume_config({**ckpt, "config": before_the_rename}, _cfg(), path) == []
     with pytest.raises(ResumeConfigError, match=r"model.name is 'edaformer-b-ade20k' but 'edaformer-t-ade20k' in "
                                                 r"the checkpoint"):
         check_resume_config(ckpt, _cfg(**{"model.name": "edaformer-b-ade20k"}), path)

@@ -155,7 +155,8 @@ def test_segmenter_protocol_from_spec():
     model = Conv1x1(num_classes=19)
     model.spec = get_model_spec("edaformer-t-cityscapes")
     seg = Segmenter(model, device="cpu")
-    assert (seg.mode, seg.test_scale, seg.crop_size, seg.stride, seg.divisor) == \
+    p = seg.protocol
+    assert (p.mode, p.scale, p.crop_size, p.stride, p.size_divisor) == \
         ("slide", (2048, 1024), (1024, 1024), (768, 768), None)
     assert seg.protocol == TestProtocol.from_spec(model.spec)
     assert seg.palette == DATASET_INFO["cityscapes"].palette
@@ -165,7 +166,8 @@ def test_segmenter_protocol_from_spec():
     assert model.calls == [(1, 3, 1024, 1024)] * 2  # fit to 1024 x 1628: two windows
     model.spec = get_model_spec(ADE)
     seg = Segmenter(model, device="cpu")
-    assert (seg.mode, seg.test_scale, seg.divisor) == ("whole", (2048, 512), 32)
+    assert (seg.protocol.mode, seg.protocol.scale, seg.protocol.size_divisor) == ("whole", (2048, 512), 32)
+    assert not any(hasattr(seg, old) for old in ("mode", "test_scale", "crop_size", "stride", "divisor", "flip"))
     assert seg.palette == make_palette(19)  # 19 classes do not match ADE20K's 150
 
 

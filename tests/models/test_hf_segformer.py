@@ -214,23 +214,21 @@ def _config(tmp_path, data_root, **model):
 
 
 def test_the_camvid_config_resolves_to_segformer_b0():
-    from training_data import REPO
-
-    cfg = load_config(REPO / "configs" / "ablations" / "segformer-b0-camvid.yaml")
-    reference = load_config(REPO / "configs" / "edaformer-t-camvid.yaml")
+    cfg = load_config("ablations/segformer-b0-camvid")
+    reference = load_config("edaformer-t-camvid")
     assert cfg["model"]["name"] == "segformer-b0" and cfg["model"]["num_classes"] == 11
     assert cfg["model"]["drop_path_rate"] == 0.1
     assert {k: cfg[k] for k in ("data", "optim", "schedule", "train")} == {
         k: reference[k] for k in ("data", "optim", "schedule", "train")}
     with torch.device("meta"):
-        model = build_model(cfg["model"], 11, load_pretrained=False)
+        model = build_model(cfg["model"], 11, init_weights=False)
     assert model.config.drop_path_rate == 0.1 and model.num_classes == 11
 
 
 def test_edaformer_only_config_key_is_refused(tmp_path):
     cfg = load_config(_config(tmp_path, tmp_path / "data", decoder_op="conv"))
     with pytest.raises(ValueError, match=r"segformer-b0 does not take model option\(s\) 'decoder_op'"):
-        build_model(cfg["model"], 4, load_pretrained=False)
+        build_model(cfg["model"], 4, init_weights=False)
 
 
 def test_eval_isr_takes_an_encoder_only_setting(tmp_path):
@@ -252,7 +250,7 @@ def test_train_two_iterations_then_evaluate_predict_and_sweep(tmp_path, capsys):
     # evaluate: the config's model with the checkpoint's weights
     cfg = load_config(work / "config.yaml")
     _, val_set = build_datasets(cfg["data"])
-    model = build_model(cfg["model"], val_set.num_classes, load_pretrained=False)
+    model = build_model(cfg["model"], val_set.num_classes, init_weights=False)
     report = load_checkpoint(model, checkpoint)
     assert report["format"] == "edaformer" and not report["missing"]
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg))
@@ -278,7 +276,7 @@ def test_train_two_iterations_then_evaluate_predict_and_sweep(tmp_path, capsys):
     assert [r["isr"] for r in rows] == ["1111-111", "2211-111"] and rows[1]["gflops"] < rows[0]["gflops"]
 
 
-def test_export_and_pretrained_refuse_segformer_in_one_line(tmp_path):
+def test_export_and_encoder_weights_refuse_segformer_in_one_line(tmp_path):
     from edaformer.engine.builders import build_model
     from edaformer.export import export_onnx
 
@@ -286,4 +284,4 @@ def test_export_and_pretrained_refuse_segformer_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="ONNX export takes EDAFormer models, not SegFormer"):
         export_onnx(model, tmp_path / "m.onnx", (64, 64))
     with pytest.raises(ValueError, match="segformer-b0 is not an EDAFormer model"):
-        build_model({"name": "segformer-b0", "pretrained": str(tmp_path / "eft.pth")}, 3)
+        build_model({"name": "segformer-b0", "encoder_weights": str(tmp_path / "eft.pth")}, 3)

@@ -46,14 +46,12 @@ def test_ablation_configs_build_their_model(variant):
 
     from edaformer.config import load_config
     from edaformer.engine import build_model
-    from fixtures import ROOT
-
-    cfg = load_config(ROOT / "configs" / "ablations" / f"edaformer-t-camvid-{variant}.yaml")
-    base = load_config(ROOT / "configs" / "edaformer-t-camvid.yaml")
+    cfg = load_config(f"ablations/edaformer-t-camvid-{variant}")  # shipped configs, by name
+    base = load_config("edaformer-t-camvid")
     assert {k: v for k, v in cfg["model"].items() if k not in ABLATIONS[variant]} == base["model"]
     assert {k: cfg["model"][k] for k in ABLATIONS[variant]} == ABLATIONS[variant]
     with torch.device("meta"):
-        model = build_model(cfg["model"], num_classes=11, load_pretrained=False)
+        model = build_model(cfg["model"], num_classes=11, init_weights=False)
     options = {**dict(decoder_depths=[3, 2, 1], decoder_op="efa", train_isr="1111-111"), **ABLATIONS[variant]}
     assert model.architecture_options() == options and model.decoder.num_classes == 11
 

@@ -24,7 +24,8 @@ flip_prob              horizontal flip probability [0.5]
 photometric            photometric distortion on/off [True]
 =====================  ================================================================
 
-Other keys (``batch_size``, ``workers``, ...) are left to the caller. Labels always come out with
+The loader's keys (``batch_size``, ``workers``: :data:`LOADER_KEYS`) are left to the caller;
+:func:`dataset_config` is the section without them. Labels always come out with
 ignore = 255.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, 
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
                          ResizeToFit, test_transforms, train_transforms)
 
-__all__ = ["build_dataset", "build_dataloader", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
+__all__ = ["build_dataset", "dataset_config", "LOADER_KEYS", "build_dataloader", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
            "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
@@ -77,6 +78,15 @@ def _check_named(cfg: Mapping[str, Any], cls: type[SegmentationDataset]) -> None
     classes = cfg.get("classes")
     if classes is not None and (classes if isinstance(classes, int) else len(classes)) != cls.NUM_CLASSES:
         raise DatasetError(f"{name} has {cls.NUM_CLASSES} classes; the config declares {classes!r:.80}")
+
+
+# keys of a config's ``data`` section that are the loader's, not the dataset's
+LOADER_KEYS = ("batch_size", "workers")
+
+
+def dataset_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's ``data`` section without the loader's keys (:data:`LOADER_KEYS`)."""
+    return {k: v for k, v in data_cfg.items() if k not in LOADER_KEYS}
 
 
 def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:

@@ -28,11 +28,11 @@ __all__ = ["build_model", "load_init_from", "build_datasets", "build_train_loade
 log = logging.getLogger("edaformer")
 
 
-def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained: bool = True) -> nn.Module:
+def build_model(model_cfg: Mapping[str, Any], num_classes: int, init_weights: bool = True) -> nn.Module:
     """``create_model`` from the ``model`` config section, then its starting weights.
 
-    With ``load_pretrained`` (a fresh run): ``model.init_from`` loads every weight of a trained
-    checkpoint, strictly (see :func:`load_init_from`); otherwise ``model.pretrained`` loads an
+    With ``init_weights`` (a fresh run): ``model.init_from`` loads every weight of a trained
+    checkpoint, strictly (see :func:`load_init_from`); otherwise ``model.encoder_weights`` loads an
     ImageNet encoder non-strictly. A resumed run or an evaluation passes False: its weights come
     from its own checkpoint.
     """
@@ -41,28 +41,28 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained:
 
     extra = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_ARGUMENTS and v is not None}
     model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
-    if not load_pretrained:
+    if not init_weights:
         return model
-    init_from, path = model_cfg.get("init_from"), model_cfg.get("pretrained")
+    init_from, path = model_cfg.get("init_from"), model_cfg.get("encoder_weights")
     if path and get_model_spec(model_cfg["name"]).family != "edaformer":
-        raise ValueError(f"model.pretrained loads an EFT encoder checkpoint; {model_cfg['name']} is not an "
+        raise ValueError(f"model.encoder_weights loads an EFT encoder checkpoint; {model_cfg['name']} is not an "
                          "EDAFormer model (use model.init_from for a checkpoint of this model)")
     if init_from:
         if path:
-            log.info("model.pretrained %s not loaded: model.init_from sets every weight", path)
+            log.info("model.encoder_weights %s not loaded: model.init_from sets every weight", path)
         load_init_from(model, init_from)
     elif path:
         report = load_checkpoint(model, path, strict=False)
-        log.info("pretrained weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
+        log.info("encoder weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
         for what in ("missing", "unexpected", "mismatched"):
             if report[what]:
                 shown = ", ".join(report[what][:8]) + (" ..." if len(report[what]) > 8 else "")
-                log.warning("pretrained weights: %d %s: %s", len(report[what]), what, shown)
+                log.warning("encoder weights: %d %s: %s", len(report[what]), what, shown)
     return model
 
 
 # ``model`` config keys that are no EDAFormer constructor argument
-_NOT_MODEL_ARGUMENTS = ("name", "num_classes", "pretrained", "init_from")
+_NOT_MODEL_ARGUMENTS = ("name", "num_classes", "encoder_weights", "init_from")
 
 
 def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     found = checkpoint_num_classes(obj)
     if found is None:
         raise CheckpointMismatchError(f"model.init_from {path} holds no classifier (an encoder-only checkpoint?): "
-                                      "it must be a whole trained model; an ImageNet encoder goes in model.pretrained")
+                                      "it must be a whole trained model; an ImageNet encoder goes in model.encoder_weights")
     if found != model.num_classes:
         raise CheckpointMismatchError(f"model.init_from {path} was trained for {found} classes but the model has "
                                       f"{model.num_classes} (model.num_classes, or the dataset's class count)")
@@ -93,9 +93,9 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The training and validation datasets of a config's ``data`` section."""
-    from ..data import build_dataset
+    from ..data import build_dataset, dataset_config
 
-    dataset_cfg = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}
+    dataset_cfg = dataset_config(data_cfg)
     return build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "val")
 
 

@@ -186,7 +186,8 @@ class ResumeConfigError(ValueError):
 # config keys that define what is trained on what: a change makes the checkpoint another run
 _FIXED_DATA_KEYS = ("type", "classes", "ignore_index", "reduce_zero_label", "img_suffix", "seg_suffix",
                     "train_split", "val_split", "train_filter", "val_filter")
-_UNUSED_ON_RESUME = ("model.pretrained", "model.init_from")
+# (model.pretrained: the name of model.encoder_weights in checkpoints written before the rename)
+_UNUSED_ON_RESUME = ("model.encoder_weights", "model.init_from", "model.pretrained")
 
 
 def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

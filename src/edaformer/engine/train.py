@@ -43,10 +43,7 @@ from .state import (TrainState, capture_rng_state, check_resume_config, checkpoi
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
 
-__all__ = ["train", "train_one_iteration", "validate", "build_model", "build_param_groups", "build_optimizer",
-           "WarmupPolyLR", "build_scheduler", "segmentation_loss", "capture_rng_state", "restore_rng_state",
-           "find_resume_checkpoint", "NonFiniteLossError", "TrainingInterrupted", "TrainingAborted",
-           "IGNORE_INDEX", "VERIFY_MODES"]
+__all__ = ["train", "train_one_iteration", "validate", "NonFiniteLossError", "VERIFY_MODES"]
 
 log = logging.getLogger("edaformer")
 
@@ -363,7 +360,7 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         ckpt_path = Path(ckpt_path)
         ckpt = opened["found"][1] if main else read_checkpoint(ckpt_path)
     seed_everything(seed)
-    model = build_model(cfg["model"], train_set.num_classes, load_pretrained=ckpt is None)
+    model = build_model(cfg["model"], train_set.num_classes, init_weights=ckpt is None)
     if tcfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(dev)

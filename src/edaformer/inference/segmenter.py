@@ -58,14 +58,6 @@ class Segmenter:
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         self.classes, self.palette = self._class_info(spec, classes, palette)
 
-    # the protocol's fields, by their former names
-    mode = property(lambda self: self.protocol.mode)
-    test_scale = property(lambda self: self.protocol.scale)
-    crop_size = property(lambda self: self.protocol.crop_size)
-    stride = property(lambda self: self.protocol.stride)
-    divisor = property(lambda self: self.protocol.size_divisor)
-    flip = property(lambda self: self.protocol.flip)
-
     def _class_info(self, spec, classes, palette) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
         info = class_info(self.num_classes, getattr(spec, "dataset", None), classes, palette)
         return info.classes, info.palette

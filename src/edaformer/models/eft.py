@@ -269,11 +269,15 @@ except ImportError:  # pragma: no cover
 
 @register_model
 def eft_t(pretrained: bool = False, **kwargs) -> EFT:
-    """EFT-T: channels 32/64/128/256, depths 2/2/10/2."""
+    """EFT-T: channels 32/64/128/256, depths 2/2/10/2.
+
+    ``pretrained`` is timm's ``create_model`` argument (weights from its hub, where none are
+    registered for EFT); an ImageNet encoder checkpoint is loaded with
+    :func:`edaformer.load_checkpoint` (config key ``model.encoder_weights``)."""
     return _create_eft("eft_t", "t", pretrained, **kwargs)
 
 
 @register_model
 def eft_b(pretrained: bool = False, **kwargs) -> EFT:
-    """EFT-B: channels 64/128/256/512, depths 3/3/22/3."""
+    """EFT-B: channels 64/128/256/512, depths 3/3/22/3 (``pretrained``: see :func:`eft_t`)."""
     return _create_eft("eft_b", "b", pretrained, **kwargs)

@@ -1,0 +1,16 @@
+"""``edaformer list``: the named models."""
+from __future__ import annotations
+
+from .common import command
+
+
+def add_parser(sub) -> None:
+    command(sub, "list", run, help="list the named models")
+
+
+def run(args) -> int:
+    from ..models import MODEL_SPECS
+
+    for name, spec in sorted(MODEL_SPECS.items()):
+        print(f"{name:24s} classes={spec.num_classes:<4d} test={spec.test_mode}")
+    return 0
