@@ -635,8 +635,14 @@ def _run_isr_tune(args) -> int:
     return 0
 
 
-COMMANDS = (_add_list, _add_predict, _add_train, _add_eval, _add_isr_tune, _add_flops, _add_bench, _add_export,
-            _add_export_reference, _add_package_weights, _add_convert)
+def _add_pretrain(sub) -> None:
+    from .cli_pretrain import add_parser
+
+    add_parser(sub, parents=[_VERBOSE])
+
+
+COMMANDS = (_add_list, _add_predict, _add_train, _add_pretrain, _add_eval, _add_isr_tune, _add_flops, _add_bench,
+            _add_export, _add_export_reference, _add_package_weights, _add_convert)
 
 _DESCRIPTION = ("EDAFormer semantic segmentation: train, evaluate, segment images, count FLOPs, benchmark and "
                 "export, with Inference Spatial Reduction (ISR) chosen at run time.")
