@@ -459,7 +459,7 @@ PRETRAIN_KEYS: dict[str, dict[str, Key]] = {
     ),
     # ``timm.data.create_dataset`` / ``create_transform`` arguments, and the loader's
     "data": _keys(
-        dataset=(None, _Str(optional=True)),                 # None: a folder or tar; hfds/NAME, hfids/NAME, wds/NAME, tfds/NAME
+        dataset=(None, _Str(optional=True)),                 # None: folder or tar; hfds/, hfids/, wds/, tfds/NAME
         root=(None, _Str(optional=True)),                    # required
         val_root=(None, _Str(optional=True)),                # None: root
         train_split=("train", _Str()),

@@ -134,7 +134,8 @@ def test_learns_camvid_patches_and_the_encoder_feeds_timm_and_segmentation(patch
     clf = timm.create_model("eft_t", pretrained=True, num_classes=4,
                             pretrained_cfg_overlay=dict(file=str(encoder), num_classes=4))
     assert all(torch.equal(v, trained[k]) for k, v in clf.state_dict().items())
-    backbone = timm.create_model("eft_t", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(encoder)))
+    backbone = timm.create_model("eft_t", pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(encoder)))
     assert backbone.state_dict().keys() == {k for k in trained if not k.startswith("head.")}
     assert all(torch.equal(v, trained[k]) for k, v in backbone.state_dict().items())
 
@@ -156,9 +157,10 @@ def test_learns_camvid_patches_and_the_encoder_feeds_timm_and_segmentation(patch
 @needs_camvid
 def test_resume_after_sigterm_is_exact(patches, tmp_path, monkeypatch, capsys):
     """The full recipe (RandAugment, random erasing, Mixup / CutMix, label smoothing, repeated
-    augmentation, stochastic depth, EMA): SIGTERM at update 2 of 8 (epoch 1 of 2) stops after
-    update 3 with a checkpoint and prints the resume command; resuming ends with the weights, EMA and optimizer of
-    an uninterrupted run, bit for bit, and a log without repeated records."""
+    augmentation, stochastic depth, EMA), 2 epochs of 4 updates. SIGTERM during update 4 stops at
+    epoch 1's end before its validation; the resumed run validates first, is stopped again during
+    update 6 (inside epoch 2) and resumed to the end. Each stop writes a checkpoint and prints the
+    resume command; the end is bit for bit the uninterrupted run's (weights, EMA, optimizer, log)."""
     small = tmp_path / "small"
     for split, n in (("train", 8), ("validation", 2)):
         for name in CLASSES:
@@ -173,16 +175,18 @@ def test_resume_after_sigterm_is_exact(patches, tmp_path, monkeypatch, capsys):
     assert full["iteration"] == 8
 
     work = tmp_path / "stopped"
-    monkeypatch.setattr(pretrain_module, "_after_update",
-                        lambda it: os.kill(os.getpid(), signal.SIGTERM) if it == 2 else None)
-    code = cli_main(["pretrain", str(cfg_path), "--work-dir", str(work), "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 143 and "stopped by SIGTERM after iteration 3" in err
-    assert f"continue with: edaformer pretrain {cfg_path} --work-dir {work} --resume auto --device cpu" in err
-    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_3.pth"]
+    argv = ["pretrain", str(cfg_path), "--work-dir", str(work), "--device", "cpu"]
+    resume = f"continue with: edaformer pretrain {cfg_path} --work-dir {work} --resume auto --device cpu"
+    for signal_after, resume_flag, stopped_at, files in ((3, [], 4, ["iter_4.pth"]),
+                                                         (5, ["--resume"], 6, ["iter_4.pth", "iter_6.pth"])):
+        monkeypatch.setattr(pretrain_module, "_after_update",   # the signal lands during the next update
+                            lambda it, n=signal_after: os.kill(os.getpid(), signal.SIGTERM) if it == n else None)
+        assert cli_main(argv + resume_flag) == 143
+        err = capsys.readouterr().err
+        assert f"stopped by SIGTERM after iteration {stopped_at}" in err and resume in err
+        assert sorted(p.name for p in work.glob("iter_*.pth")) == files
     monkeypatch.setattr(pretrain_module, "_after_update", lambda it: None)
-    code = cli_main(["pretrain", str(cfg_path), "--work-dir", str(work), "--device", "cpu", "--resume", "--json"])
-    assert code == 0
+    assert cli_main(argv + ["--resume", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["iteration"] == 8 and result["ema"] is True and result["top1"] == full["top1"]
     a = torch.load(tmp_path / "full" / "latest.pth", weights_only=True)
@@ -194,8 +198,10 @@ def test_resume_after_sigterm_is_exact(patches, tmp_path, monkeypatch, capsys):
     assert all(torch.equal(x, y) for x, y in moments)
     assert torch.equal(torch.load(tmp_path / "full" / "encoder.pth", weights_only=True)["state_dict"]["head.weight"],
                        a["ema"]["head.weight"])                           # encoder.pth: the validated EMA weights
-    assert [r["iter"] for r in _records(work)] == [r["iter"] for r in _records(tmp_path / "full")]
-    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_4.pth", "iter_8.pth"]
+    timing = ("time", "data_time", "images_per_s", "memory_mb")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _records(work)] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in _records(tmp_path / "full")]
+    assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_6.pth", "iter_8.pth"]
 
 
 # -- faults ------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_c
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
 from .losses import build_loss, segmentation_loss
 
-__all__ = ["build_model", "load_init_from", "load_pretrained_encoder", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
-           "WarmupPolyLR", "build_scheduler", "build_loss", "segmentation_loss", "resolve_amp"]
+__all__ = ["build_model", "load_init_from", "load_pretrained_encoder", "build_datasets", "build_train_loader",
+           "build_param_groups", "build_optimizer", "WarmupPolyLR", "build_scheduler", "build_loss", "segmentation_loss", "resolve_amp"]
 
 log = logging.getLogger("edaformer")
 
@@ -33,8 +33,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained:
 
     With ``load_pretrained`` (a fresh run): ``model.init_from`` loads every weight of a trained
     checkpoint, strictly (see :func:`load_init_from`); otherwise ``model.pretrained`` loads an
-    ImageNet encoder, every encoder tensor (see :func:`load_pretrained_encoder`). A resumed run or an evaluation passes False: its weights come
-    from its own checkpoint.
+    ImageNet encoder, every encoder tensor (see :func:`load_pretrained_encoder`). A resumed run or
+    an evaluation passes False: its weights come from its own checkpoint.
     """
     from ..models import create_model
     from ..models.registry import get_model_spec

@@ -49,7 +49,8 @@ from .builders import resolve_amp
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
                           init_distributed, is_distributed)
 from .signals import StopRequest, TrainingInterrupted
-from .state import capture_rng_state, find_resume_checkpoint, restore_rng_state, seed_everything, write_training_checkpoint
+from .state import (capture_rng_state, find_resume_checkpoint, restore_rng_state, seed_everything,
+                    write_training_checkpoint)
 from .train import NonFiniteLossError
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
 
@@ -159,13 +160,16 @@ class PretrainState:
     epoch_step: int = 0
     updates_per_epoch: int = 0
     best_top1: float = -1.0
+    epoch_loss: float = 0.0          # the sum of this epoch's update losses so far
+    pending_eval: bool = False       # stopped at an epoch's end before its validation
     rng_states: list[dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                 "iteration": self.iteration, "epoch": self.epoch, "epoch_step": self.epoch_step,
-                "updates_per_epoch": self.updates_per_epoch, "best_top1": self.best_top1, "rng": self.rng_states,
+                "updates_per_epoch": self.updates_per_epoch, "best_top1": self.best_top1,
+                "epoch_loss": self.epoch_loss, "pending_eval": self.pending_eval, "rng": self.rng_states,
                 "world_size": len(self.rng_states) if self.rng_states else 1}
 
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
@@ -193,6 +197,8 @@ class PretrainState:
                         self.epoch + 1, step, self.updates_per_epoch)
             self.epoch_step = step
         self.best_top1 = float(ckpt.get("best_top1", -1.0))
+        self.epoch_loss = float(ckpt.get("epoch_loss", 0.0))
+        self.pending_eval = bool(ckpt.get("pending_eval", False))
         self.rng_states = ckpt.get("rng")
 
     def restore_rng(self, rank: int, world_size: int, seed: int) -> None:
@@ -608,7 +614,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         kwargs = dict(batch_size=data_cfg["batch_size"], workers=min(data_cfg["workers"], 4), amp_dtype=amp_dtype)
         metrics = evaluate_classifier(net, val_set, dev, **kwargs)
         record = dict(epoch=epoch, iter=state.iteration, mode="val", top1=metrics["top1"], top5=metrics["top5"],
-                      loss=metrics["loss"], train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
+                      loss=metrics["loss"], train_loss=train_loss)
         exported, result = net, metrics
         if ema is not None:
             ema_metrics = evaluate_classifier(ema.module, val_set, dev, **kwargs)
@@ -630,8 +636,10 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         torch.cuda.reset_peak_memory_stats(dev)
     cleanup.enter_context(logging_redirect_tqdm())
     last_save = time.monotonic()
-    saved_at = state.iteration if ckpt_path is not None else -1
     param_dtype = next(net.parameters()).dtype
+    if state.pending_eval:  # the validation a stop at the epoch's end left out
+        last = validate(state.epoch, state.epoch_loss / per_epoch)
+        state.pending_eval, state.epoch_loss = False, 0.0
     if state.epoch >= epochs:
         log.info("the checkpoint is at epoch %d = schedule.epochs: nothing to train", state.epoch)
     while state.epoch < epochs:
@@ -641,7 +649,8 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         bar = tqdm(total=per_epoch * global_batch, initial=skip * global_batch, unit="img", unit_scale=True,
                    desc=f"epoch {epoch + 1}/{epochs}", disable=not main, dynamic_ncols=True, leave=False)
         window = dict(loss=0.0, n=0, time=0.0, data_time=0.0)
-        epoch_loss, epoch_n = 0.0, 0
+        if not skip:
+            state.epoch_loss = 0.0
         t_end = time.perf_counter()
         stopping = False
         while state.epoch_step < per_epoch:
@@ -684,8 +693,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
             window["n"] += 1
             window["time"] += t_now - t_end
             window["data_time"] += t_data - t_end
-            epoch_loss += loss_value
-            epoch_n += 1
+            state.epoch_loss += loss_value
             bar.update(global_batch)
             if state.iteration % tcfg["log_interval"] == 0 or state.epoch_step == per_epoch or stopping:
                 n = window["n"]
@@ -702,7 +710,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
                 if stopping:
                     log.warning("%s received: writing a checkpoint at update %d (a second signal aborts at once)",
                                 signal.Signals(stop.signum or signal.SIGTERM).name, state.iteration)
-                ckpt_path, saved_at, last_save = save(), state.iteration, time.monotonic()
+                ckpt_path, last_save = save(), time.monotonic()
                 if stopping:
                     bar.close()
                     raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.iteration, ckpt_path)
@@ -710,15 +718,22 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         bar.close()
         if state.epoch_step < per_epoch:  # a streaming set ran out early
             log.warning("epoch %d ended after %d of %d updates", epoch + 1, state.epoch_step, per_epoch)
+        updates = state.epoch_step
         state.epoch, state.epoch_step = epoch + 1, 0
         done = state.epoch
-        train_loss = epoch_loss / max(epoch_n, 1)
-        if (tcfg["eval_interval"] and done % tcfg["eval_interval"] == 0) or done == epochs:
+        train_loss = state.epoch_loss / max(updates, 1)
+        eval_due = (tcfg["eval_interval"] and done % tcfg["eval_interval"] == 0) or done == epochs
+        if stopping:  # no validation before the checkpoint: the resumed run does it first
+            state.pending_eval = bool(eval_due)
+            ckpt_path = save()
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.iteration, ckpt_path)
+        if eval_due:
             last = validate(done, train_loss)
         else:
             log.info("epoch %d/%d: training loss %.4f", done, epochs, train_loss)
-        ckpt_path, saved_at, last_save = save(), state.iteration, time.monotonic()
-        stopping = stopping or bool(all_reduce_mean(torch.tensor(float(stop.requested), device=dev)) > 0)
+        state.epoch_loss = 0.0
+        ckpt_path, last_save = save(), time.monotonic()
+        stopping = bool(all_reduce_mean(torch.tensor(float(stop.requested), device=dev)) > 0)
         if stopping and done < epochs:
             raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.iteration, ckpt_path)
     if not last:
