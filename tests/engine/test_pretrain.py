@@ -235,6 +235,23 @@ def test_a_bad_image_is_named_or_skipped_and_a_work_dir_holds_one_run(tmp_path, 
         pretrain(cfg, tmp_path / "w2", device="cpu")
 
 
+def test_a_tar_file_is_a_training_set(tmp_path):
+    import tarfile
+
+    from edaformer.engine.pretrain import build_pretrain_data
+
+    data = _tiny_classes(tmp_path / "d", n=2)
+    with tarfile.open(tmp_path / "train.tar", "w") as tar:
+        tar.add(data / "train", arcname=".")
+    cfg = load_config(write_pretrain_config(tmp_path / "c.yaml", tmp_path / "train.tar", data={"val_root": str(data)}),
+                      [], PRETRAINING)
+    train_set, val_set, classes = build_pretrain_data(cfg["data"], (0.5,) * 3, (0.5,) * 3)
+    assert (len(train_set), len(val_set), classes) == (8, 8, 4)
+    image, label = train_set[3]
+    assert image.shape == (3, 32, 32) and train_set.filename(3).startswith(f"{tmp_path / 'train.tar'}:")
+    assert train_set.class_to_idx == val_set.class_to_idx
+
+
 def test_segmentation_refuses_an_encoder_of_another_size(tmp_path):
     import timm
 

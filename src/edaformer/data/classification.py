@@ -92,22 +92,26 @@ class NamedImageDataset(Dataset):
     :class:`~edaformer.data.DatasetError` with the file (``skip_bad=False``), or a warning naming
     it and the next readable sample (``skip_bad=True``, at most 10 in a row)."""
 
-    def __init__(self, dataset: Any, transform: Any = None, skip_bad: bool = False, what: str = "image"):
-        self.dataset, self.transform, self.skip_bad, self.what = dataset, transform, skip_bad, what
+    def __init__(self, dataset: Any, transform: Any = None, skip_bad: bool = False, what: str = "image",
+                 root: str | None = None):
+        self.dataset, self.transform, self.skip_bad, self.what, self.root = dataset, transform, skip_bad, what, root
         self.reader = dataset.reader
 
     @property
     def class_to_idx(self) -> dict[str, int] | None:
-        return getattr(self.reader, "class_to_idx", None)
+        """Class name -> index (folder, tar and Hugging Face readers)."""
+        return getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", None)
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def filename(self, index: int) -> str:
+        """The sample's file: a path, or ``archive:member`` for a tar file."""
         try:
-            return str(self.reader.filename(index, absolute=True))
+            name = str(self.reader.filename(index, absolute=True))
         except Exception:  # noqa: BLE001 - a reader without file names
-            return f"sample {index}"
+            return f"sample {index}" + (f" of {self.root}" if self.root else "")
+        return name if name.startswith("/") or not self.root else f"{self.root}:{name}"
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         item = self.reader[index]
@@ -163,6 +167,6 @@ def build_classification_dataset(data_cfg: Mapping[str, Any], split: str, transf
                            f"{kwargs['split']!r}): {e}") from None
     if hasattr(dataset, "reader") and not isinstance(dataset, IterableDataset):
         return NamedImageDataset(dataset, transform, skip_bad=data_cfg.get("skip_bad_images", False),
-                                 what=f"{split} image")
+                                 what=f"{split} image", root=str(root))
     dataset.transform = transform  # iterable (streaming) datasets and others: timm's own error handling
     return dataset
