@@ -611,7 +611,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         return path
 
     def validate(epoch: int, train_loss: float) -> dict[str, Any]:
-        kwargs = dict(batch_size=data_cfg["batch_size"], workers=min(data_cfg["workers"], 4), amp_dtype=amp_dtype)
+        kwargs = dict(batch_size=2 * data_cfg["batch_size"], workers=min(data_cfg["workers"], 4), amp_dtype=amp_dtype)
         metrics = evaluate_classifier(net, val_set, dev, **kwargs)
         record = dict(epoch=epoch, iter=state.iteration, mode="val", top1=metrics["top1"], top5=metrics["top5"],
                       loss=metrics["loss"], train_loss=train_loss)
