@@ -523,7 +523,7 @@ PRETRAIN_KEYS: dict[str, dict[str, Key]] = {
         amp=(False, _Choice(False, "bf16", "fp16", optional=True)),  # CUDA only
         seed=(0, _Int(0)),
         deterministic=(False, _Bool()),
-        checkpoint_minutes=(30.0, _Float(0.0)),              # also checkpoint every N minutes; 0: at epoch ends only
+        checkpoint_minutes=(15.0, _Float(0.0)),              # also checkpoint every N minutes; 0: at epoch ends only
         keep_checkpoints=(2, _Int(0)),                       # iter_<n>.pth files kept (latest.pth always)
         eval_interval=(1, _Int(0)),                          # validate every N epochs; 0: only at the end
         log_interval=(50, _Int(1)),                          # log.jsonl training record every N updates

@@ -625,10 +625,17 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
                  metrics["top5"], metrics["loss"], f"  (EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f})"
                  if ema is not None else "")
         state.best_top1 = max(state.best_top1, result["top1"])
+        error = None
         if main:
-            export_encoder(exported, encoder_path, _model_name(cfg),
-                           dict(meta_base, epoch=epoch, iteration=state.iteration, top1=result["top1"],
-                                top5=result["top5"], ema=ema is not None))
+            try:
+                export_encoder(exported, encoder_path, _model_name(cfg),
+                               dict(meta_base, epoch=epoch, iteration=state.iteration, top1=result["top1"],
+                                    top5=result["top5"], ema=ema is not None))
+            except CheckpointWriteError as e:
+                error = f"{e}; free some space, then continue with --resume auto"
+        message = broadcast_object(error)
+        if message is not None:
+            raise CheckpointWriteError(errno.ENOSPC, message)
         return result
 
     model.train()
