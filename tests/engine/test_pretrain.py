@@ -104,6 +104,7 @@ def patches(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @needs_camvid
 def test_learns_camvid_patches_and_the_encoder_feeds_timm_and_segmentation(patches, tmp_path, capsys, caplog):
     """3 epochs on 127 patches of 40 training frames (4 classes): the loss falls and the top-1 on
@@ -154,6 +155,7 @@ def test_learns_camvid_patches_and_the_encoder_feeds_timm_and_segmentation(patch
     assert out["iteration"] == 2
 
 
+@pytest.mark.slow
 @needs_camvid
 def test_resume_after_sigterm_is_exact(patches, tmp_path, monkeypatch, capsys):
     """The full recipe (RandAugment, random erasing, Mixup / CutMix, label smoothing, repeated
@@ -252,13 +254,18 @@ def test_a_tar_file_is_a_training_set(tmp_path):
     assert train_set.class_to_idx == val_set.class_to_idx
 
 
-def test_segmentation_refuses_an_encoder_of_another_size(tmp_path):
+def test_an_imagenet_encoder_file_loads_in_timm_as_is_and_not_into_another_size(tmp_path):
     import timm
 
     from edaformer.checkpoint import CheckpointMismatchError
     from edaformer.engine import build_model
     from edaformer.engine.pretrain import export_encoder
 
+    torch.manual_seed(0)
+    source = timm.create_model("eft_t")                                     # 1000 classes, as on ImageNet
+    export_encoder(source, tmp_path / "t.pth", "eft_t", {"top1": 1.0})
+    loaded = timm.create_model("eft_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "t.pth")))
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items())
     export_encoder(timm.create_model("eft_b", num_classes=3), tmp_path / "b.pth", "eft_b", {})
     with pytest.raises(CheckpointMismatchError, match=r"b\.pth: only 0 of the model's \d+ encoder tensors"):
         build_model({"name": "edaformer-t-ade20k", "pretrained": str(tmp_path / "b.pth")}, 4)
