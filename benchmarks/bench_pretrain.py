@@ -111,7 +111,7 @@ def main(argv=None) -> None:
     p.add_argument("--pipeline-seconds", type=float, default=10.0)
     p.add_argument("--gpu-tflops", type=float, default=989.0,
                    help="GPU dense bf16 peak for the estimate (default 989: H100 SXM; A100: 312)")
-    p.add_argument("--utilization", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+    p.add_argument("--utilization", type=float, nargs="+", default=[0.05, 0.1, 0.2],
                    help="model-FLOP utilisations of that peak to estimate with")
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--json", default=None, metavar="PATH|-")
