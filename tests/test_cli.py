@@ -74,6 +74,7 @@ def _commands_with_device() -> set[str]:
 DEVICE_ARGV = {
     "predict": ["predict", "image.png", "--model", NAME, "--checkpoint", "w.pth"],
     "train": ["train", "config.yaml"],
+    "pretrain": ["pretrain", "config.yaml"],
     "eval": ["eval", "config.yaml", "--checkpoint", "w.pth"],
     "isr-tune": ["isr-tune", "config.yaml", "--checkpoint", "w.pth", "--max-drop", "1"],
     "bench": ["bench", NAME, "--size", "64", "64"],

@@ -104,7 +104,8 @@ def test_configs_command_lists_the_names(capsys):
     assert main(["configs", "--bases", "--paths"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(list_configs(bases=True))
-    assert lines[-1].split() == ["_base_/default", str(CONFIGS / "_base_" / "default.yaml")]
+    assert ["_base_/default", str(CONFIGS / "_base_" / "default.yaml")] in [line.split() for line in lines]
+    assert lines[-1].startswith("_base_/")
 
 
 @pytest.mark.parametrize("command", [["eval", "--checkpoint", "edaformer-t-camvid"],
@@ -122,7 +123,7 @@ def test_commands_take_a_shipped_config_name(command, tmp_path, monkeypatch, cap
 
 def test_repository_configs():
     assert load_yaml(DEFAULT_YAML) == DEFAULTS | {"schedule": DEFAULTS["schedule"] | {"iters": 160000}}
-    files = sorted(CONFIGS.glob("*.yaml"))
+    files = sorted(CONFIGS.glob("edaformer-*.yaml"))
     assert {f.stem for f in files} >= {f"edaformer-{s}-{d}" for s in "tb"
                                        for d in ("ade20k", "cityscapes", "cocostuff", "camvid")}
     for f in files:

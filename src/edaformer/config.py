@@ -22,6 +22,10 @@ and text as it is for string-typed keys). Every key is declared in :data:`KEYS` 
 and type: an unknown key or a value of the wrong type is a :class:`ConfigError` naming the key,
 what it expects and the file or override it came from. :func:`load_config` returns the resolved
 config with the defaults of :data:`DEFAULTS` filled in.
+
+That is the segmentation family (:data:`SEGMENTATION`); encoder pretraining has its own keys
+(:data:`PRETRAIN_KEYS`, :data:`PRETRAINING`) in the same files-bases-overrides system: pass the
+:class:`Schema` to :func:`load_config`.
 """
 from __future__ import annotations
 
@@ -30,8 +34,8 @@ import difflib
 import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,9 +44,9 @@ import yaml
 
 from .utils import to_pair
 
-__all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
-           "apply_overrides", "validate_config", "save_config", "parse_value", "configs_dir", "list_configs",
-           "resolve_config"]
+__all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "Schema", "SEGMENTATION", "PRETRAIN_KEYS",
+           "PRETRAINING", "load_config", "load_yaml", "merge_configs", "apply_overrides", "validate_config",
+           "save_config", "parse_value", "configs_dir", "list_configs", "resolve_config"]
 
 BASE_KEY = "_base_"
 
@@ -460,17 +464,139 @@ def _without_unset_renamed(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_segmentation(cfg: dict[str, Any]) -> None:
+    _check_classes(cfg)
+    restarts = cfg["schedule"]["restarts"]
+    if restarts and restarts != sorted(set(restarts)):
+        raise ConfigError(f"schedule.restarts must be increasing iterations, got {restarts}")
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One family of configs: its sections and keys (default and type each), the keys some file
+    must set, and a check of the whole resolved config (None: none)."""
+
+    keys: Mapping[str, Mapping[str, Key]]
+    required: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def defaults(self) -> dict[str, dict[str, Any]]:
+        """The defaults filled into every resolved config (keys with an UNSET default are left out)."""
+        return {section: {name: key.default for name, key in keys.items() if key.default is not UNSET}
+                for section, keys in self.keys.items()}
+
+
+# segmentation training and evaluation (``edaformer train / eval / isr-tune``)
+SEGMENTATION = Schema(KEYS, REQUIRED, _check_segmentation)
+
+
+# ImageNet-style classification pretraining of the encoder (``edaformer pretrain``, see
+# edaformer.engine.pretrain); the recipe's values and their sources are in
+# edaformer/configs/_base_/imagenet.yaml.
+PRETRAIN_KEYS: dict[str, dict[str, Key]] = {
+    # ``timm.create_model`` arguments
+    "model": _keys(
+        name=(None, _Str(optional=True)),                    # required: a timm model, eft_t or eft_b
+        num_classes=(None, _Int(1, optional=True)),          # None: the training set's class count
+        drop_path_rate=(0.1, _Float(**_PROB, open_max=True)),  # stochastic depth (linear 0 -> rate)
+        drop_rate=(0.0, _Float(**_PROB, open_max=True)),     # dropout before the classifier
+    ),
+    # ``timm.data.create_dataset`` / ``create_transform`` arguments, and the loader's
+    "data": _keys(
+        dataset=(None, _Str(optional=True)),                 # None: folder or tar; hfds/, hfids/, wds/, tfds/NAME
+        root=(None, _Str(optional=True)),                    # required
+        val_root=(None, _Str(optional=True)),                # None: root
+        train_split=("train", _Str()),
+        val_split=("validation", _Str()),                    # folders: validation, val, ... are all found
+        class_map=(None, _Str(optional=True)),               # a class-map file (folder / tar datasets)
+        num_samples=(None, _Int(1, optional=True)),          # iterable datasets: samples per epoch, if unknown
+        img_size=(224, _Int(16)),                            # training crop and validation side
+        batch_size=(128, _Int(1)),                           # per process
+        workers=(8, _Int(0)),                                # per process
+        interpolation=("bicubic", _Choice("bicubic", "bilinear", "random")),
+        crop_pct=(0.875, _Float(positive=True, maximum=1.0)),  # validation: resize to img_size / crop_pct, centre crop
+        scale=([0.08, 1.0], _Range(_Float(positive=True, maximum=1.0))),  # random-resized-crop area range
+        hflip=(0.5, _Float(**_PROB)),
+        color_jitter=(0.4, _Float()),                        # not used with RandAugment (as in timm)
+        auto_augment=("rand-m9-mstd0.5-inc1", _Str(optional=True)),  # timm policy string; None: off
+        re_prob=(0.25, _Float(**_PROB)),                     # random erasing
+        re_mode=("pixel", _Choice("pixel", "rand", "const")),
+        re_count=(1, _Int(1)),
+        repeated_aug=(3, _Int(0)),                           # repeats per sample (0, 1: off), map-style datasets
+        skip_bad_images=(False, _Bool()),                    # skip an unreadable image (named) instead of stopping
+    ),
+    # ``timm.data.Mixup``: Mixup and CutMix (both alphas 0: off)
+    "mixup": _keys(
+        mixup_alpha=(0.8, _Float()),
+        cutmix_alpha=(1.0, _Float()),
+        prob=(1.0, _Float(**_PROB)),
+        switch_prob=(0.5, _Float(**_PROB)),
+        mode=("batch", _Choice("batch", "pair", "elem")),
+    ),
+    "loss": _keys(
+        label_smoothing=(0.1, _Float(**_PROB, open_max=True)),
+    ),
+    # ``timm.optim.create_optimizer_v2``: no weight decay on biases and norms
+    "optim": _keys(
+        name=("adamw", _Str()),
+        lr=(1e-3, _Float(positive=True)),                    # the peak learning rate of the run, as given
+        lr_batch=(None, _Int(1, optional=True)),             # the global batch lr is set for (a warning otherwise)
+        weight_decay=(0.05, _Float()),
+        eps=(1e-8, _Float(positive=True)),
+        betas=([0.9, 0.999], _List(_Float(**_PROB, open_max=True), 2)),
+        clip_grad=(None, _Float(positive=True, optional=True)),  # gradient norm clipping; None: off
+    ),
+    # ``timm.scheduler.create_scheduler_v2``
+    "schedule": _keys(
+        name=("cosine", _Choice("cosine", "tanh", "poly", "step")),
+        epochs=(300, _Int(1)),
+        warmup_epochs=(5, _Int(0)),
+        warmup_lr=(1e-6, _Float()),
+        min_lr=(1e-5, _Float()),
+        cooldown_epochs=(0, _Int(0)),
+        decay_epochs=(30, _Int(1)),                          # step: epochs between decays
+        step_on_epochs=(True, _Bool()),                      # False: the rate changes every update
+    ),
+    # ``timm.utils.ModelEmaV3``: an exponential moving average of the weights, validated and exported
+    "ema": _keys(
+        enabled=(False, _Bool()),
+        decay=(0.99996, _Float(**_PROB, open_max=True)),
+        warmup=(False, _Bool()),
+    ),
+    "train": _keys(
+        amp=(False, _Choice(False, "bf16", "fp16", optional=True)),  # CUDA only
+        seed=(0, _Int(0)),
+        deterministic=(False, _Bool()),
+        checkpoint_minutes=(15.0, _Float(0.0)),              # also checkpoint every N minutes; 0: at epoch ends only
+        keep_checkpoints=(2, _Int(0)),                       # iter_<n>.pth files kept (latest.pth always)
+        eval_interval=(1, _Int(0)),                          # validate every N epochs; 0: only at the end
+        log_interval=(50, _Int(1)),                          # log.jsonl training record every N updates
+        grad_checkpointing=(False, _Bool()),
+    ),
+}
+
+
+def _check_pretraining(cfg: dict[str, Any]) -> None:
+    if cfg["schedule"]["warmup_epochs"] > cfg["schedule"]["epochs"]:
+        raise ConfigError(f"schedule.warmup_epochs ({cfg['schedule']['warmup_epochs']}) is more than "
+                          f"schedule.epochs ({cfg['schedule']['epochs']})")
+
+
+PRETRAINING = Schema(PRETRAIN_KEYS, {"model": ["name"], "data": ["root"]}, _check_pretraining)
+
+
 def _suggest(name: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_known(cfg: Mapping[str, Any]) -> None:
+def _check_known(cfg: Mapping[str, Any], keys: Mapping[str, Mapping[str, Key]] = KEYS) -> None:
     """Unknown sections or keys, and sections that are not mappings, raise ConfigError."""
-    unknown = [k for k in cfg if k not in KEYS]
+    unknown = [k for k in cfg if k not in keys]
     if unknown:
-        hints = ", ".join(f"{k!r}{_suggest(str(k), KEYS)}" for k in unknown)
-        raise ConfigError(f"unknown config section(s) {hints}; valid sections: {', '.join(KEYS)}")
+        hints = ", ".join(f"{k!r}{_suggest(str(k), keys)}" for k in unknown)
+        raise ConfigError(f"unknown config section(s) {hints}; valid sections: {', '.join(keys)}")
     for section, value in cfg.items():
         if value is None:
             continue
@@ -479,11 +605,11 @@ def _check_known(cfg: Mapping[str, Any]) -> None:
         renamed = [k for k in value if f"{section}.{k}" in RENAMED]
         if renamed:
             raise _renamed_error(section, renamed[0])
-        bad = [k for k in value if k not in KEYS[section]]
+        bad = [k for k in value if k not in keys[section]]
         if bad:
-            hints = ", ".join(f"{k!r}{_suggest(str(k), KEYS[section])}" for k in bad)
+            hints = ", ".join(f"{k!r}{_suggest(str(k), keys[section])}" for k in bad)
             raise ConfigError(f"unknown key(s) in section {section!r}: {hints}; "
-                              f"valid keys: {', '.join(KEYS[section])}")
+                              f"valid keys: {', '.join(keys[section])}")
 
 
 def _check_classes(cfg: Mapping[str, Any]) -> None:
@@ -505,23 +631,22 @@ def _check_classes(cfg: Mapping[str, Any]) -> None:
                           "classes): set it to the label value that means 'ignore' in your files (255 if none)")
 
 
-def validate_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Check sections, keys, required keys and value types; return the config with defaults filled in."""
+def validate_config(cfg: Mapping[str, Any], schema: Schema = SEGMENTATION) -> dict[str, Any]:
+    """Check sections, keys, required keys and value types against ``schema``; return the config
+    with its defaults filled in."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
     cfg = _without_unset_renamed(cfg)
-    _check_known(cfg)
-    out = merge_configs(DEFAULTS, {k: v for k, v in cfg.items() if v is not None})
-    missing = [f"{s}.{k}" for s, keys in REQUIRED.items() for k in keys if out[s].get(k) in (None, "")]
+    _check_known(cfg, schema.keys)
+    out = merge_configs(schema.defaults, {k: v for k, v in cfg.items() if v is not None})
+    missing = [f"{s}.{k}" for s, keys in schema.required.items() for k in keys if out[s].get(k) in (None, "")]
     if missing:
         raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
     for section, values in out.items():
         for name, value in values.items():
-            values[name] = KEYS[section][name].type.check(value, f"{section}.{name}")
-    _check_classes(out)
-    restarts = out["schedule"]["restarts"]
-    if restarts and restarts != sorted(set(restarts)):
-        raise ConfigError(f"schedule.restarts must be increasing iterations, got {restarts}")
+            values[name] = schema.keys[section][name].type.check(value, f"{section}.{name}")
+    if schema.check is not None:
+        schema.check(out)
     return out
 
 
@@ -611,7 +736,7 @@ def _base_file(path: Path, base: str) -> Path:
     return _shipped(base) or local
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGMENTATION) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
@@ -623,16 +748,16 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: {BASE_KEY} must be a path or a list of paths")
     try:
-        _check_known(data)
+        _check_known(data, schema.keys)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,)))
+        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,), schema))
     return merge_configs(merged, data)
 
 
-def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str], schema: Schema = SEGMENTATION) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides to a copy of ``cfg``.
 
     The value is read for the key's type (YAML; ``a,b`` for lists; text as it is for strings) and
@@ -646,8 +771,8 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
             raise ConfigError(f"override {item!r} must look like section.key=value")
         section, name = parts
         try:
-            _check_known({section: {name: None}})
-            kind = KEYS[section][name].type
+            _check_known({section: {name: None}}, schema.keys)
+            kind = schema.keys[section][name].type
             value = kind.check(kind.parse(text), key.strip())
         except ConfigError as e:
             raise ConfigError(f"override {item!r}: {e}") from None
@@ -657,12 +782,14 @@ def apply_overrides(cfg: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
     return out
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> dict[str, Any]:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
+                schema: Schema = SEGMENTATION) -> dict[str, Any]:
     """Read ``path`` (a file, or the name of a shipped config: :func:`resolve_config`) with its
-    ``_base_`` chain, apply ``overrides`` and validate."""
-    cfg = apply_overrides(_load_with_bases(resolve_config(path), ()), overrides)
+    ``_base_`` chain, apply ``overrides`` and validate against ``schema`` (default: the
+    segmentation keys; :data:`PRETRAINING` for ``edaformer pretrain``)."""
+    cfg = apply_overrides(_load_with_bases(resolve_config(path), (), schema), overrides, schema)
     try:
-        return validate_config(cfg)
+        return validate_config(cfg, schema)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from . import (bench, configs, convert, evaluate, export, export_reference, flops, isr_tune, list_models,
-               package_weights, predict, train)
+               package_weights, predict, pretrain, train)
 from .common import VERBOSE
 
 
@@ -16,7 +16,7 @@ log = logging.getLogger("edaformer")
 
 
 # one module per sub-command, each with ``add_parser(subparsers)`` and ``run(args)``, in help order
-COMMANDS = (list_models, configs, predict, train, evaluate, isr_tune, flops, bench, export, export_reference,
+COMMANDS = (list_models, configs, predict, train, pretrain, evaluate, isr_tune, flops, bench, export, export_reference,
             package_weights, convert)
 
 _DESCRIPTION = ("EDAFormer semantic segmentation: train, evaluate, segment images, count FLOPs, benchmark and "

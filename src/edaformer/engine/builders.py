@@ -22,8 +22,8 @@ from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_c
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
 from .losses import build_loss, segmentation_loss
 
-__all__ = ["build_model", "load_init_from", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
-           "WarmupPolyLR", "build_scheduler", "build_loss", "segmentation_loss", "resolve_amp"]
+__all__ = ["build_model", "load_init_from", "load_encoder_weights", "build_datasets", "build_train_loader",
+           "build_param_groups", "build_optimizer", "WarmupPolyLR", "build_scheduler", "build_loss", "segmentation_loss", "resolve_amp"]
 
 log = logging.getLogger("edaformer")
 
@@ -33,8 +33,8 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, init_weights: bo
 
     With ``init_weights`` (a fresh run): ``model.init_from`` loads every weight of a trained
     checkpoint, strictly (see :func:`load_init_from`); otherwise ``model.encoder_weights`` loads an
-    ImageNet encoder non-strictly. A resumed run or an evaluation passes False: its weights come
-    from its own checkpoint.
+    ImageNet encoder, every encoder tensor (see :func:`load_encoder_weights`). A resumed run or
+    an evaluation passes False: its weights come from its own checkpoint.
     """
     from ..models import create_model
     from ..models.registry import get_model_spec
@@ -52,13 +52,42 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, init_weights: bo
             log.info("model.encoder_weights %s not loaded: model.init_from sets every weight", path)
         load_init_from(model, init_from)
     elif path:
-        report = load_checkpoint(model, path, strict=False)
-        log.info("encoder weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
-        for what in ("missing", "unexpected", "mismatched"):
-            if report[what]:
-                shown = ", ".join(report[what][:8]) + (" ..." if len(report[what]) > 8 else "")
-                log.warning("encoder weights: %d %s: %s", len(report[what]), what, shown)
+        load_encoder_weights(model, path)
     return model
+
+
+def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load ``model.encoder_weights`` into ``model`` and say how many tensors it used.
+
+    An encoder checkpoint (an ImageNet classifier or backbone, e.g. the ``encoder.pth`` of
+    ``edaformer pretrain``; its classifier head is dropped) must fill every encoder tensor: a
+    missing or mis-shaped one raises :class:`CheckpointMismatchError` (the encoder of another
+    model size, say). A whole segmentor checkpoint loads what matches, with warnings.
+    """
+    report = load_checkpoint(model, path, strict=False)
+    if report["format"] == "encoder":
+        total = len(model.encoder.state_dict())
+        if report["missing"] or report["mismatched"]:
+            problems = report["mismatched"][:3] + [f"{k} missing" for k in report["missing"][:3]]
+            raise CheckpointMismatchError(
+                f"model.encoder_weights {path}: only {report['loaded']} of the model's {total} encoder tensors match it "
+                f"({len(report['missing'])} missing, {len(report['mismatched'])} of another shape, e.g. "
+                f"{'; '.join(problems)}): the encoder of another model size?")
+        meta = report["meta"]
+        origin = ", ".join(f"{key} {meta[key]:.2f}" if isinstance(meta[key], float) else f"{key} {meta[key]}"
+                           for key in ("epoch", "top1") if key in meta)
+        log.info("model.encoder_weights %s (encoder format%s): all %d encoder tensors loaded", path,
+                 f"; {origin}" if origin else "", total)
+        if report["unexpected"]:
+            log.warning("model.encoder_weights: %d tensors not of this encoder ignored: %s", len(report["unexpected"]),
+                        ", ".join(report["unexpected"][:8]) + (" ..." if len(report["unexpected"]) > 8 else ""))
+        return report
+    log.info("encoder weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
+    for what in ("missing", "unexpected", "mismatched"):
+        if report[what]:
+            shown = ", ".join(report[what][:8]) + (" ..." if len(report[what]) > 8 else "")
+            log.warning("encoder weights: %d %s: %s", len(report[what]), what, shown)
+    return report
 
 
 # ``model`` config keys that are no EDAFormer constructor argument
