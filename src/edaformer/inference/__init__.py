@@ -7,7 +7,7 @@ multiple of 32), normalized with :data:`MEAN` / :data:`STD` (RGB, 0-255), run wh
 sliding window, and the logits are resized bilinearly back to the original size.
 """
 from ..data.transforms import MEAN, STD
-from .bands import BAND_BYTES, labels_from_logits
+from ..bands import BAND_BYTES, labels_from_logits
 from .images import ImageInput, as_chw, load_image
 from .infer import infer_logits, infer_tta, segment_image, segment_input
 from .protocol import META_KEY, TestProtocol, preprocess, test_size

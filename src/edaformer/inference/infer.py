@@ -12,7 +12,7 @@ from torch import nn
 
 from ..data.transforms import prepare_test_image
 from ..utils import to_pair
-from .bands import labels_from_logits
+from ..bands import labels_from_logits
 from .images import ImageInput, as_chw
 from .protocol import TestProtocol
 
