@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from ..utils import plain
 
 __all__ = ["TrainState", "checkpoint_payload", "write_training_checkpoint", "iter_checkpoints",
            "find_resume_checkpoint", "check_resume_config", "ResumeConfigError", "capture_rng_state",
@@ -121,17 +122,8 @@ def checkpoint_payload(model: nn.Module, meta: Mapping[str, Any], state: TrainSt
     if state is not None:
         payload.update(state.state_dict())
     if config is not None:
-        payload["config"] = _plain(config)
+        payload["config"] = plain(config)
     return payload
-
-
-def _plain(obj: Any) -> Any:
-    """A config as plain dicts / lists / scalars (loadable with ``weights_only``)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def iter_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:
