@@ -59,11 +59,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import CONV_SEG_CHANNELS
 from .models import reduction
 from .models.decoder import AllAttentionDecoder
 from .models.efa import EFA
 from .models.eft import EFTStage
+from .models.keymap import CONV_SEG_CHANNELS
 from .models.segmentor import EDAFormer
 from .utils import unwrap_model
 

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..isr import PAPER_ISR_SWEEP, isr as isr_context
 from ..metrics import SegMetric
-from ..inference.protocol import TestProtocol
 from ..plotting import plot_confusion, plot_sweep
+from ..protocol import TestProtocol
 from .distributed import get_rank, get_world_size, is_main_process
 
 __all__ = ["evaluate", "isr_sweep", "format_sweep_table", "save_sweep", "plot_sweep", "common_test_size",

@@ -29,8 +29,9 @@ from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
-from ..inference.protocol import META_KEY, TestProtocol
+from ..meta import checkpoint_meta
 from ..plotting import plot_training_log
+from ..protocol import TestProtocol
 from ..utils import unwrap_model
 from .builders import (WarmupPolyLR, build_datasets, build_model, build_optimizer, build_param_groups,
                        build_scheduler, build_train_loader, resolve_amp, segmentation_loss)
@@ -240,8 +241,8 @@ def _best_so_far(work_dir: Path, iteration: int) -> float:
 def _checkpoint_meta(dataset: Any, iteration: int, protocol: TestProtocol, **extra: Any) -> dict[str, Any]:
     """The ``meta`` of every checkpoint a run writes: classes, palette and the test protocol that
     predict / eval read back."""
-    return {"iteration": iteration, "CLASSES": list(getattr(dataset, "classes", [])),
-            "PALETTE": [list(c) for c in getattr(dataset, "palette", [])], META_KEY: protocol.to_dict(), **extra}
+    return checkpoint_meta(iteration=iteration, classes=getattr(dataset, "classes", []),
+                           palette=getattr(dataset, "palette", []), protocol=protocol, **extra)
 
 
 def _state_bytes(model: nn.Module) -> int:
