@@ -301,9 +301,9 @@ def _run_eval(args) -> int:
     from .engine import build_model, evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
     from .engine.distributed import cleanup_distributed, init_distributed, is_distributed
     from .engine.evaluate import common_test_size, save_confusion, sweep_title
-    from .engine.isr_tune import stored_isr
     from .inference import TestProtocol
     from .isr import PAPER_ISR_SWEEP
+    from .meta import stored_isr
     from .metrics import format_class_table, format_metrics
 
     if args.confusion is not None:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
+from ..meta import ISR, ITERATION, MIOU
 from .losses import build_loss, segmentation_loss
 
 __all__ = ["build_model", "load_init_from", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
@@ -85,7 +86,7 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"model.init_from {path}: {e}") from None
     meta = report["meta"]
-    origin = ", ".join(f"{key} {meta[key]}" for key in ("iteration", "mIoU", "isr") if key in meta)
+    origin = ", ".join(f"{key} {meta[key]}" for key in (ITERATION, MIOU, ISR) if key in meta)
     log.info("init_from %s (%s format%s): all %d tensors loaded", path, report["format"],
              f"; {origin}" if origin else "", report["loaded"])
     return report

@@ -39,10 +39,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ..isr import PAPER_ISR_SWEEP, TRAINING_ISR, parse_isr
+from ..meta import ISR, ISR_POOL, ISR_TUNE
 
 __all__ = ["Budget", "Candidate", "TuneResult", "grid_settings", "calibration_subset", "measure_gflops",
            "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting",
-           "stored_isr", "write_isr_checkpoint", "default_write_path",
+           "write_isr_checkpoint", "default_write_path",
            "format_pareto_table", "plot_result", "parse_factors", "BUDGET_KINDS", "MAX_GRID"]
 
 log = logging.getLogger("edaformer")
@@ -369,26 +370,7 @@ def format_pareto_table(result: TuneResult) -> str:
                                ("mIoU", "mIoU", ".2f"), ("change", "change", "+.2f"), ("note", "", "")])
 
 
-# -- the stored setting ----------------------------------------------------------------------------
-META_KEY = "isr"
-
-
-def stored_isr(meta: Mapping[str, Any] | None, source: str | os.PathLike | None = None) -> str | None:
-    """The ISR setting a checkpoint's ``meta`` stores (``"2211-222"``), None when it stores none.
-
-    Predict / eval use it when no ISR is given. A malformed value raises ``ValueError`` naming
-    ``source`` (the checkpoint file) when given.
-    """
-    value = (meta or {}).get(META_KEY)
-    if value is None:
-        return None
-    try:
-        return str(parse_isr(str(value)))
-    except ValueError as e:
-        where = f"checkpoint {source}: " if source is not None else ""
-        raise ValueError(f"{where}meta.{META_KEY} is not an ISR setting: {e}") from None
-
-
+# -- the stored setting (read back by edaformer.meta.stored_isr) -------------------------------------
 def default_write_path(checkpoint: str | os.PathLike, setting: str) -> Path:
     """``<checkpoint stem>-isr<setting>.pth`` beside the checkpoint."""
     checkpoint = Path(checkpoint)
@@ -409,10 +391,10 @@ def write_isr_checkpoint(checkpoint: str | os.PathLike, result: TuneResult, path
     if not any(isinstance(obj.get(k), Mapping) for k in ("state_dict", "model", "module")):
         obj = {"state_dict": obj}  # a bare state dict: wrap it so that it can carry meta
     meta = dict(obj.get("meta") or {})
-    meta[META_KEY] = result.chosen.isr
+    meta[ISR] = result.chosen.isr
     if pool is not None:
-        meta["isr_pool"] = pool
-    meta["isr_tune"] = dict(budget=f"{result.budget.kind} {result.budget.value:g}", mIoU=result.chosen.mIoU,
+        meta[ISR_POOL] = pool
+    meta[ISR_TUNE] = dict(budget=f"{result.budget.kind} {result.budget.value:g}", mIoU=result.chosen.mIoU,
                             gflops=result.chosen.gflops, reference_mIoU=result.reference.mIoU,
                             flops_input_size=list(result.flops_input_size or ()))
     obj["meta"] = meta

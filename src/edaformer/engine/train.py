@@ -29,7 +29,7 @@ from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
-from ..meta import checkpoint_meta
+from ..meta import ITERATION, MIOU, checkpoint_meta
 from ..plotting import plot_training_log
 from ..protocol import TestProtocol
 from ..utils import unwrap_model
@@ -235,7 +235,7 @@ def _best_so_far(work_dir: Path, iteration: int) -> float:
     except (ValueError, OSError) as e:
         log.warning("ignoring %s: %s", path, e)
         return -1.0
-    return float(meta.get("mIoU", -1.0)) if int(meta.get("iteration", iteration + 1)) <= iteration else -1.0
+    return float(meta.get(MIOU, -1.0)) if int(meta.get(ITERATION, iteration + 1)) <= iteration else -1.0
 
 
 def _checkpoint_meta(dataset: Any, iteration: int, protocol: TestProtocol, **extra: Any) -> dict[str, Any]:
