@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..flops import gflops as count_gflops
 from ..isr import PAPER_ISR_SWEEP, isr as isr_context
 from ..metrics import SegMetric
 from ..plotting import plot_confusion, plot_sweep
@@ -180,14 +181,6 @@ def _progress(iterable, enabled: bool):
 SWEEP_METRICS = ("mIoU", "aAcc", "mAcc", "mDice", "mPrec", "mRecall")  # per setting, in isr_sweep.json
 
 
-def _gflops(model: nn.Module, input_size: Size) -> float | None:
-    try:
-        from ..flops import count_flops
-    except ImportError:
-        return None
-    return float(count_flops(model, tuple(input_size)).gflops)
-
-
 def common_test_size(dataset: Dataset, protocol: TestProtocol) -> tuple[Size, int, int]:
     """The most common test size of ``dataset``'s images under ``protocol`` (sizes read from the
     file headers), with how many images have it and the image count."""
@@ -216,8 +209,8 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
               **eval_kwargs: Any) -> list[dict[str, Any]]:
     """Evaluate the same weights under each ISR setting (switched with ``model.set_isr``).
 
-    Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at;
-    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc``, ``mDice``, ``mPrec``,
+    Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at),
+    ``mIoU``, ``aAcc``, ``mAcc``, ``mDice``, ``mPrec``,
     ``mRecall`` and ``delta_mIoU`` vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
     ``eval_kwargs`` go to :func:`evaluate` (``protocol``, ``workers``, ...).
     """
@@ -230,11 +223,10 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
         for spec in specs:
             setting = str(parse_isr(spec))
             model.set_isr(setting, pool=pool)
-            gflops = _gflops(model, tuple(flops_input_size))
+            gflops = count_gflops(model, flops_input_size)
             metrics = evaluate(model, data, isr=setting, pool=pool, **eval_kwargs)
             rows.append(dict(isr=setting, gflops=gflops, **{k: metrics[k] for k in SWEEP_METRICS}))
-            log.info("ISR %s: mIoU %.2f%s", setting, 100 * metrics["mIoU"],
-                     f"  GFLOPs {gflops:.2f}" if gflops is not None else "")
+            log.info("ISR %s: mIoU %.2f  GFLOPs %.2f", setting, 100 * metrics["mIoU"], gflops)
     finally:
         model.set_isr(previous[0], pool=previous[1])
     ref = rows[0]["mIoU"] if rows else math.nan
@@ -254,8 +246,6 @@ def format_sweep_table(rows: Sequence[dict[str, Any]], input_size: Sequence[int]
     for row in rows:
         gf = f"{row['gflops']:.4g}" if row.get("gflops") is not None else "n/a"
         lines.append(f"| {row['isr']:<10} | {gf:>18} | {100 * row['mIoU']:>6.2f} | {100 * row['delta_mIoU']:>+7.2f} |")
-    if rows and all(r.get("gflops") is None for r in rows):
-        lines.append("(GFLOPs not available: edaformer.flops could not be imported)")
     return "\n".join(lines)
 
 

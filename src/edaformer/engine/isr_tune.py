@@ -7,7 +7,7 @@ ratios) is always added: it is the reference of ``change`` and of ``max_drop``.
 
 Strategy (exact for the grid, fewer evaluations than trying all):
 
-1. GFLOPs of every setting from :func:`edaformer.flops.count_flops` on a ``meta`` copy (cheap);
+1. GFLOPs of every setting from :func:`edaformer.flops.gflops` on a ``meta`` copy (cheap);
    settings whose pooling does not fit the input size are left out.
 2. For a latency budget, the latency of every setting at that size on this device (interleaved,
    a few runs each); otherwise only that of the settings in the final table.
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..flops import gflops as count_gflops
 from ..isr import PAPER_ISR_SWEEP, TRAINING_ISR, parse_isr
 from ..meta import ISR, ISR_POOL, ISR_TUNE
 
@@ -186,16 +187,14 @@ def apply_isr(model: nn.Module, setting: str, pool: str | None = None) -> nn.Mod
 
 def measure_gflops(model: nn.Module, settings: Sequence[str], size: Sequence[int],
                    pool: str | None = None) -> tuple[dict[str, float], list[str]]:
-    """GFLOPs per setting at ``size`` (as ``edaformer flops`` counts them), on one ``meta`` copy;
-    and the settings left out because their pooling does not fit ``size``."""
-    from ..flops import count_flops
-
+    """GFLOPs per setting at ``size`` (:func:`edaformer.flops.gflops`, as ``edaformer flops`` counts
+    them), on one ``meta`` copy; and the settings left out because their pooling does not fit ``size``."""
     meta = copy.deepcopy(model).to("meta")
     out, skipped = {}, []
     for setting in settings:
         apply_isr(meta, setting, pool)
         try:
-            out[setting] = float(count_flops(meta, tuple(size)).gflops)
+            out[setting] = count_gflops(meta, size)
         except ValueError as e:
             log.info("ISR %s left out: %s", setting, e)
             skipped.append(setting)
