@@ -10,9 +10,36 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from . import __version__
+from .bench import environment, format_table, run_isr_sweep, to_jsonable
+from .checkpoint import (CheckpointWriteError, build_from_checkpoint, checkpoint_num_classes, export_reference,
+                         load_checkpoint, read_checkpoint)
+from .config import load_config
+from .data import build_dataset, convert_cityscapes, convert_cocostuff, test_transforms
+from .engine import (NonFiniteLossError, TrainingAborted, TrainingInterrupted, build_model, evaluate,
+                     format_sweep_table, isr_sweep, plot_sweep, save_sweep, train)
+from .engine.distributed import cleanup_distributed, init_distributed, is_distributed
+from .engine.evaluate import common_test_size, save_confusion, sweep_title
+from .engine.isr_tune import (Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors,
+                              plot_result, tune_isr, write_isr_checkpoint)
+from .engine.signals import exit_code
+from .export import DEFAULT_OPSET, OnnxExtrasMissing, export_onnx, require_onnx, verify_onnx
+from .flops import count_flops
+from .inference import Segmenter, TestProtocol
+from .inference.predict import IMAGE_SUFFIXES, check_alpha, collect_inputs, predict_files
+from .isr import PAPER_ISR_SWEEP, parse_isr
+from .meta import stored_isr
+from .metrics import format_class_table, format_metrics
+from .models import MODEL_SPECS, create_model
+from .pretrained import DEFAULT_NAME, available, package_weights
+from .utils import resolve_device
 
 log = logging.getLogger("edaformer")
 
@@ -38,8 +65,6 @@ def _add_convert(sub) -> None:
 
 
 def _run_convert(args) -> int:
-    from .data import convert_cityscapes, convert_cocostuff
-
     convert = {"cityscapes": convert_cityscapes, "cocostuff": convert_cocostuff}[args.dataset]
     result = convert(args.root, overwrite=not args.skip_existing, workers=args.workers, progress=True)
     print(f"{args.dataset}: wrote {result.written} *_labelTrainIds.png files under {result.folder}"
@@ -59,14 +84,10 @@ def _add_export_reference(sub) -> None:
 def _load_weights(name: str, checkpoint: str, num_classes: int | None):
     """The named model with a checkpoint's weights and the architecture options of its training
     config; its class count is the checkpoint's unless given."""
-    from .checkpoint import build_from_checkpoint
-
     return build_from_checkpoint(checkpoint, name, num_classes)
 
 
 def _run_export_reference(args) -> int:
-    from .checkpoint import export_reference
-
     model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
     path = export_reference(model, args.out, meta=report["meta"])
     print(f"wrote {path} (from {report['format']} format)")
@@ -79,8 +100,6 @@ def _add_list(sub) -> None:
 
 
 def _run_list(args) -> int:
-    from .models import MODEL_SPECS
-
     for name, spec in sorted(MODEL_SPECS.items()):
         print(f"{name:24s} classes={spec.num_classes:<4d} test={spec.test_mode}")
     return 0
@@ -88,8 +107,6 @@ def _run_list(args) -> int:
 
 # -- predict ---------------------------------------------------------------------------
 def _alpha(text: str) -> float:
-    from .inference.predict import check_alpha
-
     try:
         return check_alpha(float(text))
     except ValueError as e:
@@ -128,8 +145,6 @@ def _add_predict(sub) -> None:
 
 def _predict_checkpoint(checkpoint: str | None) -> str:
     """``--checkpoint``, by default the shipped default model (an error when none is shipped)."""
-    from .pretrained import DEFAULT_NAME, available
-
     if checkpoint is not None:
         return checkpoint
     shipped = available()
@@ -142,12 +157,6 @@ def _predict_checkpoint(checkpoint: str | None) -> str:
 
 
 def _run_predict(args) -> int:
-    from tqdm import tqdm
-
-    from .inference import Segmenter
-    from .inference.predict import IMAGE_SUFFIXES, collect_inputs, predict_files
-    from .utils import resolve_device
-
     device = resolve_device(args.device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; give a folder (it is created if missing)")
@@ -195,8 +204,6 @@ def _add_package_weights(sub) -> None:
 
 
 def _run_package_weights(args) -> int:
-    from .pretrained import package_weights
-
     result = package_weights(args.checkpoint, args.name, isr=args.isr, pool=args.pool, out=args.out,
                              config=args.config)
     info = result.info
@@ -227,8 +234,6 @@ def _add_train(sub) -> None:
 
 def _resume_command(args, work_dir) -> str:
     """The command line that continues this run."""
-    import shlex
-
     cmd = ["edaformer", "train", args.config, "--work-dir", str(work_dir), "--resume", "auto"]
     if args.set:
         cmd += ["--set", *args.set]
@@ -240,13 +245,6 @@ def _resume_command(args, work_dir) -> str:
 
 
 def _run_train(args) -> int:
-    from pathlib import Path
-
-    from .checkpoint import CheckpointWriteError
-    from .config import load_config
-    from .engine import NonFiniteLossError, TrainingAborted, TrainingInterrupted, train
-    from .engine.signals import exit_code
-
     cfg = load_config(args.config, args.set)
     if args.amp:
         cfg["train"]["amp"] = args.amp
@@ -293,19 +291,6 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from pathlib import Path
-
-    from .checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
-    from .config import load_config
-    from .data import build_dataset, test_transforms
-    from .engine import build_model, evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
-    from .engine.distributed import cleanup_distributed, init_distributed, is_distributed
-    from .engine.evaluate import common_test_size, save_confusion, sweep_title
-    from .inference import TestProtocol
-    from .isr import PAPER_ISR_SWEEP
-    from .meta import stored_isr
-    from .metrics import format_class_table, format_metrics
-
     if args.confusion is not None:
         if args.isr_sweep is not None:
             raise ValueError("--confusion is for a single evaluation, not with --isr-sweep")
@@ -399,10 +384,6 @@ def _add_flops(sub) -> None:
 
 
 def _run_flops(args) -> int:
-    from .flops import count_flops
-    from .isr import parse_isr
-    from .models import create_model
-
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
     options = {k: v for k, v in dict(decoder_depths=args.decoder_depths, decoder_op=args.decoder_op,
                                       train_isr=args.train_isr).items() if v is not None}
@@ -438,12 +419,6 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    import torch
-
-    from .bench import environment, format_table, run_isr_sweep, to_jsonable
-    from .isr import PAPER_ISR_SWEEP, parse_isr
-    from .models import create_model
-
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
         raise ValueError("--batch and --runs must be >= 1, --warmup >= 0")
     settings = list(PAPER_ISR_SWEEP) if args.isr_sweep else [str(parse_isr(args.isr or "1111-111"))]
@@ -504,10 +479,6 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from .export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
-    from .inference import TestProtocol
-    from .isr import parse_isr
-
     require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
     model, report = _load_weights(args.model, args.checkpoint, args.num_classes)
@@ -582,17 +553,6 @@ def _add_isr_tune(sub) -> None:
 
 
 def _run_isr_tune(args) -> int:
-    from pathlib import Path
-
-    from .checkpoint import load_checkpoint
-    from .config import load_config
-    from .data import build_dataset, test_transforms
-    from .inference import TestProtocol
-    from .engine import build_model
-    from .engine.isr_tune import (Budget, calibration_subset, format_pareto_table,
-                                  grid_settings, parse_factors, plot_result, tune_isr, write_isr_checkpoint)
-    from .utils import resolve_device
-
     kind, value = next((k, v) for k, v in (("gflops", args.budget_gflops), ("ms", args.budget_ms),
                                            ("max_drop", args.max_drop)) if v is not None)
     budget = Budget(kind, value)
@@ -697,8 +657,6 @@ def main(argv: list[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     _configure_logging(verbose)
     prog = f"edaformer {args.command}"
-    from .export import OnnxExtrasMissing
-    from .utils import resolve_device
 
     try:
         if getattr(args, "device", None) is not None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from .isr import parse_isr
 from .utils import plain, to_pair
 
 __all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "load_config", "load_yaml", "merge_configs",
@@ -169,8 +170,6 @@ class _Isr(_Type):
     expected = "an ISR setting such as 2211-222"
 
     def convert(self, value, name):
-        from .isr import parse_isr
-
         try:
             return str(parse_isr(f"{value}-111" if str(value).isdigit() and len(str(value)) == 4 else str(value)))
         except ValueError as e:

@@ -19,8 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
+from ..data import build_dataloader, build_dataset
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
 from ..meta import ISR, ITERATION, MIOU
+from ..models import create_model
+from ..models.registry import get_model_spec
 from .losses import build_loss, segmentation_loss
 
 __all__ = ["build_model", "load_init_from", "build_datasets", "build_train_loader", "build_param_groups", "build_optimizer",
@@ -37,9 +40,6 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, load_pretrained:
     ImageNet encoder non-strictly. A resumed run or an evaluation passes False: its weights come
     from its own checkpoint.
     """
-    from ..models import create_model
-    from ..models.registry import get_model_spec
-
     extra = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_ARGUMENTS and v is not None}
     model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
     if not load_pretrained:
@@ -94,8 +94,6 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The training and validation datasets of a config's ``data`` section."""
-    from ..data import build_dataset
-
     dataset_cfg = {k: v for k, v in data_cfg.items() if k not in ("batch_size", "workers")}
     return build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "val")
 
@@ -103,8 +101,6 @@ def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, Se
 def build_train_loader(train_set: SegmentationDataset, data_cfg: Mapping[str, Any], distributed: bool,
                        seed: int) -> DataLoader:
     """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped)."""
-    from ..data import build_dataloader
-
     return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True, workers=data_cfg["workers"],
                             distributed=distributed, seed=seed, drop_last=True)
 

@@ -14,16 +14,22 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
+from ..data.palettes import make_palette
 from ..flops import gflops as count_gflops
-from ..isr import PAPER_ISR_SWEEP, isr as isr_context
+from ..inference import infer_tta, segment_input
+from ..inference.predict import save_label, unique_stems
+from ..isr import PAPER_ISR_SWEEP, isr as isr_context, parse_isr
 from ..metrics import SegMetric
 from ..plotting import plot_confusion, plot_sweep
 from ..protocol import TestProtocol
@@ -68,8 +74,6 @@ class _PredictionWriter:
     """Writes ``<stem>_label.png`` per evaluated image (stems as ``edaformer predict`` names them)."""
 
     def __init__(self, out_dir: str | os.PathLike, dataset: Dataset):
-        from ..inference.predict import unique_stems
-
         samples = getattr(dataset, "samples", None)
         if samples is None:
             raise ValueError("saving predictions needs a dataset with image paths (.samples)")
@@ -79,9 +83,6 @@ class _PredictionWriter:
         self.palette = getattr(dataset, "palette", None)
 
     def write(self, index: int, label: Any) -> None:
-        from ..data.palettes import make_palette
-        from ..inference.predict import save_label
-
         label = label.cpu().numpy() if isinstance(label, torch.Tensor) else label
         palette = self.palette or make_palette(int(label.max()) + 1)
         save_label(label, palette, self.out / f"{self.stems[index]}_label.png")
@@ -102,8 +103,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, protocol: TestProtoco
     this call only, with the key/value ``pool`` kind (default: the model's own, ``model.isr_pool``).
     ``save_predictions``: a folder that receives ``<stem>_label.png`` per image.
     """
-    from ..inference import infer_tta, segment_input
-
     protocol = protocol or TestProtocol.from_model(model)
     dataset, indices = _base_indices(data.dataset if isinstance(data, DataLoader) else data)
     num_classes = num_classes or getattr(dataset, "num_classes", None) or model.num_classes
@@ -172,8 +171,6 @@ def _pairs(batch: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
 def _progress(iterable, enabled: bool):
     if not enabled or not is_main_process():
         return iterable
-    from tqdm import tqdm
-
     return tqdm(iterable, desc="eval", dynamic_ncols=True, leave=False)
 
 
@@ -184,10 +181,6 @@ SWEEP_METRICS = ("mIoU", "aAcc", "mAcc", "mDice", "mPrec", "mRecall")  # per set
 def common_test_size(dataset: Dataset, protocol: TestProtocol) -> tuple[Size, int, int]:
     """The most common test size of ``dataset``'s images under ``protocol`` (sizes read from the
     file headers), with how many images have it and the image count."""
-    from collections import Counter
-
-    from PIL import Image
-
     base, indices = _base_indices(dataset)
     samples = getattr(base, "samples", None)
     sizes: Counter = Counter()
@@ -214,8 +207,6 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
     ``mRecall`` and ``delta_mIoU`` vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
     ``eval_kwargs`` go to :func:`evaluate` (``protocol``, ``workers``, ...).
     """
-    from ..isr import parse_isr
-
     previous = (model.isr, getattr(model, "isr_pool", "avg"))
     pool = pool or previous[1]
     rows = []

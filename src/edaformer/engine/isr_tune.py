@@ -38,9 +38,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..bench import format_table, forward_fn, make_input, time_interleaved
+from ..checkpoint import read_checkpoint, save_checkpoint
 from ..flops import gflops as count_gflops
 from ..isr import PAPER_ISR_SWEEP, TRAINING_ISR, parse_isr
 from ..meta import ISR, ISR_POOL, ISR_TUNE
+from ..plotting import plot_pareto
+from .evaluate import evaluate
 
 __all__ = ["Budget", "Candidate", "TuneResult", "grid_settings", "calibration_subset", "measure_gflops",
            "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting",
@@ -205,8 +209,6 @@ def measure_latency(model: nn.Module, settings: Sequence[str], size: Sequence[in
                     warmup: int = 1, pool: str | None = None) -> dict[str, float]:
     """Median milliseconds of one forward at ``size`` per setting on the model's device, the
     settings timed round-robin (:func:`edaformer.bench.time_interleaved`)."""
-    from ..bench import forward_fn, make_input, time_interleaved
-
     device = next(model.parameters()).device
     previous = str(model.isr)
     x = make_input(1, size, device)
@@ -302,8 +304,6 @@ def pareto_front(candidates: Sequence[Candidate], cost: str = "gflops") -> list[
 def score_setting(model: nn.Module, dataset: Dataset, setting: str, eval_kwargs: Mapping[str, Any],
                   pool: str | None = None) -> float:
     """mIoU (a fraction) of ``model`` under ``setting`` on ``dataset``, by the evaluation protocol."""
-    from .evaluate import evaluate
-
     pool = pool if pool is not None else getattr(model, "isr_pool", None)
     previous = str(model.isr)
     apply_isr(model, setting, pool)
@@ -360,8 +360,6 @@ def _timed(timer: Timer, model: nn.Module, candidates: Sequence[Candidate]) -> l
 # -- output ----------------------------------------------------------------------------------------
 def format_pareto_table(result: TuneResult) -> str:
     """The Pareto table: setting, GFLOPs, ms, mIoU and its change vs ``1111-111`` (points)."""
-    from ..bench import format_table
-
     size = result.flops_input_size
     rows = [dict(r, mIoU=100 * r["mIoU"], change=100 * r["change"]) for r in result.table_rows()]
     gflops = f"GFLOPs @ {size[0]}x{size[1]}" if size else "GFLOPs"
@@ -380,8 +378,6 @@ def write_isr_checkpoint(checkpoint: str | os.PathLike, result: TuneResult, path
                          pool: str | None = None) -> Path:
     """A copy of ``checkpoint`` whose ``meta`` stores the chosen setting (``isr``; ``isr_pool``
     with a pooling option) and how it was found (``isr_tune``); the original is never written."""
-    from ..checkpoint import read_checkpoint, save_checkpoint
-
     checkpoint = Path(checkpoint)
     target = Path(path) if path is not None else default_write_path(checkpoint, result.chosen.isr)
     if target.exists() and target.resolve() == checkpoint.resolve():
@@ -402,8 +398,6 @@ def write_isr_checkpoint(checkpoint: str | os.PathLike, result: TuneResult, path
 
 def plot_result(result: TuneResult, path: str | os.PathLike, title: str = "") -> Path | None:
     """The evaluated settings and the Pareto front as a PNG (None without matplotlib)."""
-    from ..plotting import plot_pareto
-
     cost = "ms" if result.budget.kind == "ms" else "gflops"
     points = [asdict(c) for c in result.evaluated if getattr(c, cost) is not None]
     budget = result.budget.value if result.budget.kind != "max_drop" else None
