@@ -1,8 +1,11 @@
-"""The package's imports run one way: no import cycle, and imports inside functions only for
-optional packages."""
+"""The package's imports run one way: no import cycle, imports inside functions only for optional
+packages, and ``import edaformer`` stays light."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -197,3 +200,22 @@ def test_imports_inside_functions_are_of_optional_packages_and_say_so():
             unsaid.append(f"{m}:{line} imports {target}")
     assert not unsaid, "imports inside functions without a comment saying the package is optional:\n" + \
         "\n".join(unsaid)
+
+
+def _run(code: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_edaformer_imports_no_optional_package_and_neither_export_nor_flops():
+    loaded = _run("import sys, edaformer; print(' '.join(sorted(sys.modules)))").split()
+    assert not [m for m in loaded if _optional(m)]
+    assert "edaformer.export" not in loaded and "edaformer.flops" not in loaded
+    assert "edaformer.models" in loaded and "edaformer.checkpoint" in loaded
+    # the lazy names resolve on first use, to the objects of their modules
+    assert _run("import edaformer, edaformer.flops, edaformer.export, edaformer.inference as inf; "
+                "print(edaformer.count_flops is edaformer.flops.count_flops, "
+                "edaformer.export_onnx is edaformer.export.export_onnx, edaformer.Segmenter is inf.Segmenter, "
+                "set(edaformer.__all__) <= set(dir(edaformer)))") == "True True True True"
