@@ -37,7 +37,7 @@ def _source(checkpoint: Checkpoint) -> Checkpoint:
     return find_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
 
 
-def read_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """:func:`edaformer.checkpoint_io.read_checkpoint` of a file or a shipped model's name.
 
     Raises ``FileNotFoundError`` for a missing path (for a bare name, listing the shipped models)
@@ -45,7 +45,7 @@ def read_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
     than tensors and plain containers; :class:`CorruptCheckpointError` when its tensors do not
     match the stored checksum.
     """
-    return checkpoint_io.read_checkpoint(find_checkpoint(checkpoint))
+    return checkpoint_io.read_checkpoint(find_checkpoint(path))
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> dict[str, Any]:
