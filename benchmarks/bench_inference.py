@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from edaformer import bench as bm  # noqa: E402
+from edaformer.flops import gflops  # noqa: E402
 from edaformer.isr import PAPER_ISR_SWEEP, parse_isr  # noqa: E402
 from edaformer.models import fastpath  # noqa: E402
 from edaformer.utils import resolve_device  # noqa: E402
@@ -105,7 +106,7 @@ def run_group(args, reference_style, name, size, batch, device) -> list[dict]:
             continue
         row = dict(model=name, size=f"{size[0]}x{size[1]}", isr=spec, batch=batch, device=device.type,
                    dtype=args.dtype, compile=args.compile, channels_last=args.channels_last)
-        row["gflops"] = None if args.no_flops else bm.gflops(ours, size)
+        row["gflops"] = None if args.no_flops else gflops(ours, size)
         att = baseline_attention_bytes(ours, batch, size)
         with_base = not args.no_baseline and att <= args.max_baseline_gb * 2**30
         if not with_base and not args.no_baseline:

@@ -26,6 +26,7 @@ from edaformer.checkpoint import load_checkpoint  # noqa: E402
 from edaformer.config import load_config  # noqa: E402
 from edaformer.data import build_dataset, test_transforms  # noqa: E402
 from edaformer.engine import build_model, evaluate  # noqa: E402
+from edaformer.flops import gflops as count_gflops  # noqa: E402
 from edaformer.inference import TestProtocol  # noqa: E402
 from edaformer.isr import get_isr  # noqa: E402
 
@@ -67,7 +68,7 @@ def load_run(run_dir: Path):
 
 def gflops(model, isr, pool) -> float:
     with edaformer.isr(model, isr or get_isr(model), pool=pool if pool != "avg" else None):
-        return bench.gflops(model, SIZE)  # SegFormer models are counted by their own method
+        return count_gflops(model, SIZE)
 
 
 def score_table(name: str, runs: Path, cache: dict, latency_runs: int) -> list[dict]:

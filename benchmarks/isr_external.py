@@ -1,6 +1,6 @@
 """ISR on SegFormer (transformers) and PVTv2 (timm): GFLOPs per setting, optionally CPU latency.
 
-FLOPs come from :func:`edaformer.isr_adapters.count_flops_external` on models built on ``meta``
+FLOPs come from :func:`edaformer.flops.count_flops_external` on models built on ``meta``
 (no weights, no download). ``--time`` also runs randomly initialised models on CPU, the settings
 interleaved round-robin in one process (:func:`edaformer.bench.time_interleaved`), and reports
 each setting's median latency relative to the first setting.
@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import edaformer  # noqa: E402
 from edaformer import bench as bm  # noqa: E402
-from edaformer.isr_adapters import count_flops_external  # noqa: E402
+from edaformer.flops import count_flops_external  # noqa: E402
 
 import harness  # noqa: E402
 

@@ -96,7 +96,9 @@ def test_cli_dynamic_export_is_quiet_carries_metadata_and_runs_any_batch_and_siz
     assert json.loads(meta["classes"]) == names and json.loads(meta["palette"]) == colours
     assert meta["num_classes"] == "7" and meta["isr"] == "1111-111" and meta["dynamic"] == "batch, height, width"
     assert json.loads(meta["mean"]) == list(MEAN) and json.loads(meta["std"]) == list(STD)
-    assert json.loads(meta["test_protocol"]) == {"mode": "whole", "test_scale": [2048, 512], "size_divisor": 32}
+    assert json.loads(meta["test_protocol"]) == {"scale": [2048, 512], "divisor": 32, "mode": "whole",
+                                                 "crop_size": [512, 512], "stride": [341, 341], "tta_scales": [],
+                                                 "flip": False}  # TestProtocol.to_dict(), as in checkpoints
     assert "multiple of 32" in meta["resize"]
     assert _input_dims(out) == ["batch", 3, "height", "width"]
     for batch in (1, 3):
@@ -121,5 +123,7 @@ def test_metadata_states_the_given_test_protocol():
 
     model = edaformer.create_model(NAME, num_classes=5)
     meta = onnx_metadata(model, protocol=TestProtocol(scale=(480, 360), divisor=32))
-    assert json.loads(meta["test_protocol"]) == {"mode": "whole", "test_scale": [480, 360], "size_divisor": 32}
+    assert json.loads(meta["test_protocol"]) == {"scale": [480, 360], "divisor": 32, "mode": "whole",
+                                                 "crop_size": [512, 512], "stride": [341, 341], "tta_scales": [],
+                                                 "flip": False}
     assert "(480, 360) (long, short) box" in meta["resize"]

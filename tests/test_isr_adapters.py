@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
 import edaformer
+from edaformer.flops import count_flops_external
 from edaformer.isr import get_isr, set_isr
-from edaformer.isr_adapters import count_flops_external, set_stage_factors
+from edaformer.isr_adapters import set_stage_factors
 
 DIMS, HEADS, DEPTHS = (8, 16, 24, 32), (1, 2, 3, 4), (2, 1, 1, 1)
 SR_RATIOS = (8, 4, 2, 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .flops import gflops
+from .isr import parse_isr
 from .utils import resolve_device
 
 __all__ = ["DTYPES", "Timing", "resolve_dtype", "synchronize", "autocast_context", "time_callable",
-           "time_interleaved", "gflops", "prepare_model", "make_input", "forward_fn", "format_table",
+           "time_interleaved", "prepare_model", "make_input", "forward_fn", "format_table",
            "run_isr_sweep", "environment", "to_jsonable"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -144,15 +147,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], runs: int = 10, warmu
 
 
 # -- model preparation ---------------------------------------------------------------------------
-def gflops(model: nn.Module, size: Sequence[int]) -> float | None:
-    """Published-convention GFLOPs of ``model`` at ``size`` (``None`` if the counter is unavailable)."""
-    try:
-        from .flops import count_flops
-    except ImportError:
-        return None
-    return count_flops(model, tuple(size)).gflops
-
-
 def prepare_model(model: nn.Module, device: torch.device | str = "cpu", *, channels_last: bool = False,
                   compile: bool = False, compile_mode: str | None = None) -> nn.Module:
     """Eval mode on ``device`` (float32 weights; lower precision goes through autocast), optionally
@@ -182,8 +176,6 @@ def forward_fn(model: nn.Module, x: torch.Tensor, device: torch.device, dtype: t
 
 # -- reporting ---------------------------------------------------------------------------------
 def environment() -> dict:
-    import platform
-
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -224,10 +216,9 @@ def run_isr_sweep(model: nn.Module, size: Sequence[int], settings: Sequence[str]
 
     The settings are timed round-robin (one call per setting and round), as in
     :func:`time_interleaved`; ``pool``: the ISR key/value pooling
-    kind. The model's own ISR setting and pooling kind are restored afterwards.
+    kind. The model's own ISR setting and pooling kind are restored afterwards. GFLOPs:
+    :func:`edaformer.flops.gflops`.
     """
-    from .isr import parse_isr
-
     device = resolve_device(device)
     dt = resolve_dtype(dtype)
     h, w = int(size[0]), int(size[1])

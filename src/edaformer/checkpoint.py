@@ -1,27 +1,27 @@
-"""Checkpoint loading and saving: reference (mmseg) format, native format, ImageNet encoders.
+"""Checkpoints: load, save, convert. A checkpoint is a file (``.pth`` in any supported format, or
+``.safetensors`` weights) or the name of a model shipped with the package.
 
-Reference checkpoints name the encoder ``backbone.patch_embed1 / block1.0 / norm1`` and the
-decoder ``decode_head.attn4 / attn44 / attn444 / attn3 / attn33 / attn2 / linear_fuse /
-linear_pred`` (plus an unused ``decode_head.conv_seg``). This library names them
-``encoder.stages.0.downsample / .blocks.0 / .norm`` and ``decoder.c4.0 ... decoder.c2.0 /
-fuse / classifier``. :func:`reference_to_native` and :func:`native_to_reference` convert.
+This is the public checkpoint API. The files are read and written by :mod:`edaformer.checkpoint_io`
+(which knows no shipped names and builds no model); shipped names are resolved by
+:mod:`edaformer.pretrained` (:func:`resolve_checkpoint_source`); the reference (mmseg) <-> native
+key map is :mod:`edaformer.models.keymap`; what a checkpoint's ``meta`` holds is
+:mod:`edaformer.meta`.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import pickle
-import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
-from .models.eft import reference_encoder_key
+from . import checkpoint_io
+from .checkpoint_io import (ARCHITECTURE_KEYS, CheckpointMismatchError, CheckpointWriteError, CorruptCheckpointError,
+                            architecture_options, checkpoint_model_name, export_reference, save_checkpoint,
+                            tensor_checksum, write_bytes_atomically)
+from .meta import FORMAT
+from .models.keymap import native_to_reference, reference_to_native
+from .pretrained import build_from_checkpoint, find_checkpoint, resolve_checkpoint_source
 
 __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "resolve_checkpoint_source",
            "checkpoint_num_classes", "checkpoint_model_name", "architecture_options", "build_from_checkpoint",
@@ -29,428 +29,36 @@ __all__ = ["load_checkpoint", "save_checkpoint", "read_checkpoint", "resolve_che
            "CorruptCheckpointError", "CheckpointWriteError", "tensor_checksum", "write_bytes_atomically", "FORMAT",
            "ARCHITECTURE_KEYS"]
 
-FORMAT = "edaformer"
-
-_DECODER_BLOCKS = {"attn4": "c4.0", "attn44": "c4.1", "attn444": "c4.2", "attn3": "c3.0", "attn33": "c3.1",
-                   "attn2": "c2.0"}
-_DECODER_BLOCKS_INV = {v: k for k, v in _DECODER_BLOCKS.items()}
-_DECODER_MODULES = {"linear_fuse.conv": "fuse.conv", "linear_fuse.bn": "fuse.bn", "linear_pred": "classifier"}
-_DECODER_MODULES_INV = {v: k for k, v in _DECODER_MODULES.items()}
-CONV_SEG = "decode_head.conv_seg."
-CONV_SEG_CHANNELS = 128  # the reference head's unused conv_seg takes 128 channels for T and B
+Checkpoint = str | os.PathLike | Mapping[str, Any]
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys or shapes do not match the model."""
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file's tensors do not match the checksum stored when it was written."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (e.g. no space left on device); the previous file is kept."""
-
-    def __str__(self) -> str:
-        return str(self.strerror) if self.strerror else super().__str__()
-
-
-def _reference_decoder_key(key: str) -> str:
-    m = re.match(r"^(attn\d+)\.(.*)$", key)
-    if m and m[1] in _DECODER_BLOCKS:
-        rest = m[2].replace("mlp.dwconv.dwconv.", "mlp.dwconv.")
-        return f"{_DECODER_BLOCKS[m[1]]}.{rest}"
-    for old, new in _DECODER_MODULES.items():
-        if key.startswith(old + "."):
-            return new + key[len(old):]
-    return key
-
-
-def reference_to_native(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename reference keys to this library's names; drops the unused ``conv_seg``."""
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(CONV_SEG):
-            continue
-        if k.startswith("backbone."):
-            out["encoder." + reference_encoder_key(k[len("backbone."):])] = v
-        elif k.startswith("decode_head."):
-            out["decoder." + _reference_decoder_key(k[len("decode_head."):])] = v
-        else:
-            out[k] = v
-    return out
-
-
-def _native_encoder_to_reference(key: str) -> str:
-    m = re.match(r"^stages\.(\d)\.(downsample|blocks|norm)\.(.*)$", key)
-    if not m:
-        return key
-    n, part, rest = int(m[1]) + 1, m[2], m[3]
-    if part == "downsample":
-        return f"patch_embed{n}.{rest}"
-    if part == "norm":
-        return f"norm{n}.{rest}"
-    rest = re.sub(r"^(\d+)\.mlp\.dwconv\.", r"\1.mlp.dwconv.dwconv.", rest)
-    return f"block{n}.{rest}"
-
-
-def _native_decoder_to_reference(key: str) -> str:
-    m = re.match(r"^(c\d\.\d)\.(.*)$", key)
-    if m and m[1] in _DECODER_BLOCKS_INV:
-        rest = m[2].replace("mlp.dwconv.", "mlp.dwconv.dwconv.")
-        return f"{_DECODER_BLOCKS_INV[m[1]]}.{rest}"
-    for new, old in _DECODER_MODULES_INV.items():
-        if key.startswith(new + "."):
-            return old + key[len(new):]
-    return key
-
-
-def native_to_reference(state_dict: Mapping[str, torch.Tensor],
-                        conv_seg: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Rename this library's keys to the reference names.
-
-    The reference decoder also holds an unused ``conv_seg`` conv, ``(K, 128, 1, 1)`` for every
-    model size; it is written from ``conv_seg`` when given, else as zeros.
-    """
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith("encoder."):
-            out["backbone." + _native_encoder_to_reference(k[len("encoder."):])] = v
-        elif k.startswith("decoder."):
-            out["decode_head." + _native_decoder_to_reference(k[len("decoder."):])] = v
-        else:
-            out[k] = v
-    if "decode_head.linear_pred.weight" in out:
-        b = out["decode_head.linear_pred.bias"]
-        out[CONV_SEG + "weight"] = conv_seg["weight"] if conv_seg else b.new_zeros(len(b), CONV_SEG_CHANNELS, 1, 1)
-        out[CONV_SEG + "bias"] = conv_seg["bias"] if conv_seg else torch.zeros_like(b)
-    return out
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
-_PICKLE_PROTOCOL = 0x80  # the first byte of a pickle of protocol 2 or later (legacy torch.save files)
-
-
-def _not_a_checkpoint_reason(path: Path) -> str | None:
-    """Why ``path`` is clearly not a ``torch.save`` file (None when it may be one)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if not head:
-        return "the file is empty"
-    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTOCOL:
-        return None
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = "\0"
-    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
-        return "it is not a PyTorch checkpoint (.pth / .pt written by torch.save)"
-    kind = "a YAML config" if path.suffix.lower() in (".yaml", ".yml") or re.match(r"^\s*[\w_]+\s*:", text) \
-        else "a text file"
-    return f"it is {kind}, not a PyTorch checkpoint (.pth / .pt written by torch.save)"
-
-
-def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a nested dict / list structure with its key path, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for key in sorted(obj, key=str):
-            if not (path == "" and key == "checksum"):
-                yield from _tensors(obj[key], f"{path}/{key}")
-    elif isinstance(obj, (list, tuple)):
-        for i, item in enumerate(obj):
-            yield from _tensors(item, f"{path}/{i}")
-
-
-def tensor_checksum(obj: Any) -> str | None:
-    """SHA-256 over every tensor's key path, dtype, shape and bytes (None when there is no tensor)."""
-    digest, found = hashlib.sha256(), False
-    for key, t in _tensors(obj):
-        found = True
-        t = t.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            digest.update(memoryview(t.view(torch.uint8).numpy()))
-    return digest.hexdigest() if found else None
-
-
-def resolve_checkpoint_source(source: str | os.PathLike) -> Path:
-    """The file a ``--checkpoint`` value names: the path itself when something exists there, else
-    the shipped weights of that name (:func:`edaformer.pretrained.list_pretrained`), else the path (which
-    :func:`read_checkpoint` then reports as not found)."""
-    path = Path(source)
-    if path.exists() or not isinstance(source, str):
-        return path
-    from . import pretrained
-
-    return pretrained.weights_path(source) if source in pretrained.list_pretrained() else path
-
-
-def _not_found_message(path: Path) -> str:
-    """Not found; a bare name also lists the shipped models."""
-    from . import pretrained
-
-    shipped = pretrained.list_pretrained() if len(path.parts) == 1 else []
-    return f"checkpoint not found: {path}" + (f" (nor a shipped model: {', '.join(shipped)})" if shipped else "")
+def _source(checkpoint: Checkpoint) -> Checkpoint:
+    """A path or name as the file it names (:func:`~edaformer.pretrained.find_checkpoint`); a loaded dict as it is."""
+    return find_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` a checkpoint file safely (``weights_only=True``) onto the CPU.
+    """:func:`edaformer.checkpoint_io.read_checkpoint` of a file or a shipped model's name.
 
-    ``path`` may also be the name of a shipped model (:func:`resolve_checkpoint_source`). A
-    ``.safetensors`` file (shipped weights, :mod:`edaformer.pretrained`) reads as a checkpoint in
-    this library's format, float32, with its ``meta`` and training ``config``.
-
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` naming the file for a
-    folder, an empty or text file, a file that is no ``torch.save`` output, or one that holds
-    Python objects other than tensors and plain containers (never unpickled, for safety).
-
-    A file written by :func:`save_checkpoint` carries a checksum of its tensors; a mismatch
-    (a corrupted file) raises :class:`CorruptCheckpointError`.
+    Raises ``FileNotFoundError`` for a missing path (for a bare name, listing the shipped models)
+    and ``ValueError`` naming the file for one that is no checkpoint or holds Python objects other
+    than tensors and plain containers; :class:`CorruptCheckpointError` when its tensors do not
+    match the stored checksum.
     """
-    path = resolve_checkpoint_source(path)
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise FileNotFoundError(_not_found_message(path))
-    from . import pretrained
-
-    if pretrained.is_safetensors(path):
-        return pretrained.read_as_checkpoint(path)
-    reason = _not_a_checkpoint_reason(path)
-    if reason is None:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            found = re.search(r"unsupported GLOBAL (\S+)", str(e), re.IGNORECASE)
-            reason = (f"it holds a Python object ({found[1]}) beyond tensors and plain containers, which is not "
-                      "loaded for safety" if found else "it is not a readable PyTorch checkpoint (corrupt or "
-                      "another format)")
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            reason = f"it is corrupt or truncated ({type(e).__name__}{': ' + first if first else ''})"
-    if reason is not None:
-        raise ValueError(f"could not read checkpoint {path}: {reason}")
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
-    stored = obj.get("checksum")
-    if isinstance(stored, Mapping) and stored.get("algorithm") == "sha256":
-        if tensor_checksum(obj) != stored.get("tensors"):
-            raise CorruptCheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the checksum "
-                                         "stored when it was written")
-    return dict(obj)
+    return checkpoint_io.read_checkpoint(find_checkpoint(path))
 
 
-def checkpoint_num_classes(checkpoint: str | os.PathLike | Mapping[str, Any]) -> int | None:
-    """The class count a checkpoint (a path or a loaded dict) was trained for, from its classifier
-    weight in any supported format; None for an encoder-only checkpoint."""
-    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    state_dict, _ = _unwrap(obj)
-    for key, value in _strip_wrappers(state_dict).items():
-        if isinstance(value, torch.Tensor) and key in ("decoder.classifier.weight", "decode_head.linear_pred.weight"):
-            return int(value.shape[0])
-    return None
-
-
-# training-config model keys that change the architecture (create_model keywords)
-ARCHITECTURE_KEYS = ("decoder_depths", "decoder_op", "train_isr")
-
-
-def architecture_options(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``create_model`` keywords of a training config's ``model`` section that change the
-    architecture (:data:`ARCHITECTURE_KEYS`, those set)."""
-    model_cfg = (config or {}).get("model") or {}
-    return {k: model_cfg[k] for k in ARCHITECTURE_KEYS if model_cfg.get(k) is not None}
-
-
-def checkpoint_model_name(obj: Mapping[str, Any], source: Any = None) -> str:
-    """The model name a loaded checkpoint stores (``model``, else its config's ``model.name``);
-    ``ValueError`` naming ``source`` when it stores none."""
-    name = obj.get("model")
-    if not isinstance(name, str):
-        config = obj.get("config")
-        name = ((config.get("model") or {}).get("name")) if isinstance(config, Mapping) else None
-    if not isinstance(name, str) or not name:
-        what = f"checkpoint {source}" if source is not None else "the checkpoint"
-        raise ValueError(f"{what} stores no model name; give one (--model, see `edaformer list`)")
-    return name
-
-
-def build_from_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], name: str | None = None,
-                          num_classes: int | None = None, strict: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a checkpoint holds, with its weights: ``name`` (default: the checkpoint's
-    :func:`checkpoint_model_name`), ``num_classes`` (default: its classifier's) and the
-    architecture options of its training config (:func:`architecture_options`). Returns
-    ``(model, report)``, the report of :func:`load_checkpoint`."""
-    from .models import create_model
-
-    source = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else None
-    obj = read_checkpoint(checkpoint) if source is not None else checkpoint
-    name = name or checkpoint_model_name(obj, source)
-    if num_classes is None:
-        num_classes = checkpoint_num_classes(obj)
-    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
-    model = create_model(name, num_classes=num_classes, **architecture_options(config))
-    return model, load_checkpoint(model, obj, strict=strict)
-
-
-def _unwrap(obj: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a checkpoint into (state dict, meta)."""
-    meta = dict(obj.get("meta") or {}) if isinstance(obj.get("meta"), Mapping) else {}
-    for key in ("state_dict", "model", "module"):
-        if key in obj and isinstance(obj[key], Mapping):
-            return dict(obj[key]), meta
-    return dict(obj), meta
-
-
-def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in ("module.", "_orig_mod."):
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def _format_list(title: str, items: list[str]) -> str:
-    shown = "\n    ".join(items[:10])
-    more = f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""
-    return f"  {title} ({len(items)}):\n    {shown}{more}"
-
-
-def _check_and_load(module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool, what: str) -> dict:
-    target = module.state_dict()
-    missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}"
-                  for k in target if k in state_dict and state_dict[k].shape != target[k].shape]
-    if strict and (missing or unexpected or mismatched):
-        parts = [f"checkpoint does not match the {what}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                parts.append(_format_list(title, items))
-        raise CheckpointMismatchError("\n".join(parts))
-    usable = {k: v for k, v in state_dict.items() if k in target and v.shape == target[k].shape}
-    module.load_state_dict(usable, strict=False)
-    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched, loaded=len(usable))
-
-
-def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
-                    strict: bool = True) -> dict[str, Any]:
-    """Load weights into an :class:`~edaformer.EDAFormer` (or a bare :class:`~edaformer.EFT`).
-
-    Accepts a path or an already loaded dict in any of these forms: the reference format
-    (``state_dict`` keyed ``backbone.* / decode_head.*`` plus ``meta``), a bare state dict in
-    either naming, this library's own format, or an encoder-only (ImageNet) checkpoint, which
-    is loaded into the encoder with its classifier ``head.*`` ignored.
+def load_checkpoint(model: nn.Module, checkpoint: Checkpoint, strict: bool = True) -> dict[str, Any]:
+    """Load weights into an :class:`~edaformer.EDAFormer` (or a bare :class:`~edaformer.EFT`) from a
+    file, a shipped model's name or a loaded dict: :func:`edaformer.checkpoint_io.load_checkpoint`.
 
     Returns a report: ``format``, ``meta``, ``missing``, ``unexpected``, ``mismatched``.
     With ``strict=True`` any mismatch raises :class:`CheckpointMismatchError` listing them.
     """
-    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)
-    state_dict, meta = _unwrap(obj)
-    state_dict = _strip_wrappers(state_dict)
-    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError("checkpoint holds no tensors")
-    keys = list(tensors)
-    from .models.eft import EFT, checkpoint_filter_fn
-
-    if any(k.startswith(("backbone.", "decode_head.")) for k in keys):
-        fmt = "reference"
-        tensors = reference_to_native(tensors)
-    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
-        fmt = obj.get("format", "native") if isinstance(obj.get("format"), str) else "native"
-    else:
-        fmt = "encoder"
-    if fmt == "encoder" or isinstance(model, EFT):
-        encoder = model if isinstance(model, EFT) else model.encoder
-        if fmt != "encoder":  # a full segmentor checkpoint loaded into a bare encoder
-            tensors = {k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-        tensors = checkpoint_filter_fn(tensors, encoder)
-        if not isinstance(model, EFT) or encoder.num_classes == 0:
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
-        report = _check_and_load(encoder, tensors, strict, "encoder")
-    else:
-        report = _check_and_load(model, tensors, strict, "model")
-    report.update(format=fmt, meta=meta)
-    return report
+    return checkpoint_io.load_checkpoint(model, _source(checkpoint), strict=strict)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class _RecordingWriter:
-    """A file wrapper that remembers the ``OSError`` of a failed write (``torch.save`` replaces it
-    by a ``RuntimeError`` that hides the cause)."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def save_checkpoint(obj: Mapping[str, Any] | nn.Module, path: str | os.PathLike) -> Path:
-    """Write a checkpoint atomically: a temporary file in the same folder, then a rename.
-
-    A module is saved in this library's format (state dict plus its name and classes). A dict in
-    this format (``format: edaformer``) also gets a ``checksum`` of its tensors, verified by
-    :func:`read_checkpoint`; other dicts (e.g. reference-format exports) are written as given. The file
-    mode follows the umask. A full disk raises :class:`CheckpointWriteError` and leaves the
-    previous file at ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, nn.Module):
-        obj = {"format": FORMAT, "model": getattr(obj, "name", None),
-               "num_classes": getattr(obj, "num_classes", None), "state_dict": obj.state_dict()}
-    checksum = tensor_checksum(obj) if obj.get("format") == FORMAT else None
-    if checksum is not None:
-        obj = {**obj, "checksum": {"algorithm": "sha256", "tensors": checksum}}
-    return _write_atomically(path, lambda f: torch.save(obj, f))
-
-
-def write_bytes_atomically(data: bytes, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` as :func:`save_checkpoint` writes: a temporary file, then a
-    rename; a full disk raises :class:`CheckpointWriteError` and keeps the previous file."""
-    return _write_atomically(Path(path), lambda f: f.write(data))
-
-
-def _write_atomically(path: Path, write: Callable[[Any], Any]) -> Path:
-    """``write(file)`` into a temporary file beside ``path``, fsync, rename onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    writer = None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        cause = writer.error if writer is not None and writer.error is not None else e
-        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
-            raise CheckpointWriteError(errno.ENOSPC, f"no space left on device while writing {path} "
-                                       "(the previous file there is kept)") from e
-        raise
-    return path
-
-
-def export_reference(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` as a reference-format checkpoint (``state_dict`` + ``meta``)."""
-    state = native_to_reference({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return save_checkpoint({"state_dict": state, "meta": dict(meta or {})}, path)
+def checkpoint_num_classes(checkpoint: Checkpoint) -> int | None:
+    """The class count a checkpoint (a file, a shipped name or a loaded dict) was trained for;
+    None for an encoder-only checkpoint."""
+    return checkpoint_io.checkpoint_num_classes(_source(checkpoint))

@@ -42,7 +42,8 @@ from typing import Any
 
 import yaml
 
-from .utils import to_pair
+from .isr import parse_isr
+from .utils import plain, to_pair
 
 __all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "Schema", "SEGMENTATION", "PRETRAIN_KEYS",
            "PRETRAINING", "load_config", "load_yaml", "merge_configs", "apply_overrides", "validate_config",
@@ -197,8 +198,6 @@ class _Isr(_Type):
     expected = "an ISR setting such as 2211-222"
 
     def convert(self, value, name):
-        from .isr import parse_isr
-
         try:
             return str(parse_isr(f"{value}-111" if str(value).isdigit() and len(str(value)) == 4 else str(value)))
         except ValueError as e:
@@ -794,23 +793,12 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _plain(obj: Any) -> Any:
-    """Tuples -> lists, paths -> str, recursively, so that ``yaml.safe_dump`` accepts the config."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
-
-
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (it loads back with :func:`load_config`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(_plain(cfg), f, sort_keys=False, default_flow_style=None)
+        yaml.safe_dump(plain(cfg), f, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)
     return path

@@ -13,15 +13,16 @@ size the ISR setting allows (every pooling window must fit its feature map at le
 input; a smaller example size, or a graph that cannot be kept shape-generic, raises ``ValueError``.
 A dynamic export also makes the batch size symbolic.
 
-Metadata. The file's ``metadata_props`` (see :func:`onnx_metadata`) say how to feed and read it:
-class names and colours, the ISR setting, the input normalisation (RGB on 0-255 values,
-``(x - mean) / std``) and the test-time resize rule of the model's dataset.
+Metadata. The file's ``metadata_props`` (see :func:`onnx_metadata`; the schema is
+:mod:`edaformer.meta`, which also reads them back) say how to feed and read it: class names and
+colours, the ISR setting, the input normalisation (RGB on 0-255 values, ``(x - mean) / std``) and
+the test protocol, also as a resize rule in words.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
-import json
 import logging
 import os
 import warnings
@@ -31,7 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.transforms import MEAN, STD
 from .isr import ISRSpec, isr as isr_context
+from .meta import encode_onnx_metadata, model_class_info
+from .models import EDAFormer
+from .protocol import TestProtocol
 from .utils import unwrap_model
 
 __all__ = ["export_onnx", "min_input_side", "onnx_metadata", "verify_onnx", "require_onnx", "OnnxExtrasMissing",
@@ -48,8 +53,6 @@ class OnnxExtrasMissing(ImportError):
 
 def require_onnx(*modules: str) -> None:
     """Import ``modules`` (default: what export needs) or raise :class:`OnnxExtrasMissing` with the install hint."""
-    import importlib
-
     for name in modules or ("onnx", "onnxscript"):
         try:
             importlib.import_module(name)
@@ -73,25 +76,8 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _class_info(model: nn.Module, classes, palette) -> tuple[list[str], list[list[int]]]:
-    """Given names / colours when they fit the class count, else the model's dataset's, else generated."""
-    from .data.palettes import class_info
-
-    info = class_info(int(model.num_classes), getattr(getattr(model, "spec", None), "dataset", None), classes, palette)
-    return list(info.classes), [list(c) for c in info.palette]
-
-
-def _protocol_summary(protocol) -> dict:
-    """``mode``, ``test_scale``, ``size_divisor`` and, for sliding windows, ``crop_size`` / ``stride``."""
-    out = dict(mode=protocol.mode, test_scale=None if protocol.scale is None else list(protocol.scale),
-               size_divisor=protocol.size_divisor)
-    if protocol.mode == "slide":
-        out.update(crop_size=list(protocol.crop_size), stride=list(protocol.stride))
-    return out
-
-
-def _resize_rule(protocol) -> str:
-    """A :class:`~edaformer.inference.TestProtocol`'s test-time resize rule in words."""
+def _resize_rule(protocol: TestProtocol) -> str:
+    """A :class:`~edaformer.protocol.TestProtocol`'s test-time resize rule in words."""
     if protocol.scale is None:
         rule = "keep the image size"
     else:
@@ -108,33 +94,21 @@ def _resize_rule(protocol) -> str:
 
 def onnx_metadata(model: nn.Module, classes: Sequence[str] | None = None,
                   palette: Sequence[Sequence[int]] | None = None, dynamic: bool = False,
-                  protocol=None) -> dict[str, str]:
-    """The ``metadata_props`` an export writes: what the model is and how to feed / read it.
+                  protocol: TestProtocol | None = None) -> dict[str, str]:
+    """The ``metadata_props`` an export writes (:func:`edaformer.meta.encode_onnx_metadata`; read
+    back by :func:`edaformer.meta.decode_onnx_metadata`): what the model is and how to feed / read it.
 
     Keys: ``model``, ``num_classes``, ``classes`` and ``palette`` (JSON), ``isr``, ``input``, ``mean`` and
-    ``std`` (JSON, RGB on 0-255 values), ``test_protocol`` (JSON), ``resize``, ``output``, ``dynamic``.
-    ``classes`` / ``palette`` that do not fit the class count are replaced by the dataset's or generated ones.
-    ``protocol``: the :class:`~edaformer.inference.TestProtocol` to state (default: the model spec's).
+    ``std`` (JSON, RGB on 0-255 values), ``test_protocol`` (JSON of ``TestProtocol.to_dict()``),
+    ``resize``, ``output``, ``dynamic``. ``classes`` / ``palette`` that do not fit the class count
+    are replaced by the dataset's or generated ones. ``protocol``: the
+    :class:`~edaformer.protocol.TestProtocol` to state (default: the model spec's).
     """
-    from .data.transforms import MEAN, STD
-    from .inference.protocol import TestProtocol
-
-    names, colours = _class_info(model, classes, palette)
+    names = model_class_info(model, classes, palette)
     protocol = protocol or TestProtocol.from_model(model)
-    return {
-        "model": str(getattr(model, "name", type(model).__name__)),
-        "num_classes": str(int(model.num_classes)),
-        "classes": json.dumps(names),
-        "palette": json.dumps(colours),
-        "isr": str(model.isr),
-        "input": "image: float32 (N, 3, H, W), RGB, (pixel - mean) / std with pixels in 0-255",
-        "mean": json.dumps(list(MEAN)),
-        "std": json.dumps(list(STD)),
-        "test_protocol": json.dumps(_protocol_summary(protocol)),
-        "resize": _resize_rule(protocol),
-        "output": "logits: float32 (N, num_classes, H, W) at the input size; argmax over dim 1 = class id",
-        "dynamic": "batch, height, width" if dynamic else "none",
-    }
+    return encode_onnx_metadata(model=getattr(model, "name", type(model).__name__), num_classes=model.num_classes,
+                                classes=names.classes, palette=names.palette, isr=model.isr, protocol=protocol,
+                                mean=MEAN, std=STD, resize=_resize_rule(protocol), dynamic=dynamic)
 
 
 @contextlib.contextmanager
@@ -176,8 +150,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
     the feature map and the pooling ratio) or when the graph cannot be exported shape-generic, and
     :class:`OnnxExtrasMissing` without the onnx extras.
     """
-    from .models import EDAFormer
-
     if not isinstance(unwrap_model(model), EDAFormer):
         raise ValueError(f"ONNX export takes EDAFormer models, not {type(unwrap_model(model)).__name__}")
     require_onnx()
@@ -229,7 +201,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, sizes: Sequence[Seque
     Returns ``[{"size": (H, W), "max_abs_diff": float}, ...]``. Needs ``onnxruntime``.
     """
     require_onnx("onnxruntime")
-    import onnxruntime as ort
+    import onnxruntime as ort  # an optional package (the onnx extras)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name

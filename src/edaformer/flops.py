@@ -45,6 +45,13 @@ reference term is that of the training ratio halved. The two agree whenever ever
 
 Conventions: ``"mmcv130"`` (LayerNorm counted; the paper's figures) and
 ``"mmcv127"`` (LayerNorm not counted; what the reference FLOP tool prints).
+
+The same rules count the models :mod:`edaformer.isr_adapters` runs ISR on (transformers SegFormer,
+timm PVTv2): :func:`count_flops_external`, which matches module types with ``isinstance`` and also
+counts ``BatchNorm2d``, LayerNorm and average pooling, and adds ``2 * N_q * N_kv * C`` per
+attention call with the real (pooled) key/value token count. :func:`count_flops` of a
+:class:`~edaformer.models.hf_segformer.SegFormer` reports that count under the conventions above.
+:func:`gflops` is the one GFLOPs number of a model at a size.
 """
 from __future__ import annotations
 
@@ -59,16 +66,18 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import CONV_SEG_CHANNELS
+from .isr_adapters import attention_factor, find_stages, stage_factors
 from .models import reduction
 from .models.decoder import AllAttentionDecoder
 from .models.efa import EFA
 from .models.eft import EFTStage
+from .models.hf_segformer import SegFormer
+from .models.keymap import CONV_SEG_CHANNELS
 from .models.segmentor import EDAFormer
-from .utils import unwrap_model
+from .utils import to_pair, unwrap_model
 
-__all__ = ["CONVENTIONS", "AttentionTerm", "FlopReport", "count_flops", "conv_seg_params",
-           "reference_attention_flops"]
+__all__ = ["CONVENTIONS", "AttentionTerm", "FlopReport", "count_flops", "gflops", "conv_seg_params",
+           "reference_attention_flops", "AttentionCall", "ExternalFlopReport", "count_flops_external"]
 
 CONVENTIONS = ("mmcv130", "mmcv127")
 
@@ -87,8 +96,12 @@ def _linear_flops(m: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
     return inputs[0].numel() * output.shape[-1]
 
 
-def _activation_flops(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+def _output_numel(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return output.numel()
+
+
+def _input_numel(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    return inputs[0].numel()
 
 
 def _norm_flops(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
@@ -96,16 +109,39 @@ def _norm_flops(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return inputs[0].numel() * (2 if affine else 1)
 
 
-# Rules by exact module type (as the mmcv counter matches them).
+# EDAFormer: rules by exact module type, as the mmcv counter matches them.
 _RULES: dict[type, _Rule] = {
-    nn.Conv2d: _conv_flops, nn.Linear: _linear_flops, nn.ReLU: _activation_flops,
+    nn.Conv2d: _conv_flops, nn.Linear: _linear_flops, nn.ReLU: _output_numel,
     nn.LayerNorm: _norm_flops, nn.BatchNorm2d: _norm_flops,
 }
-# Types each convention adds to the total; the others are measured and reported as uncounted.
-_COUNTED: dict[str, frozenset[type]] = {
-    "mmcv127": frozenset({nn.Conv2d, nn.Linear, nn.ReLU}),
-    "mmcv130": frozenset({nn.Conv2d, nn.Linear, nn.ReLU, nn.LayerNorm}),
+# Module types each convention adds to the total; the others are measured and reported as uncounted.
+_COUNTED: dict[str, frozenset[str]] = {
+    "mmcv127": frozenset({"Conv2d", "Linear", "ReLU"}),
+    "mmcv130": frozenset({"Conv2d", "Linear", "ReLU", "LayerNorm"}),
 }
+# Models of other families (count_flops_external): (name, module types, rule), matched with
+# isinstance in this order; other modules count zero.
+_EXTERNAL_RULES: tuple[tuple[str, tuple[type, ...], _Rule], ...] = (
+    ("Conv2d", (nn.Conv2d,), _conv_flops),
+    ("Linear", (nn.Linear,), _linear_flops),
+    ("LayerNorm", (nn.LayerNorm,), _norm_flops),
+    ("BatchNorm2d", (nn.BatchNorm2d,), _norm_flops),
+    ("ReLU", (nn.ReLU,), _output_numel),
+    ("AvgPool2d", (nn.AvgPool2d, nn.AdaptiveAvgPool2d), _input_numel),
+)
+ISR_POOLING = "ISR pooling"  # the external models' ISR pooling in ExternalFlopReport.by_type
+
+
+def _exact_rule(m: nn.Module) -> tuple[str, _Rule] | None:
+    rule = _RULES.get(type(m))
+    return (type(m).__name__, rule) if rule is not None else None
+
+
+def _external_rule(m: nn.Module) -> tuple[str, _Rule] | None:
+    for name, types, rule in _EXTERNAL_RULES:
+        if isinstance(m, types):
+            return name, rule
+    return None
 
 
 # -- report -----------------------------------------------------------------------------
@@ -234,6 +270,57 @@ class FlopReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call of an external model: query and (pooled) key/value token counts,
+    channels, ``2 * Nq * Nkv * C``, and the query and key/value grids."""
+
+    layer: str
+    stage: int
+    n_query: int
+    n_kv: int
+    channels: int
+    flops: int
+    query_hw: tuple[int, int] = (0, 0)
+    kv_hw: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class ExternalFlopReport:
+    """What :func:`count_flops_external` measured (one multiply-add = one FLOP);
+    ``flops = module_flops + attention_flops``."""
+
+    model: str
+    input_size: tuple[int, int]
+    isr: tuple[int, ...]
+    params: int
+    by_type: dict[str, int]
+    attention: tuple[AttentionCall, ...]
+
+    @property
+    def module_flops(self) -> int:
+        return sum(self.by_type.values())
+
+    @property
+    def attention_flops(self) -> int:
+        return sum(call.flops for call in self.attention)
+
+    @property
+    def flops(self) -> int:
+        return self.module_flops + self.attention_flops
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / 1e9
+
+    def attention_by_stage(self) -> dict[int, int]:
+        """Attention FLOPs summed per encoder stage (1-based)."""
+        out: dict[int, int] = {}
+        for call in self.attention:
+            out[call.stage] = out.get(call.stage, 0) + call.flops
+        return out
+
+
 # -- shape-only execution ---------------------------------------------------------------
 class _MetaKernelCache(TorchDispatchMode):
     """Reuse the output metadata of pure (non-aliasing, non-mutating) ops on ``meta`` tensors.
@@ -321,7 +408,8 @@ def conv_seg_params(model: nn.Module) -> int:
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
-    """Deep copy whose parameters and buffers live on ``meta`` (no data is copied)."""
+    """Deep copy whose parameters and buffers live on ``meta`` (no data is copied); hooks and the
+    ISR state of :mod:`edaformer.isr_adapters` carry over."""
     memo: dict[int, object] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
@@ -354,8 +442,8 @@ def _attention_strides(modules: Sequence[tuple[str, nn.Module]]) -> dict[int, in
         if isinstance(m, EFTStage):
             strides.update((id(blk.attn), m.reduction) for blk in m.blocks)
         elif isinstance(m, AllAttentionDecoder):
-            for blocks, reduction in zip(m.levels(), m.level_reductions):
-                strides.update((id(blk.attn), reduction) for blk in blocks)
+            for blocks, stride in zip(m.levels(), m.level_reductions):
+                strides.update((id(blk.attn), stride) for blk in blocks)
     return strides
 
 
@@ -366,19 +454,42 @@ def reference_attention_flops(height: int, width: int, stride: int, pool_ratio: 
 
 
 class _Counter:
-    """Forward hooks that accumulate module FLOPs by type, EFA pooling and attention terms."""
+    """Forward hooks summing module FLOPs by rule name (``rule_of(module) -> (name, rule) | None``);
+    subclasses add the attention terms of their model family."""
+
+    def __init__(self, rule_of: Callable[[nn.Module], tuple[str, _Rule] | None]) -> None:
+        self.rule_of = rule_of
+        self.measured: dict[str, int] = {}
+
+    def add(self, name: str, flops: int) -> None:
+        self.measured[name] = self.measured.get(name, 0) + flops
+
+    def module_hooks(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
+        handles = []
+        for _, m in modules:
+            found = self.rule_of(m)
+            if found is not None:
+                name, rule = found
+                handles.append(m.register_forward_hook(
+                    lambda mod, inputs, output, name=name, rule=rule: self.add(name, rule(mod, inputs, output))))
+        return handles
+
+    def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
+        """Hooks on ``modules`` (``named_modules()`` of the model, the root first); their handles."""
+        return self.module_hooks(modules)
+
+
+class _EFACounter(_Counter):
+    """EDAFormer: module FLOPs by exact type, EFA pooling and merging, and one attention term per EFA call."""
 
     def __init__(self, height: int, width: int) -> None:
+        super().__init__(_exact_rule)
         self.input_hw = (height, width)
-        self.measured: dict[type, int] = {}
         self.pool_flops: dict[str, int] = {}
         self.merge_flops = 0
         self.attention: list[AttentionTerm] = []
         self.attention_reference = Fraction(0)
         self.strides: dict[int, int] = {}
-
-    def module_hook(self, m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.measured[type(m)] = self.measured.get(type(m), 0) + _RULES[type(m)](m, inputs, output)
 
     def efa_hook(self, layer: str) -> Callable:
         def hook(m: EFA, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
@@ -408,13 +519,9 @@ class _Counter:
 
     def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
         self.strides = _attention_strides(modules)
-        handles = []
-        for name, m in modules:
-            if isinstance(m, EFA):
-                handles.append(m.register_forward_hook(self.efa_hook(name), with_kwargs=True))
-            elif type(m) in _RULES:  # exact type, as the mmcv counter matches
-                handles.append(m.register_forward_hook(self.module_hook))
-        return handles
+        efas = [(name, m) for name, m in modules if isinstance(m, EFA)]
+        handles = [m.register_forward_hook(self.efa_hook(name), with_kwargs=True) for name, m in efas]
+        return handles + self.module_hooks([(name, m) for name, m in modules if not isinstance(m, EFA)])
 
     def totals(self) -> dict[str, float]:
         """Total FLOPs (reference attention rule) under every convention."""
@@ -422,11 +529,53 @@ class _Counter:
                          + self.attention_reference + self.merge_flops) for c, types in _COUNTED.items()}
 
 
-def _run_counted(model: nn.Module, counter: _Counter, height: int, width: int, on_meta: bool) -> None:
+class _AttentionCallCounter(_Counter):
+    """SegFormer / PVTv2 (:mod:`edaformer.isr_adapters` families): module FLOPs by ``isinstance``
+    rule, the ISR pooling, and one :class:`AttentionCall` per attention call."""
+
+    def __init__(self) -> None:
+        super().__init__(_external_rule)
+        self.attention: list[AttentionCall] = []
+        self._open: dict[int, dict] = {}
+
+    def attach(self, modules: Sequence[tuple[str, nn.Module]]) -> list:
+        handles = self.module_hooks(modules)
+        family, stages = find_stages(modules[0][1])
+        for stage, layers in enumerate(stages, start=1):
+            for layer, attn in layers:
+                key = id(attn)
+                handles.append(attn.register_forward_pre_hook(
+                    lambda mod, args, kwargs, key=key: self._open.__setitem__(
+                        key, {"x": args[0].shape, "query_hw": family.query_grid(args, kwargs)}), with_kwargs=True))
+                conv = family.reduction(attn)[0]
+                if conv is not None:
+                    handles.append(conv.register_forward_hook(
+                        lambda mod, args, out, key=key: self._open[key].__setitem__("raw", tuple(out.shape[-2:]))))
+                handles.append(getattr(attn, family.kv_projections[0]).register_forward_hook(
+                    lambda mod, args, out, key=key: self._open[key].__setitem__("kv", args[0].shape[1])))
+                handles.append(attn.register_forward_hook(
+                    lambda mod, args, out, key=key, layer=layer, stage=stage: self._close(key, mod, layer, stage)))
+        return handles
+
+    def _close(self, key: int, attn: nn.Module, layer: str, stage: int) -> None:
+        shapes = self._open.pop(key)
+        b, n_query, channels = shapes["x"]
+        raw_hw = shapes.get("raw", shapes["query_hw"])
+        factor = attention_factor(attn)
+        if factor > 1:  # pooling input: the reduced grid, or the tokens themselves
+            self.add(ISR_POOLING, b * math.prod(raw_hw) * channels)
+        self.attention.append(AttentionCall(layer, stage, n_query, shapes["kv"], channels,
+                                            2 * b * n_query * shapes["kv"] * channels, shapes["query_hw"],
+                                            (raw_hw[0] // factor, raw_hw[1] // factor)))
+
+
+def _run_counted(model: nn.Module, counter: _Counter, height: int, width: int) -> None:
     """One eval-mode forward on ``meta`` with ``counter`` attached; ``model`` keeps its state.
 
-    ``on_meta``: ``model`` already lives on ``meta`` and is run as it is; otherwise a meta copy runs.
+    A model that already lives on ``meta`` runs as it is (its train / eval flags restored after);
+    otherwise a meta copy runs.
     """
+    on_meta = all(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
     modules = list((model if on_meta else _meta_copy(model)).named_modules())
     in_training = [m for _, m in modules if m.training]
     handles = counter.attach(modules)
@@ -453,27 +602,26 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
     convention (it includes the unused ``conv_seg`` of EDAFormer's decoder);
     ``params_excluding_conv_seg`` is the model's own parameter count. Raises
     ``ValueError`` for an unknown convention or an input too small for the active
-    ISR setting.
+    ISR setting. A :class:`~edaformer.models.hf_segformer.SegFormer` is counted by
+    :func:`count_flops_external` and reported under the same conventions.
     """
     if convention not in _COUNTED:
         raise ValueError(f"unknown FLOP convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     h, w = _check_size(input_size)
     model = unwrap_model(model)
-    if callable(getattr(model, "count_flops", None)):  # e.g. SegFormer: counted by its own method
-        return model.count_flops((h, w), convention)
+    if isinstance(model, SegFormer):
+        return _segformer_report(model, h, w, convention)
     is_edaformer = isinstance(model, EDAFormer)
     if is_edaformer:
         model.check_input_size(h, w)
-    params = list(model.parameters())
-    on_meta = all(t.is_meta for t in itertools.chain(params, model.buffers()))
-    counter = _Counter(h, w)
-    _run_counted(model, counter, h, w, on_meta)
+    counter = _EFACounter(h, w)
+    _run_counted(model, counter, h, w)
 
     counted = _COUNTED[convention]
-    by_type = {t.__name__: v for t, v in counter.measured.items() if t in counted}
+    by_type = {t: v for t, v in counter.measured.items() if t in counted}
     by_type.update(counter.pool_flops)
-    uncounted = {t.__name__: v for t, v in counter.measured.items() if t not in counted}
-    n_params = sum(p.numel() for p in params)
+    uncounted = {t: v for t, v in counter.measured.items() if t not in counted}
+    n_params = sum(p.numel() for p in model.parameters())
     return FlopReport(
         model=getattr(model, "name", None) or type(model).__name__,
         input_size=(h, w), convention=convention,
@@ -485,3 +633,59 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (512, 512),
         isr=str(model.isr) if is_edaformer else None,
         pool_ratios=model.pool_ratios() if is_edaformer else None,
         merge_flops=counter.merge_flops, isr_pool=model.isr_pool if is_edaformer else None)
+
+
+def gflops(model: nn.Module, input_size: Sequence[int] = (512, 512), convention: str = "mmcv130") -> float:
+    """GFLOPs of ``model`` at ``input_size`` in the published convention: :func:`count_flops`'s ``gflops``."""
+    return float(count_flops(model, tuple(input_size), convention).gflops)
+
+
+# -- other model families ------------------------------------------------------------------------
+def count_flops_external(model: nn.Module, input_size: Sequence[int] = (512, 512)) -> ExternalFlopReport:
+    """FLOPs of a SegFormer / PVTv2 model (:mod:`edaformer.isr_adapters`) on a ``(1, C, H, W)``
+    input under its active ISR factors.
+
+    Runs one eval-mode forward on a ``meta`` copy (``model`` is untouched) with mmcv-style
+    rules: Conv2d ``k_h*k_w*C_in/groups*C_out`` (+ ``C_out`` bias) per output position, Linear
+    input numel x ``out_features``, LayerNorm / BatchNorm2d numel (x2 with affine), ReLU output
+    numel, average pooling (and the ISR pooling) input numel; GELU, softmax, dropout and
+    functional resizes count zero. Each attention call adds ``2 * N_q * N_kv * C`` with the real
+    (pooled) key/value token count.
+    """
+    h, w = to_pair(input_size, "input_size")
+    target = unwrap_model(model)
+    try:
+        factors = stage_factors(target)
+    except TypeError:
+        if callable(getattr(target, "set_isr", None)) and hasattr(target, "isr"):  # EDAFormer
+            raise TypeError(f"{type(target).__name__} counts its own FLOPs: use edaformer.count_flops") from None
+        raise
+    counter = _AttentionCallCounter()
+    _run_counted(target, counter, h, w)
+    return ExternalFlopReport(type(target).__name__, (h, w), factors, sum(p.numel() for p in target.parameters()),
+                              dict(sorted(counter.measured.items())), tuple(counter.attention))
+
+
+def _segformer_report(model: SegFormer, h: int, w: int, convention: str) -> FlopReport:
+    """A :class:`FlopReport` of a SegFormer from :func:`count_flops_external` under the conventions
+    of :func:`count_flops`: BatchNorm2d not counted (the reference configurations use SyncBN),
+    LayerNorm counted under ``mmcv130`` only; attention ``2 * N_q * N_kv * C`` on the real pooled
+    grids (both totals)."""
+    model.check_input_size(h, w)
+    ext = count_flops_external(model, (h, w))
+    not_counted = {"BatchNorm2d"} | ({"LayerNorm"} if convention == "mmcv127" else set())
+    by_type = {k: v for k, v in ext.by_type.items() if k not in not_counted}
+    uncounted = {k: v for k, v in ext.by_type.items() if k in not_counted}
+    layer_norm = ext.by_type.get("LayerNorm", 0)
+    counted_130 = sum(v for k, v in ext.by_type.items() if k != "BatchNorm2d") + ext.attention_flops
+    ratios = list(model.pool_ratios().values())
+    terms = [AttentionTerm(c.layer, f"encoder.stage{c.stage}", c.query_hw, c.kv_hw, c.channels,
+                           ratios[c.stage - 1], None, float(c.flops), c.flops, "avg", c.n_kv)
+             for c in ext.attention]
+    params = ext.params
+    return FlopReport(model=getattr(model, "name", None) or type(model).__name__, input_size=(h, w),
+                      convention=convention, params=params, params_excluding_conv_seg=params,
+                      module_flops=sum(by_type.values()), attention_flops=float(ext.attention_flops),
+                      attention_flops_exact=ext.attention_flops, by_type=by_type, uncounted=uncounted,
+                      flops_by_convention={"mmcv130": counted_130, "mmcv127": counted_130 - layer_norm},
+                      attention=terms, isr=str(model.isr), pool_ratios=model.pool_ratios(), isr_pool="avg")

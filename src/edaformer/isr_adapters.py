@@ -1,4 +1,5 @@
-"""Inference Spatial Reduction for other spatial-reduction transformers, and their FLOP count.
+"""Inference Spatial Reduction for other spatial-reduction transformers (their FLOP count:
+:func:`edaformer.flops.count_flops_external`).
 
 Supported families, recognised by class name and defining module (neither package is imported):
 
@@ -24,8 +25,6 @@ The factor and the hook handles live on the attention module as one plain attrib
 """
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import to_pair, unwrap_model
+from .utils import unwrap_model
 
-__all__ = ["SUPPORTED_MODELS", "AttentionCall", "ExternalFlopReport", "count_flops_external",
-           "num_stages", "set_stage_factors", "stage_factors"]
+__all__ = ["SUPPORTED_MODELS", "num_stages", "set_stage_factors", "stage_factors", "find_stages", "attention_factor"]
 
 SUPPORTED_MODELS = ("EDAFormer, transformers SegFormer (SegformerModel, SegformerForSemanticSegmentation) "
                     "and timm PVTv2 (pvt_v2_b0 ... pvt_v2_b5, pvt_v2_b2_li)")
@@ -192,8 +190,9 @@ _FAMILIES = (
 _OLD_SEGFORMER = "SegformerEfficientSelfAttention"
 
 
-def _find_stages(model: nn.Module) -> tuple[_Family, list[list[tuple[str, nn.Module]]]]:
-    """The model's family and, per encoder stage, its ``(name, attention)`` layers.
+def find_stages(model: nn.Module) -> tuple[_Family, list[list[tuple[str, nn.Module]]]]:
+    """The model's family and, per encoder stage, its ``(name, attention)`` layers (what the ISR
+    hooks and :func:`edaformer.flops.count_flops_external` attach to).
 
     Raises ``TypeError`` for a model of no supported family.
     """
@@ -237,7 +236,8 @@ def _uninstall(attn: nn.Module) -> None:
         attn.sequence_reduction_ratio = state.replaced_ratio
 
 
-def _factor(attn: nn.Module) -> int:
+def attention_factor(attn: nn.Module) -> int:
+    """The active ISR factor of one attention layer (1: as built)."""
     state = attn.__dict__.get(_STATE)
     return state.factor if state is not None else 1
 
@@ -245,17 +245,17 @@ def _factor(attn: nn.Module) -> int:
 # -- public ISR entry points --------------------------------------------------------------
 def num_stages(model: nn.Module) -> int:
     """Number of encoder stages (one ISR factor each); ``TypeError`` for an unsupported model."""
-    return len(_find_stages(model)[1])
+    return len(find_stages(model)[1])
 
 
 def stage_factors(model: nn.Module) -> tuple[int, ...]:
     """The active ISR factor of every encoder stage (1 = the model as built)."""
-    return tuple(_factor(layers[0][1]) if layers else 1 for layers in _find_stages(model)[1])
+    return tuple(attention_factor(layers[0][1]) if layers else 1 for layers in find_stages(model)[1])
 
 
 def set_stage_factors(model: nn.Module, factors: Sequence[int]) -> None:
     """Set one ISR factor per encoder stage; factor 1 restores the stage's original attention exactly."""
-    family, stages = _find_stages(model)
+    family, stages = find_stages(model)
     factors = tuple(factors)
     if len(factors) != len(stages):
         raise ValueError(f"{type(unwrap_model(model)).__name__} has {len(stages)} encoder stages, "
@@ -267,177 +267,3 @@ def set_stage_factors(model: nn.Module, factors: Sequence[int]) -> None:
             _uninstall(attn)
             if factor > 1:
                 _install(family, attn, stage, factor)
-
-
-# -- FLOP count ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttentionCall:
-    """One attention call: query and (pooled) key/value token counts, channels, ``2 * Nq * Nkv * C``,
-    and the query and key/value grids."""
-
-    layer: str
-    stage: int
-    n_query: int
-    n_kv: int
-    channels: int
-    flops: int
-    query_hw: tuple[int, int] = (0, 0)
-    kv_hw: tuple[int, int] = (0, 0)
-
-
-@dataclass(frozen=True)
-class ExternalFlopReport:
-    """FLOPs of one forward pass (one multiply-add = one FLOP); ``flops = module_flops + attention_flops``."""
-
-    model: str
-    input_size: tuple[int, int]
-    isr: tuple[int, ...]
-    params: int
-    by_type: dict[str, int]
-    attention: tuple[AttentionCall, ...]
-
-    @property
-    def module_flops(self) -> int:
-        return sum(self.by_type.values())
-
-    @property
-    def attention_flops(self) -> int:
-        return sum(call.flops for call in self.attention)
-
-    @property
-    def flops(self) -> int:
-        return self.module_flops + self.attention_flops
-
-    @property
-    def gflops(self) -> float:
-        return self.flops / 1e9
-
-    def attention_by_stage(self) -> dict[int, int]:
-        """Attention FLOPs summed per encoder stage (1-based)."""
-        out: dict[int, int] = {}
-        for call in self.attention:
-            out[call.stage] = out.get(call.stage, 0) + call.flops
-        return out
-
-
-def _conv(m: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> int:
-    per_position = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
-    bias = m.out_channels if m.bias is not None else 0
-    return (per_position + bias) * output.shape[0] * math.prod(output.shape[2:])
-
-
-def _linear(m: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
-    return inputs[0].numel() * m.out_features
-
-
-def _norm(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
-    affine = getattr(m, "elementwise_affine", False) or getattr(m, "affine", False)
-    return inputs[0].numel() * (2 if affine else 1)
-
-
-def _output_numel(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
-    return output.numel()
-
-
-def _input_numel(m: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
-    return inputs[0].numel()
-
-
-# (name, module types, rule), matched with isinstance in this order; other modules count zero.
-_RULES = (
-    ("Conv2d", (nn.Conv2d,), _conv),
-    ("Linear", (nn.Linear,), _linear),
-    ("LayerNorm", (nn.LayerNorm,), _norm),
-    ("BatchNorm2d", (nn.BatchNorm2d,), _norm),
-    ("ReLU", (nn.ReLU,), _output_numel),
-    ("AvgPool2d", (nn.AvgPool2d, nn.AdaptiveAvgPool2d), _input_numel),
-)
-ISR_POOLING = "ISR pooling"
-
-
-class _Counter:
-    """Forward hooks summing module FLOPs by rule and one :class:`AttentionCall` per attention call."""
-
-    def __init__(self) -> None:
-        self.by_type: dict[str, int] = {}
-        self.attention: list[AttentionCall] = []
-        self._open: dict[int, dict] = {}
-
-    def add(self, name: str, flops: int) -> None:
-        self.by_type[name] = self.by_type.get(name, 0) + flops
-
-    def attach(self, model: nn.Module, family: _Family, stages: list) -> list:
-        handles = []
-        for m in model.modules():
-            for name, types, rule in _RULES:
-                if isinstance(m, types):
-                    handles.append(m.register_forward_hook(
-                        lambda mod, inputs, output, name=name, rule=rule: self.add(name, rule(mod, inputs, output))))
-                    break
-        for stage, layers in enumerate(stages, start=1):
-            for layer, attn in layers:
-                key = id(attn)
-                handles.append(attn.register_forward_pre_hook(
-                    lambda mod, args, kwargs, key=key: self._open.__setitem__(
-                        key, {"x": args[0].shape, "query_hw": family.query_grid(args, kwargs)}), with_kwargs=True))
-                conv = family.reduction(attn)[0]
-                if conv is not None:
-                    handles.append(conv.register_forward_hook(
-                        lambda mod, args, out, key=key: self._open[key].__setitem__("raw", tuple(out.shape[-2:]))))
-                handles.append(getattr(attn, family.kv_projections[0]).register_forward_hook(
-                    lambda mod, args, out, key=key: self._open[key].__setitem__("kv", args[0].shape[1])))
-                handles.append(attn.register_forward_hook(
-                    lambda mod, args, out, key=key, layer=layer, stage=stage: self._close(key, mod, layer, stage)))
-        return handles
-
-    def _close(self, key: int, attn: nn.Module, layer: str, stage: int) -> None:
-        shapes = self._open.pop(key)
-        b, n_query, channels = shapes["x"]
-        raw_hw = shapes.get("raw", shapes["query_hw"])
-        factor = _factor(attn)
-        if factor > 1:  # pooling input: the reduced grid, or the tokens themselves
-            self.add(ISR_POOLING, b * math.prod(raw_hw) * channels)
-        self.attention.append(AttentionCall(layer, stage, n_query, shapes["kv"], channels,
-                                            2 * b * n_query * shapes["kv"] * channels, shapes["query_hw"],
-                                            (raw_hw[0] // factor, raw_hw[1] // factor)))
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """Deep copy with parameters and buffers on ``meta`` (no data copied); hooks and ISR state carry over."""
-    memo: dict[int, object] = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-                               for p in model.parameters()}
-    memo.update({id(b): torch.empty_like(b, device="meta") for b in model.buffers()})
-    return copy.deepcopy(model, memo)
-
-
-def count_flops_external(model: nn.Module, input_size: Sequence[int] = (512, 512)) -> ExternalFlopReport:
-    """FLOPs of a SegFormer / PVTv2 model on a ``(1, C, H, W)`` input under its active ISR factors.
-
-    Runs one eval-mode forward on a ``meta`` copy (``model`` is untouched) with mmcv-style
-    rules: Conv2d ``k_h*k_w*C_in/groups*C_out`` (+ ``C_out`` bias) per output position, Linear
-    input numel x ``out_features``, LayerNorm / BatchNorm2d numel (x2 with affine), ReLU output
-    numel, average pooling (and the ISR pooling) input numel; GELU, softmax, dropout and
-    functional resizes count zero. Each attention call adds ``2 * N_q * N_kv * C`` with the real
-    (pooled) key/value token count.
-    """
-    h, w = to_pair(input_size, "input_size")
-    target = unwrap_model(model)
-    try:
-        factors = stage_factors(target)
-    except TypeError:
-        if callable(getattr(target, "set_isr", None)) and hasattr(target, "isr"):  # EDAFormer
-            raise TypeError(f"{type(target).__name__} counts its own FLOPs: use edaformer.count_flops") from None
-        raise
-    meta = _meta_copy(target).eval()
-    family, stages = _find_stages(meta)
-    in_chans = next(m.in_channels for m in meta.modules() if isinstance(m, nn.Conv2d))
-    counter = _Counter()
-    handles = counter.attach(meta, family, stages)
-    try:
-        with torch.no_grad():
-            meta(torch.empty(1, in_chans, h, w, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return ExternalFlopReport(type(target).__name__, (h, w), factors, sum(p.numel() for p in target.parameters()),
-                              dict(sorted(counter.by_type.items())), tuple(counter.attention))

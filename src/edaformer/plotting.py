@@ -9,16 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger("edaformer")
 
 __all__ = ["plot_sweep", "plot_pareto", "plot_training_log", "plot_confusion"]
 
 
 def _pyplot():
-    try:
+    try:  # matplotlib is an optional package (the plot extra)
         import matplotlib
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional, as above
     except ImportError:
         log.warning("matplotlib is not installed: no plot written (pip install matplotlib)")
         return None
@@ -26,7 +28,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional; a figure exists, so it is installed
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +149,6 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path: str | os.PathLike,
     PNG with the class names on both axes and, up to :data:`CONFUSION_TEXT_MAX_CLASSES` classes, the
     percentages in the cells; rows of classes absent from the labels are grey. None if
     matplotlib is missing."""
-    import numpy as np
-
     counts = np.asarray(confusion, dtype=np.float64)
     num = counts.shape[0]
     if counts.shape != (num, num) or num == 0:

@@ -1,14 +1,16 @@
-"""Small helpers shared across the package: device choice, ``(h, w)`` pairs, model unwrapping."""
+"""Small helpers shared across the package: device choice, ``(h, w)`` pairs, model unwrapping,
+plain data."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["resolve_device", "to_pair", "unwrap_model"]
+__all__ = ["resolve_device", "to_pair", "unwrap_model", "plain"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -55,3 +57,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def plain(obj: Any) -> Any:
+    """Mappings as dicts with string keys, tuples as lists, paths as strings, recursively: what
+    ``yaml.safe_dump`` writes and ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj

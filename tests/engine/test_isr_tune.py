@@ -13,9 +13,10 @@ from edaformer.checkpoint import read_checkpoint, save_checkpoint
 from edaformer.cli import main
 from edaformer.engine.isr_tune import (Budget, Candidate, apply_isr, calibration_subset, default_write_path,
                                        grid_settings, measure_gflops, measure_latency,
-                                       pareto_front, parse_factors, score_setting, search, stored_isr, tune_isr,
+                                       pareto_front, parse_factors, score_setting, search, tune_isr,
                                        write_isr_checkpoint)
 from edaformer.flops import count_flops
+from edaformer.meta import stored_isr
 from edaformer.inference import TestProtocol
 from edaformer.isr import PAPER_ISR_SWEEP
 from training_data import make_dataset, write_config

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edaformer.inference import bands
-from edaformer.inference.bands import labels_from_logits, resized_rows
+from edaformer import bands
+from edaformer.bands import labels_from_logits, resized_rows
 
 
 def _reference(x: torch.Tensor, sizes) -> torch.Tensor:

@@ -4,6 +4,11 @@ from __future__ import annotations
 import json
 
 from .common import command
+import torch
+from ..bench import environment, format_table, run_isr_sweep, to_jsonable
+from ..checkpoint import build_from_checkpoint
+from ..isr import PAPER_ISR_SWEEP, parse_isr
+from ..models import create_model
 
 
 def add_parser(sub) -> None:
@@ -29,13 +34,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..bench import environment, format_table, run_isr_sweep, to_jsonable
-    from ..checkpoint import build_from_checkpoint
-    from ..isr import PAPER_ISR_SWEEP, parse_isr
-    from ..models import create_model
-
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
         raise ValueError("--batch and --runs must be >= 1, --warmup >= 0")
     settings = list(PAPER_ISR_SWEEP) if args.isr_sweep else [str(parse_isr(args.isr or "1111-111"))]

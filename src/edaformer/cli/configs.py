@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .common import command
+from ..config import configs_dir, list_configs
 
 
 def add_parser(sub) -> None:
@@ -14,8 +15,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import configs_dir, list_configs
-
     names = list_configs(bases=args.bases)
     if not names:
         raise ValueError(f"no configs are shipped with this install (no *.yaml in {configs_dir()})")

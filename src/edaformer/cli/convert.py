@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .common import command
+from ..data import convert_cityscapes, convert_cocostuff
 
 
 def add_parser(sub) -> None:
@@ -13,8 +14,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data import convert_cityscapes, convert_cocostuff
-
     convert = {"cityscapes": convert_cityscapes, "cocostuff": convert_cocostuff}[args.dataset]
     result = convert(args.root, overwrite=not args.skip_existing, workers=args.workers, progress=True)
     print(f"{args.dataset}: wrote {result.written} *_labelTrainIds.png files under {result.folder}"

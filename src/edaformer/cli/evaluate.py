@@ -4,6 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import add_protocol_options, command
+from ..config import load_config
+from ..engine.distributed import cleanup_distributed, init_distributed, is_distributed
+from ..engine.prepare import prepare_evaluation
+from ..engine import format_sweep_table, isr_sweep, plot_sweep, save_sweep
+from ..engine.evaluate import common_test_size, sweep_title
+from ..isr import PAPER_ISR_SWEEP
+from ..engine import evaluate
+from ..engine.evaluate import save_confusion, sweep_title
+from ..engine.prepare import evaluation_isr
+from ..metrics import format_class_table, format_metrics
 
 
 def add_parser(sub) -> None:
@@ -33,10 +43,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..engine.distributed import cleanup_distributed, init_distributed, is_distributed
-    from ..engine.prepare import prepare_evaluation
-
     if args.confusion is not None:
         if args.isr_sweep is not None:
             raise ValueError("--confusion is for a single evaluation, not with --isr-sweep")
@@ -62,10 +68,6 @@ def run(args) -> int:
 
 def _sweep(args, cfg, ev, is_main: bool) -> None:
     """``--isr-sweep``: every setting's mIoU and GFLOPs, a table, isr_sweep.json and .png."""
-    from ..engine import format_sweep_table, isr_sweep, plot_sweep, save_sweep
-    from ..engine.evaluate import common_test_size, sweep_title
-    from ..isr import PAPER_ISR_SWEEP
-
     specs = args.isr_sweep or list(PAPER_ISR_SWEEP)
     if cfg["eval"]["flops_input_size"]:
         size, note = tuple(cfg["eval"]["flops_input_size"]), "eval.flops_input_size of the config"
@@ -90,11 +92,6 @@ def _sweep(args, cfg, ev, is_main: bool) -> None:
 def _evaluate_once(args, cfg, ev, is_main: bool) -> None:
     """One evaluation at eval.isr (else the checkpoint's stored setting): metrics, the class table,
     label maps and the confusion matrix when asked for."""
-    from ..engine import evaluate
-    from ..engine.evaluate import save_confusion, sweep_title
-    from ..engine.prepare import evaluation_isr
-    from ..metrics import format_class_table, format_metrics
-
     isr, pool = evaluation_isr(cfg["eval"]["isr"], args.pool, ev.report["meta"], source=args.checkpoint)
     metrics = evaluate(ev.model, ev.dataset, isr=isr, save_predictions=args.save_predictions, pool=pool,
                        protocol=ev.protocol, workers=cfg["data"]["workers"], progress=True)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 
 from .common import command
+from ..checkpoint import build_from_checkpoint
+from ..export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
+from ..inference import TestProtocol
+from ..isr import parse_isr
 
 
 _EXPORT_DESCRIPTION = """\
@@ -37,11 +41,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import build_from_checkpoint
-    from ..export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
-    from ..inference import TestProtocol
-    from ..isr import parse_isr
-
     require_onnx(*(("onnx", "onnxscript", "onnxruntime") if args.check else ()))
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
     model, report = build_from_checkpoint(args.checkpoint, args.model, args.num_classes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .common import command
+from ..checkpoint import build_from_checkpoint, export_reference
 
 
 def add_parser(sub) -> None:
@@ -14,8 +15,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import build_from_checkpoint, export_reference
-
     model, report = build_from_checkpoint(args.checkpoint, args.model, args.num_classes)
     path = export_reference(model, args.out, meta=report["meta"])
     print(f"wrote {path} (from {report['format']} format)")

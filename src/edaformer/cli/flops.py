@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 
 from .common import command
+from ..flops import count_flops
+from ..isr import parse_isr
+from ..models import create_model
 
 
 def add_parser(sub) -> None:
@@ -25,10 +28,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..flops import count_flops
-    from ..isr import parse_isr
-    from ..models import create_model
-
     setting = parse_isr(args.isr)  # fail on a bad spec before building the model
     options = {k: v for k, v in dict(decoder_depths=args.decoder_depths, decoder_op=args.decoder_op,
                                       train_isr=args.train_isr).items() if v is not None}

@@ -6,6 +6,11 @@ import json
 from pathlib import Path
 
 from .common import command
+from ..config import load_config
+from ..engine.isr_tune import Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors, tune_isr
+from ..engine.prepare import prepare_evaluation
+from ..utils import resolve_device
+from ..engine.isr_tune import plot_result, write_isr_checkpoint
 
 
 _ISR_TUNE_DESCRIPTION = """\
@@ -59,12 +64,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..engine.isr_tune import (Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors,
-                                   tune_isr)
-    from ..engine.prepare import prepare_evaluation
-    from ..utils import resolve_device
-
     kind, value = next((k, v) for k, v in (("gflops", args.budget_gflops), ("ms", args.budget_ms),
                                            ("max_drop", args.max_drop)) if v is not None)
     budget = Budget(kind, value)
@@ -96,8 +95,6 @@ def run(args) -> int:
 
 def _write_outputs(args, cfg, result, budget, images: int) -> None:
     """isr_tune.json and isr_tune.png to --out, and with --write the checkpoint with the setting."""
-    from ..engine.isr_tune import plot_result, write_isr_checkpoint
-
     out = Path(args.out) if args.out else Path("work_dirs") / Path(args.config).stem
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(config=str(args.config), checkpoint=str(args.checkpoint), model=cfg["model"]["name"],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .common import command
+from ..models import MODEL_SPECS
 
 
 def add_parser(sub) -> None:
@@ -9,8 +10,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..models import MODEL_SPECS
-
     for name, spec in sorted(MODEL_SPECS.items()):
         print(f"{name:24s} classes={spec.num_classes:<4d} test={spec.test_mode}")
     return 0

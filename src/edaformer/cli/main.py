@@ -10,6 +10,8 @@ from .. import __version__
 from . import (bench, configs, convert, evaluate, export, export_reference, flops, isr_tune, list_models,
                package_weights, predict, pretrain, train)
 from .common import VERBOSE
+from ..export import OnnxExtrasMissing
+from ..utils import resolve_device
 
 
 log = logging.getLogger("edaformer")
@@ -78,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     _configure_logging(verbose)
     prog = f"edaformer {args.command}"
-    from ..export import OnnxExtrasMissing
-    from ..utils import resolve_device
-
     try:
         if getattr(args, "device", None) is not None:
             resolve_device(args.device)  # every --device fails the same way, before any work

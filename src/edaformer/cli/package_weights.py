@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .common import command
+from ..pretrained import package_weights
 
 
 def add_parser(sub) -> None:
@@ -27,8 +28,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..pretrained import package_weights
-
     result = package_weights(args.checkpoint, args.name, isr=args.isr, pool=args.pool, out=args.out,
                              config=args.config)
     info = result.info

@@ -7,13 +7,17 @@ import os
 import sys
 
 from .common import add_protocol_options, command
+from ..inference.predict import check_alpha
+from ..pretrained import DEFAULT_NAME, list_pretrained
+from tqdm import tqdm
+from ..inference import Segmenter
+from ..inference.predict import IMAGE_SUFFIXES, collect_inputs, predict_files
+from ..utils import resolve_device
 
 
 log = logging.getLogger("edaformer")
 
 def _alpha(text: str) -> float:
-    from ..inference.predict import check_alpha
-
     try:
         return check_alpha(float(text))
     except ValueError as e:
@@ -46,8 +50,6 @@ def add_parser(sub) -> None:
 
 def _predict_checkpoint(checkpoint: str | None) -> str:
     """``--checkpoint``, by default the shipped default model (an error when none is shipped)."""
-    from ..pretrained import DEFAULT_NAME, list_pretrained
-
     if checkpoint is not None:
         return checkpoint
     shipped = list_pretrained()
@@ -60,12 +62,6 @@ def _predict_checkpoint(checkpoint: str | None) -> str:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from ..inference import Segmenter
-    from ..inference.predict import IMAGE_SUFFIXES, collect_inputs, predict_files
-    from ..utils import resolve_device
-
     device = resolve_device(args.device)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file; give a folder (it is created if missing)")

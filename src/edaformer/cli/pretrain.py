@@ -13,6 +13,11 @@ import sys
 from pathlib import Path
 
 from .common import command
+from ..checkpoint import CheckpointWriteError
+from ..config import PRETRAINING, load_config, resolve_config
+from ..engine.pretrain import pretrain
+from ..engine.signals import TrainingAborted, TrainingInterrupted, exit_code
+from ..engine.train import NonFiniteLossError
 
 __all__ = ["add_parser", "run", "resume_command"]
 
@@ -61,12 +66,6 @@ def resume_command(args, work_dir: Path) -> str:
 
 
 def run(args) -> int:
-    from ..checkpoint import CheckpointWriteError
-    from ..config import PRETRAINING, load_config, resolve_config
-    from ..engine.pretrain import pretrain
-    from ..engine.signals import TrainingAborted, TrainingInterrupted, exit_code
-    from ..engine.train import NonFiniteLossError
-
     path = resolve_config(args.config)
     cfg = load_config(path, args.set, PRETRAINING)
     if args.amp:

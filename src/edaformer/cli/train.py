@@ -4,6 +4,12 @@ from __future__ import annotations
 import sys
 
 from .common import command
+import shlex
+from pathlib import Path
+from ..checkpoint import CheckpointWriteError
+from ..config import load_config
+from ..engine import NonFiniteLossError, TrainingAborted, TrainingInterrupted, train
+from ..engine.signals import exit_code
 
 
 def add_parser(sub) -> None:
@@ -27,8 +33,6 @@ def add_parser(sub) -> None:
 
 def _resume_command(args, work_dir) -> str:
     """The command line that continues this run."""
-    import shlex
-
     cmd = ["edaformer", "train", args.config, "--work-dir", str(work_dir), "--resume", "auto"]
     if args.set:
         cmd += ["--set", *args.set]
@@ -40,13 +44,6 @@ def _resume_command(args, work_dir) -> str:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from ..checkpoint import CheckpointWriteError
-    from ..config import load_config
-    from ..engine import NonFiniteLossError, TrainingAborted, TrainingInterrupted, train
-    from ..engine.signals import exit_code
-
     cfg = load_config(args.config, args.set)
     if args.amp:
         cfg["train"]["amp"] = args.amp

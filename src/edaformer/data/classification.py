@@ -16,6 +16,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset
 
 from .datasets import DatasetError
+from timm.data.auto_augment import AugmentOp
+from timm.data import create_transform
+from timm.data import create_dataset
 
 __all__ = ["build_classification_dataset", "NamedImageDataset", "train_transform", "eval_transform",
            "fix_posterize", "posterize"]
@@ -45,8 +48,6 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 def fix_posterize(transform: Any) -> Any:
     """Point every posterize op of the RandAugment / AutoAugment transforms inside ``transform``
     (a torchvision ``Compose`` or one transform) at :func:`posterize`; returns ``transform``."""
-    from timm.data.auto_augment import AugmentOp
-
     def visit(t: Any) -> None:
         if isinstance(t, AugmentOp):
             if t.name.startswith("Posterize"):
@@ -67,8 +68,6 @@ def fix_posterize(transform: Any) -> Any:
 def train_transform(data_cfg: Mapping[str, Any], mean: Sequence[float], std: Sequence[float]) -> Any:
     """timm's ImageNet training transform: random-resized crop, flip, RandAugment (or colour jitter
     without it), normalisation, random erasing."""
-    from timm.data import create_transform
-
     transform = create_transform(
         input_size=data_cfg["img_size"], is_training=True, scale=tuple(data_cfg["scale"]), hflip=data_cfg["hflip"],
         color_jitter=data_cfg["color_jitter"], auto_augment=data_cfg["auto_augment"],
@@ -79,8 +78,6 @@ def train_transform(data_cfg: Mapping[str, Any], mean: Sequence[float], std: Seq
 
 def eval_transform(data_cfg: Mapping[str, Any], mean: Sequence[float], std: Sequence[float]) -> Any:
     """Resize the short side to ``img_size / crop_pct``, centre crop ``img_size``, normalise."""
-    from timm.data import create_transform
-
     interpolation = "bicubic" if data_cfg["interpolation"] == "random" else data_cfg["interpolation"]
     return create_transform(input_size=data_cfg["img_size"], is_training=False, interpolation=interpolation,
                             crop_pct=data_cfg["crop_pct"], mean=tuple(mean), std=tuple(std))
@@ -150,8 +147,6 @@ def build_classification_dataset(data_cfg: Mapping[str, Any], split: str, transf
     ``train`` / ``val``) with ``transform``; map-style datasets come wrapped in
     :class:`NamedImageDataset`. ``class_map`` (a file or a dict) fixes the class indices, so
     that a validation folder with fewer classes keeps the training set's numbering."""
-    from timm.data import create_dataset
-
     root = data_cfg["root"] if split == "train" or not data_cfg.get("val_root") else data_cfg["val_root"]
     name = data_cfg.get("dataset") or ""
     kwargs: dict[str, Any] = dict(root=root, split=data_cfg["train_split" if split == "train" else "val_split"],

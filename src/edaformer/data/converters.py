@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .datasets import IGNORE_INDEX, DatasetError
 
@@ -58,7 +59,6 @@ def _convert_all(pairs: list[tuple[Path, Path]], lut: np.ndarray, folder: Path, 
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         done: Iterable = pool.map(lambda p: _convert_file(p[0], p[1], lut), todo)
         if progress:
-            from tqdm import tqdm
             done = tqdm(done, total=len(todo), desc=desc, unit="file")
         for _ in done:
             pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from tqdm import tqdm
 
 from .palettes import class_names, get_dataset_info, make_palette
 
@@ -245,12 +247,9 @@ class SegmentationDataset(Dataset):
         """Check every sample: the image header (with ``full``, the whole image is decoded, which
         finds truncated files), the label's decoding, size and value range. Returns, or raises as
         one :class:`DatasetError`, all problems found, each naming its file."""
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max(threads, 1)) as pool:
             results = pool.map(lambda s: self._check_sample(s[0], s[1], full), self.samples)
             if progress:
-                from tqdm import tqdm
                 results = tqdm(results, total=len(self), desc="verify", unit="img")
             problems = [p for p in results if p is not None]
         if problems and raise_error:

@@ -22,6 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..bands import band_rows_of
 from ..utils import to_pair
 from .datasets import IGNORE_INDEX
 
@@ -271,14 +272,12 @@ _BAND_BYTES = 32 << 20  # float32 rows of a large 8-bit image converted at once
 def _bilinear(x: torch.Tensor, size: tuple[int, int], quantize: bool) -> torch.Tensor:
     """Bilinear resize (no antialias) of a ``(B, C, H, W)`` batch to float32, rounded to whole
     values when ``quantize``. A large uint8 image is resized a band of rows at a time (see
-    :mod:`edaformer.inference.bands`), so it is never converted to float32 as a whole."""
+    :mod:`edaformer.bands`), so it is never converted to float32 as a whole."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x.float()
     if x.dtype == torch.float32 or 4 * x.numel() <= _BAND_BYTES:
         x = torch.nn.functional.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
         return x.round_().clamp_(0, 255) if quantize else x
-    from ..inference.bands import band_rows_of
-
     out = torch.empty((*x.shape[:2], *size), dtype=torch.float32, device=x.device)
     for r0, r1, rows in band_rows_of(x, size, 4 * x.shape[0] * x.shape[1] * max(x.shape[-1], size[1]),
                                      _BAND_BYTES):

@@ -19,7 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
+from ..data import build_dataloader, build_dataset, dataset_config
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
+from ..meta import ISR, ITERATION, MIOU
+from ..models import create_model
+from ..models.registry import get_model_spec
 from .losses import build_loss, segmentation_loss
 
 __all__ = ["build_model", "load_init_from", "load_encoder_weights", "build_datasets", "build_train_loader",
@@ -36,9 +40,6 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, init_weights: bo
     ImageNet encoder, every encoder tensor (see :func:`load_encoder_weights`). A resumed run or
     an evaluation passes False: its weights come from its own checkpoint.
     """
-    from ..models import create_model
-    from ..models.registry import get_model_spec
-
     extra = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_ARGUMENTS and v is not None}
     model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
     if not init_weights:
@@ -114,7 +115,7 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     except CheckpointMismatchError as e:
         raise CheckpointMismatchError(f"model.init_from {path}: {e}") from None
     meta = report["meta"]
-    origin = ", ".join(f"{key} {meta[key]}" for key in ("iteration", "mIoU", "isr") if key in meta)
+    origin = ", ".join(f"{key} {meta[key]}" for key in (ITERATION, MIOU, ISR) if key in meta)
     log.info("init_from %s (%s format%s): all %d tensors loaded", path, report["format"],
              f"; {origin}" if origin else "", report["loaded"])
     return report
@@ -122,8 +123,6 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 
 def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The training and validation datasets of a config's ``data`` section."""
-    from ..data import build_dataset, dataset_config
-
     dataset_cfg = dataset_config(data_cfg)
     return build_dataset(dataset_cfg, "train"), build_dataset(dataset_cfg, "val")
 
@@ -131,8 +130,6 @@ def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, Se
 def build_train_loader(train_set: SegmentationDataset, data_cfg: Mapping[str, Any], distributed: bool,
                        seed: int) -> DataLoader:
     """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped)."""
-    from ..data import build_dataloader
-
     return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True, workers=data_cfg["workers"],
                             distributed=distributed, seed=seed, drop_last=True)
 

@@ -14,18 +14,25 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
-from ..isr import PAPER_ISR_SWEEP, isr as isr_context
+from ..data.palettes import make_palette
+from ..flops import gflops as count_gflops
+from ..inference import infer_tta, segment_input
+from ..inference.predict import save_label, unique_stems
+from ..isr import PAPER_ISR_SWEEP, isr as isr_context, parse_isr
 from ..metrics import SegMetric
-from ..inference.protocol import TestProtocol
 from ..plotting import plot_confusion, plot_sweep
+from ..protocol import TestProtocol
 from .distributed import get_rank, get_world_size, is_main_process
 
 __all__ = ["evaluate", "isr_sweep", "format_sweep_table", "save_sweep", "plot_sweep", "common_test_size",
@@ -67,8 +74,6 @@ class _PredictionWriter:
     """Writes ``<stem>_label.png`` per evaluated image (stems as ``edaformer predict`` names them)."""
 
     def __init__(self, out_dir: str | os.PathLike, dataset: Dataset):
-        from ..inference.predict import unique_stems
-
         samples = getattr(dataset, "samples", None)
         if samples is None:
             raise ValueError("saving predictions needs a dataset with image paths (.samples)")
@@ -78,9 +83,6 @@ class _PredictionWriter:
         self.palette = getattr(dataset, "palette", None)
 
     def write(self, index: int, label: Any) -> None:
-        from ..data.palettes import make_palette
-        from ..inference.predict import save_label
-
         label = label.cpu().numpy() if isinstance(label, torch.Tensor) else label
         palette = self.palette or make_palette(int(label.max()) + 1)
         save_label(label, palette, self.out / f"{self.stems[index]}_label.png")
@@ -101,8 +103,6 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, protocol: TestProtoco
     this call only, with the key/value ``pool`` kind (default: the model's own, ``model.isr_pool``).
     ``save_predictions``: a folder that receives ``<stem>_label.png`` per image.
     """
-    from ..inference import infer_tta, segment_input
-
     protocol = protocol or TestProtocol.from_model(model)
     dataset, indices = _base_indices(data.dataset if isinstance(data, DataLoader) else data)
     num_classes = num_classes or getattr(dataset, "num_classes", None) or model.num_classes
@@ -171,8 +171,6 @@ def _pairs(batch: Any) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
 def _progress(iterable, enabled: bool):
     if not enabled or not is_main_process():
         return iterable
-    from tqdm import tqdm
-
     return tqdm(iterable, desc="eval", dynamic_ncols=True, leave=False)
 
 
@@ -180,21 +178,9 @@ def _progress(iterable, enabled: bool):
 SWEEP_METRICS = ("mIoU", "aAcc", "mAcc", "mDice", "mPrec", "mRecall")  # per setting, in isr_sweep.json
 
 
-def _gflops(model: nn.Module, input_size: Size) -> float | None:
-    try:
-        from ..flops import count_flops
-    except ImportError:
-        return None
-    return float(count_flops(model, tuple(input_size)).gflops)
-
-
 def common_test_size(dataset: Dataset, protocol: TestProtocol) -> tuple[Size, int, int]:
     """The most common test size of ``dataset``'s images under ``protocol`` (sizes read from the
     file headers), with how many images have it and the image count."""
-    from collections import Counter
-
-    from PIL import Image
-
     base, indices = _base_indices(dataset)
     samples = getattr(base, "samples", None)
     sizes: Counter = Counter()
@@ -216,13 +202,11 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
               **eval_kwargs: Any) -> list[dict[str, Any]]:
     """Evaluate the same weights under each ISR setting (switched with ``model.set_isr``).
 
-    Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at;
-    None if :mod:`edaformer.flops` is unavailable), ``mIoU``, ``aAcc``, ``mAcc``, ``mDice``, ``mPrec``,
+    Rows: ``isr``, ``gflops`` (at ``flops_input_size``, which should be the size the images run at),
+    ``mIoU``, ``aAcc``, ``mAcc``, ``mDice``, ``mPrec``,
     ``mRecall`` and ``delta_mIoU`` vs the first setting. ``pool``: the key/value pooling kind (default: the model's own).
     ``eval_kwargs`` go to :func:`evaluate` (``protocol``, ``workers``, ...).
     """
-    from ..isr import parse_isr
-
     previous = (model.isr, getattr(model, "isr_pool", "avg"))
     pool = pool or previous[1]
     rows = []
@@ -230,11 +214,10 @@ def isr_sweep(model: nn.Module, data: Dataset | DataLoader, specs: Sequence[str]
         for spec in specs:
             setting = str(parse_isr(spec))
             model.set_isr(setting, pool=pool)
-            gflops = _gflops(model, tuple(flops_input_size))
+            gflops = count_gflops(model, flops_input_size)
             metrics = evaluate(model, data, isr=setting, pool=pool, **eval_kwargs)
             rows.append(dict(isr=setting, gflops=gflops, **{k: metrics[k] for k in SWEEP_METRICS}))
-            log.info("ISR %s: mIoU %.2f%s", setting, 100 * metrics["mIoU"],
-                     f"  GFLOPs {gflops:.2f}" if gflops is not None else "")
+            log.info("ISR %s: mIoU %.2f  GFLOPs %.2f", setting, 100 * metrics["mIoU"], gflops)
     finally:
         model.set_isr(previous[0], pool=previous[1])
     ref = rows[0]["mIoU"] if rows else math.nan
@@ -254,8 +237,6 @@ def format_sweep_table(rows: Sequence[dict[str, Any]], input_size: Sequence[int]
     for row in rows:
         gf = f"{row['gflops']:.4g}" if row.get("gflops") is not None else "n/a"
         lines.append(f"| {row['isr']:<10} | {gf:>18} | {100 * row['mIoU']:>6.2f} | {100 * row['delta_mIoU']:>+7.2f} |")
-    if rows and all(r.get("gflops") is None for r in rows):
-        lines.append("(GFLOPs not available: edaformer.flops could not be imported)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ ratios) is always added: it is the reference of ``change`` and of ``max_drop``.
 
 Strategy (exact for the grid, fewer evaluations than trying all):
 
-1. GFLOPs of every setting from :func:`edaformer.flops.count_flops` on a ``meta`` copy (cheap);
+1. GFLOPs of every setting from :func:`edaformer.flops.gflops` on a ``meta`` copy (cheap);
    settings whose pooling does not fit the input size are left out.
 2. For a latency budget, the latency of every setting at that size on this device (interleaved,
    a few runs each); otherwise only that of the settings in the final table.
@@ -38,11 +38,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ..bench import format_table, forward_fn, make_input, time_interleaved
+from ..checkpoint import read_checkpoint, save_checkpoint
+from ..flops import gflops as count_gflops
 from ..isr import PAPER_ISR_SWEEP, TRAINING_ISR, parse_isr
+from ..meta import ISR, ISR_POOL, ISR_TUNE
+from ..plotting import plot_pareto
+from .evaluate import evaluate
 
 __all__ = ["Budget", "Candidate", "TuneResult", "grid_settings", "calibration_subset", "measure_gflops",
            "measure_latency", "search", "pareto_front", "tune_isr", "apply_isr", "score_setting",
-           "stored_isr", "write_isr_checkpoint", "default_write_path",
+           "write_isr_checkpoint", "default_write_path",
            "format_pareto_table", "plot_result", "parse_factors", "BUDGET_KINDS", "MAX_GRID"]
 
 log = logging.getLogger("edaformer")
@@ -185,16 +191,14 @@ def apply_isr(model: nn.Module, setting: str, pool: str | None = None) -> nn.Mod
 
 def measure_gflops(model: nn.Module, settings: Sequence[str], size: Sequence[int],
                    pool: str | None = None) -> tuple[dict[str, float], list[str]]:
-    """GFLOPs per setting at ``size`` (as ``edaformer flops`` counts them), on one ``meta`` copy;
-    and the settings left out because their pooling does not fit ``size``."""
-    from ..flops import count_flops
-
+    """GFLOPs per setting at ``size`` (:func:`edaformer.flops.gflops`, as ``edaformer flops`` counts
+    them), on one ``meta`` copy; and the settings left out because their pooling does not fit ``size``."""
     meta = copy.deepcopy(model).to("meta")
     out, skipped = {}, []
     for setting in settings:
         apply_isr(meta, setting, pool)
         try:
-            out[setting] = float(count_flops(meta, tuple(size)).gflops)
+            out[setting] = count_gflops(meta, size)
         except ValueError as e:
             log.info("ISR %s left out: %s", setting, e)
             skipped.append(setting)
@@ -205,8 +209,6 @@ def measure_latency(model: nn.Module, settings: Sequence[str], size: Sequence[in
                     warmup: int = 1, pool: str | None = None) -> dict[str, float]:
     """Median milliseconds of one forward at ``size`` per setting on the model's device, the
     settings timed round-robin (:func:`edaformer.bench.time_interleaved`)."""
-    from ..bench import forward_fn, make_input, time_interleaved
-
     device = next(model.parameters()).device
     previous = str(model.isr)
     x = make_input(1, size, device)
@@ -302,8 +304,6 @@ def pareto_front(candidates: Sequence[Candidate], cost: str = "gflops") -> list[
 def score_setting(model: nn.Module, dataset: Dataset, setting: str, eval_kwargs: Mapping[str, Any],
                   pool: str | None = None) -> float:
     """mIoU (a fraction) of ``model`` under ``setting`` on ``dataset``, by the evaluation protocol."""
-    from .evaluate import evaluate
-
     pool = pool if pool is not None else getattr(model, "isr_pool", None)
     previous = str(model.isr)
     apply_isr(model, setting, pool)
@@ -360,8 +360,6 @@ def _timed(timer: Timer, model: nn.Module, candidates: Sequence[Candidate]) -> l
 # -- output ----------------------------------------------------------------------------------------
 def format_pareto_table(result: TuneResult) -> str:
     """The Pareto table: setting, GFLOPs, ms, mIoU and its change vs ``1111-111`` (points)."""
-    from ..bench import format_table
-
     size = result.flops_input_size
     rows = [dict(r, mIoU=100 * r["mIoU"], change=100 * r["change"]) for r in result.table_rows()]
     gflops = f"GFLOPs @ {size[0]}x{size[1]}" if size else "GFLOPs"
@@ -369,26 +367,7 @@ def format_pareto_table(result: TuneResult) -> str:
                                ("mIoU", "mIoU", ".2f"), ("change", "change", "+.2f"), ("note", "", "")])
 
 
-# -- the stored setting ----------------------------------------------------------------------------
-META_KEY = "isr"
-
-
-def stored_isr(meta: Mapping[str, Any] | None, source: str | os.PathLike | None = None) -> str | None:
-    """The ISR setting a checkpoint's ``meta`` stores (``"2211-222"``), None when it stores none.
-
-    Predict / eval use it when no ISR is given. A malformed value raises ``ValueError`` naming
-    ``source`` (the checkpoint file) when given.
-    """
-    value = (meta or {}).get(META_KEY)
-    if value is None:
-        return None
-    try:
-        return str(parse_isr(str(value)))
-    except ValueError as e:
-        where = f"checkpoint {source}: " if source is not None else ""
-        raise ValueError(f"{where}meta.{META_KEY} is not an ISR setting: {e}") from None
-
-
+# -- the stored setting (read back by edaformer.meta.stored_isr) -------------------------------------
 def default_write_path(checkpoint: str | os.PathLike, setting: str) -> Path:
     """``<checkpoint stem>-isr<setting>.pth`` beside the checkpoint."""
     checkpoint = Path(checkpoint)
@@ -399,8 +378,6 @@ def write_isr_checkpoint(checkpoint: str | os.PathLike, result: TuneResult, path
                          pool: str | None = None) -> Path:
     """A copy of ``checkpoint`` whose ``meta`` stores the chosen setting (``isr``; ``isr_pool``
     with a pooling option) and how it was found (``isr_tune``); the original is never written."""
-    from ..checkpoint import read_checkpoint, save_checkpoint
-
     checkpoint = Path(checkpoint)
     target = Path(path) if path is not None else default_write_path(checkpoint, result.chosen.isr)
     if target.exists() and target.resolve() == checkpoint.resolve():
@@ -409,10 +386,10 @@ def write_isr_checkpoint(checkpoint: str | os.PathLike, result: TuneResult, path
     if not any(isinstance(obj.get(k), Mapping) for k in ("state_dict", "model", "module")):
         obj = {"state_dict": obj}  # a bare state dict: wrap it so that it can carry meta
     meta = dict(obj.get("meta") or {})
-    meta[META_KEY] = result.chosen.isr
+    meta[ISR] = result.chosen.isr
     if pool is not None:
-        meta["isr_pool"] = pool
-    meta["isr_tune"] = dict(budget=f"{result.budget.kind} {result.budget.value:g}", mIoU=result.chosen.mIoU,
+        meta[ISR_POOL] = pool
+    meta[ISR_TUNE] = dict(budget=f"{result.budget.kind} {result.budget.value:g}", mIoU=result.chosen.mIoU,
                             gflops=result.chosen.gflops, reference_mIoU=result.reference.mIoU,
                             flops_input_size=list(result.flops_input_size or ()))
     obj["meta"] = meta
@@ -421,8 +398,6 @@ def write_isr_checkpoint(checkpoint: str | os.PathLike, result: TuneResult, path
 
 def plot_result(result: TuneResult, path: str | os.PathLike, title: str = "") -> Path | None:
     """The evaluated settings and the Pareto front as a PNG (None without matplotlib)."""
-    from ..plotting import plot_pareto
-
     cost = "ms" if result.budget.kind == "ms" else "gflops"
     points = [asdict(c) for c in result.evaluated if getattr(c, cost) is not None]
     budget = result.budget.value if result.budget.kind != "max_drop" else None

@@ -17,9 +17,9 @@ from ..checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoin
 from ..data import build_dataset, dataset_config
 from ..data.datasets import SegmentationDataset
 from ..data.transforms import test_transforms
-from ..inference.protocol import TestProtocol
+from ..protocol import TestProtocol
 from .builders import build_model
-from .isr_tune import stored_isr
+from ..meta import stored_isr
 
 __all__ = ["Evaluation", "prepare_evaluation", "evaluation_isr"]
 

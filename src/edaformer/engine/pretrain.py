@@ -53,6 +53,22 @@ from .state import (capture_rng_state, find_resume_checkpoint, restore_rng_state
                     write_training_checkpoint)
 from .train import NonFiniteLossError
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
+import timm
+from .. import models
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg
+from ..data.classification import build_classification_dataset, eval_transform, train_transform
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.data.distributed_sampler import RepeatAugSampler
+from ..data import seed_worker
+from timm.utils import accuracy
+from .distributed import get_rank, get_world_size
+from timm.utils import ModelEmaV3
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 __all__ = ["pretrain", "PretrainState", "build_classifier", "build_pretrain_data", "build_mixup", "build_criterion",
            "build_pretrain_optimizer", "build_pretrain_scheduler", "evaluate_classifier", "export_encoder",
@@ -66,21 +82,12 @@ ENCODER_FILE = "encoder.pth"
 # -- building blocks ----------------------------------------------------------------------------
 def build_classifier(model_cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     """``timm.create_model`` from the ``model`` section (``eft_t`` / ``eft_b`` or any timm classifier)."""
-    import timm
-
-    from .. import models  # noqa: F401 - registers eft_t / eft_b with timm
-
     return timm.create_model(model_cfg["name"], num_classes=num_classes, drop_rate=model_cfg["drop_rate"],
                              drop_path_rate=model_cfg["drop_path_rate"])
 
 
 def _mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation the model's timm config declares (ImageNet's by default)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from timm.models import get_pretrained_cfg
-
-    from .. import models  # noqa: F401 - registers eft_t / eft_b with timm
-
     cfg = get_pretrained_cfg(name)
     mean, std = getattr(cfg, "mean", None) or IMAGENET_DEFAULT_MEAN, getattr(cfg, "std", None) or IMAGENET_DEFAULT_STD
     return tuple(mean), tuple(std)
@@ -89,8 +96,6 @@ def _mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def build_pretrain_data(data_cfg: Mapping[str, Any], mean, std, seed: int = 0) -> tuple[Dataset, Dataset, int | None]:
     """The training and validation sets with their transforms, and the class count (None when the
     data cannot tell: streaming datasets). The validation set keeps the training set's numbering."""
-    from ..data.classification import build_classification_dataset, eval_transform, train_transform
-
     train_set = build_classification_dataset(data_cfg, "train", train_transform(data_cfg, mean, std), is_training=True,
                                              class_map=data_cfg["class_map"], seed=seed,
                                              batch_size=data_cfg["batch_size"])
@@ -103,8 +108,6 @@ def build_pretrain_data(data_cfg: Mapping[str, Any], mean, std, seed: int = 0) -
 
 def build_mixup(mixup_cfg: Mapping[str, Any], label_smoothing: float, num_classes: int):
     """``timm.data.Mixup`` (None when both alphas are 0)."""
-    from timm.data import Mixup
-
     if mixup_cfg["mixup_alpha"] <= 0 and mixup_cfg["cutmix_alpha"] <= 0:
         return None
     return Mixup(mixup_alpha=mixup_cfg["mixup_alpha"], cutmix_alpha=mixup_cfg["cutmix_alpha"], prob=mixup_cfg["prob"],
@@ -114,8 +117,6 @@ def build_mixup(mixup_cfg: Mapping[str, Any], label_smoothing: float, num_classe
 
 def build_criterion(mixup: Any, label_smoothing: float) -> nn.Module:
     """Soft-target cross-entropy after Mixup (which smooths the labels), else label smoothing, else CE."""
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if mixup is not None:
         return SoftTargetCrossEntropy()
     if label_smoothing > 0:
@@ -125,8 +126,6 @@ def build_criterion(mixup: Any, label_smoothing: float) -> nn.Module:
 
 def build_pretrain_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
     """``timm.optim.create_optimizer_v2``; biases, norms and ``no_weight_decay()`` get no decay."""
-    from timm.optim import create_optimizer_v2
-
     return create_optimizer_v2(model, opt=optim_cfg["name"], lr=optim_cfg["lr"], weight_decay=optim_cfg["weight_decay"],
                                eps=optim_cfg["eps"], betas=tuple(optim_cfg["betas"]))
 
@@ -134,8 +133,6 @@ def build_pretrain_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any]) -> 
 def build_pretrain_scheduler(optimizer: torch.optim.Optimizer, schedule_cfg: Mapping[str, Any], updates_per_epoch: int):
     """``timm.scheduler.create_scheduler_v2``: linear warm-up from ``warmup_lr``, then the decay
     to ``min_lr``; per epoch (``step(epoch)``) or per update (``step_update(n)``)."""
-    from timm.scheduler import create_scheduler_v2
-
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=schedule_cfg["name"], num_epochs=schedule_cfg["epochs"],
         decay_epochs=schedule_cfg["decay_epochs"], cooldown_epochs=schedule_cfg["cooldown_epochs"],
@@ -261,10 +258,6 @@ def _train_loader(dataset: Dataset, data_cfg: Mapping[str, Any], info: DistInfo,
     """Per-process batches, the incomplete last one dropped; map-style sets go through the
     repeated-augmentation sampler (``data.repeated_aug`` > 1) or a seeded shuffling sampler, both
     a function of the epoch alone."""
-    from timm.data.distributed_sampler import RepeatAugSampler
-
-    from ..data import seed_worker
-
     sampler = None
     if not isinstance(dataset, IterableDataset):
         if data_cfg["repeated_aug"] > 1:
@@ -328,10 +321,6 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
                         workers: int = 0, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and the mean cross-entropy over ``dataset``; under
     ``torch.distributed`` each process takes every ``world_size``-th image and the counts are summed."""
-    from timm.utils import accuracy
-
-    from .distributed import get_rank, get_world_size
-
     was_training = model.training
     model.eval()
     world, rank = get_world_size(), get_rank()
@@ -503,10 +492,6 @@ def _after_update(iteration: int) -> None:
 
 def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: DistInfo, force: bool,
               stop: StopRequest, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    from timm.utils import ModelEmaV3
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     dev, main = info.device, info.is_main
     if not main:
         log.setLevel(logging.WARNING)

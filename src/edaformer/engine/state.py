@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from ..checkpoint import read_checkpoint, save_checkpoint
+from ..meta import model_checkpoint
 
 __all__ = ["TrainState", "checkpoint_payload", "write_training_checkpoint", "iter_checkpoints",
            "find_resume_checkpoint", "check_resume_config", "ResumeConfigError", "capture_rng_state",
@@ -116,22 +117,10 @@ def checkpoint_payload(model: nn.Module, meta: Mapping[str, Any], state: TrainSt
                        config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint file holds: the model in this library's format plus ``meta``; with
     ``state`` the full training state and with ``config`` the resolved config it was trained with."""
-    payload = {"format": FORMAT, "model": getattr(model, "name", None), "num_classes": model.num_classes,
-               "state_dict": model.state_dict(), "meta": dict(meta)}
+    payload = model_checkpoint(model, meta, config)
     if state is not None:
         payload.update(state.state_dict())
-    if config is not None:
-        payload["config"] = _plain(config)
     return payload
-
-
-def _plain(obj: Any) -> Any:
-    """A config as plain dicts / lists / scalars (loadable with ``weights_only``)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def iter_checkpoints(work_dir: str | os.PathLike) -> list[tuple[int, Path]]:

@@ -22,7 +22,7 @@ _MISSING = "train.tensorboard needs the tensorboard package: pip install tensorb
 def require_tensorboard() -> None:
     """Raise :class:`~edaformer.config.ConfigError` if ``tensorboard`` cannot be imported."""
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imports tensorboard)
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imports tensorboard, an optional package)
     except ImportError:
         raise ConfigError(_MISSING) from None
 
@@ -37,7 +37,7 @@ class TensorBoardLog:
 
     def __init__(self, log_dir: str | os.PathLike, first_iteration: int = 1, class_names: Sequence[str] = ()):
         require_tensorboard()
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is an optional package
 
         self.class_names = list(class_names)
         self.writer = SummaryWriter(str(log_dir), purge_step=first_iteration)

@@ -21,20 +21,29 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+try:
+    import resource
+except ImportError:  # Windows: no peak memory outside /proc
+    resource = None
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
-from ..inference.protocol import META_KEY, TestProtocol
+from ..meta import ITERATION, MIOU, checkpoint_meta
 from ..plotting import plot_training_log
+from ..protocol import TestProtocol
 from ..utils import unwrap_model
 from .builders import (WarmupPolyLR, build_datasets, build_model, build_optimizer, build_param_groups,
                        build_scheduler, build_train_loader, resolve_amp, segmentation_loss)
 from .losses import SegmentationLoss, build_loss
+from .evaluate import evaluate
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
                           convert_sync_batchnorm, init_distributed, is_distributed)
 from .signals import StopRequest, TrainingAborted, TrainingInterrupted
@@ -159,7 +168,8 @@ def _memory_mb(device: torch.device) -> float:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        import resource
+        if resource is None:
+            return math.nan
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -231,14 +241,14 @@ def _best_so_far(work_dir: Path, iteration: int) -> float:
     except (ValueError, OSError) as e:
         log.warning("ignoring %s: %s", path, e)
         return -1.0
-    return float(meta.get("mIoU", -1.0)) if int(meta.get("iteration", iteration + 1)) <= iteration else -1.0
+    return float(meta.get(MIOU, -1.0)) if int(meta.get(ITERATION, iteration + 1)) <= iteration else -1.0
 
 
 def _checkpoint_meta(dataset: Any, iteration: int, protocol: TestProtocol, **extra: Any) -> dict[str, Any]:
     """The ``meta`` of every checkpoint a run writes: classes, palette and the test protocol that
     predict / eval read back."""
-    return {"iteration": iteration, "CLASSES": list(getattr(dataset, "classes", [])),
-            "PALETTE": [list(c) for c in getattr(dataset, "palette", [])], META_KEY: protocol.to_dict(), **extra}
+    return checkpoint_meta(iteration=iteration, classes=getattr(dataset, "classes", []),
+                           palette=getattr(dataset, "palette", []), protocol=protocol, **extra)
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -283,8 +293,6 @@ def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Te
 
 def validate(model: nn.Module, val_set: Any, cfg: Mapping[str, Any], protocol: TestProtocol) -> dict[str, Any]:
     """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in training mode."""
-    from .evaluate import evaluate
-
     metrics = evaluate(unwrap_model(model), val_set, protocol, isr=cfg["eval"]["isr"],
                        workers=min(cfg["data"]["workers"], 2))
     model.train()
@@ -434,9 +442,6 @@ def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: Dis
         return metrics
 
     # the loop
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     model.train()
     batches = _batches(loader, state.iteration, seed, info.rank)
     metrics: dict = {}

@@ -6,14 +6,14 @@ aspect ratio, to fit a ``(long, short)`` box (in whole mode the sides are then r
 multiple of 32), normalized with :data:`MEAN` / :data:`STD` (RGB, 0-255), run whole or with a
 sliding window, and the logits are resized bilinearly back to the original size.
 """
+from ..bands import BAND_BYTES, labels_from_logits
 from ..data.transforms import MEAN, STD
-from .bands import BAND_BYTES, labels_from_logits
+from ..protocol import TestProtocol, test_size
 from .images import ImageInput, as_chw, load_image
-from .infer import infer_logits, infer_tta, segment_image, segment_input
-from .protocol import META_KEY, TestProtocol, preprocess, test_size
+from .infer import infer_logits, infer_tta, preprocess, segment_image, segment_input
 from .segmenter import Segmenter
 from .visualize import add_legend, colorize, confidence_image, overlay
 
-__all__ = ["MEAN", "STD", "TestProtocol", "META_KEY", "load_image", "as_chw", "test_size", "preprocess",
+__all__ = ["MEAN", "STD", "TestProtocol", "load_image", "as_chw", "test_size", "preprocess",
            "infer_logits", "infer_tta", "segment_input", "segment_image", "labels_from_logits", "BAND_BYTES",
            "Segmenter", "colorize", "overlay", "add_legend", "confidence_image", "ImageInput"]

@@ -1,5 +1,6 @@
-"""Running a model under the test protocol: whole / sliding-window / flip logits, the
-multi-scale test, and label maps (resized and reduced in bands, see :mod:`.bands`)."""
+"""Running a model under the test protocol: the one image-to-input function
+(:func:`preprocess`), whole / sliding-window / flip logits, the multi-scale test, and label maps
+(resized and reduced in bands, see :mod:`edaformer.bands`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,15 +11,34 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..bands import labels_from_logits
 from ..data.transforms import prepare_test_image
+from ..protocol import TestProtocol
 from ..utils import to_pair
-from .bands import labels_from_logits
 from .images import ImageInput, as_chw
-from .protocol import TestProtocol
 
-__all__ = ["infer_logits", "infer_tta", "segment_input", "segment_image"]
+__all__ = ["preprocess", "infer_logits", "infer_tta", "segment_input", "segment_image"]
 
 Size = tuple[int, int]
+
+
+def preprocess(image: ImageInput, scale: Size | None | TestProtocol, divisor: int | None = 32,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """One image as a normalized ``(1, 3, h, w)`` float32 model input at its test size (the
+    dataset test pipeline calls the same :func:`~edaformer.data.transforms.prepare_test_image`).
+
+    ``image``: a path (EXIF orientation applied), a PIL image (any mode), an HxWx3 uint8 array or a
+    ``(3, H, W)`` tensor, uint8 or float in 0-255. ``scale``: a :class:`TestProtocol`, or the box
+    with ``divisor`` (``scale=None`` keeps the size as it is).
+    """
+    if isinstance(scale, TestProtocol):
+        scale, divisor = scale.scale, scale.size_divisor
+    elif scale is None:
+        divisor = None
+    x = as_chw(image)
+    if device is not None:
+        x = x.to(device)
+    return prepare_test_image(x[None], scale, divisor)
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -9,20 +9,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.palettes import class_info
+from ..checkpoint import build_from_checkpoint, checkpoint_model_name, read_checkpoint
 from ..data.transforms import prepare_test_image
+from ..meta import model_class_info, stored_classes, stored_isr, stored_isr_pool, stored_palette
+from ..pretrained import DEFAULT_NAME, load_pretrained
+from ..protocol import TestProtocol
 from ..utils import resolve_device
 from .images import ImageInput, as_chw
 from .infer import infer_logits, segment_image, segment_input
-from .protocol import TestProtocol
 
 __all__ = ["Segmenter"]
 
 Size = tuple[int, int]
-
-
-def _meta_sequence(value: Any) -> tuple | None:
-    return tuple(value) if isinstance(value, (list, tuple)) and value else None
 
 
 class Segmenter:
@@ -50,17 +48,14 @@ class Segmenter:
             model.set_isr(isr if isr is not None else model.isr, pool=pool)
         elif isr is not None:
             model.set_isr(isr)
-        spec = getattr(model, "spec", None)
         if isinstance(protocol, Mapping):
             protocol = TestProtocol.from_dict(protocol)
         self.protocol = TestProtocol.resolve(model, base=protocol, scale=test_scale, mode=mode, crop_size=crop_size,
                                              stride=stride, divisor=divisor, flip=flip)
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
-        self.classes, self.palette = self._class_info(spec, classes, palette)
+        info = model_class_info(model, classes, palette)
+        self.classes, self.palette = info.classes, info.palette
 
-    def _class_info(self, spec, classes, palette) -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
-        info = class_info(self.num_classes, getattr(spec, "dataset", None), classes, palette)
-        return info.classes, info.palette
 
     @classmethod
     def from_checkpoint(cls, name: str | None, checkpoint_path: str | os.PathLike,
@@ -77,19 +72,16 @@ class Segmenter:
         the architecture options of the training config (``decoder_depths``, ``decoder_op``,
         ``train_isr``). ``num_classes`` defaults to the checkpoint's classifier size.
         """
-        from ..checkpoint import build_from_checkpoint, checkpoint_model_name, read_checkpoint
-        from ..engine.isr_tune import stored_isr
-
         device = resolve_device(device)
         obj = read_checkpoint(checkpoint_path)
         model, report = build_from_checkpoint(obj, name or checkpoint_model_name(obj, checkpoint_path), num_classes)
         meta = report.get("meta") or {}
         if isr is None:
             isr = stored_isr(meta, source=checkpoint_path)
-            if kwargs.get("pool") is None and isr is not None and meta.get("isr_pool"):
-                kwargs["pool"] = str(meta["isr_pool"])
-        kwargs.setdefault("classes", _meta_sequence(meta.get("CLASSES")))
-        kwargs.setdefault("palette", _meta_sequence(meta.get("PALETTE")))
+            if kwargs.get("pool") is None and isr is not None and stored_isr_pool(meta):
+                kwargs["pool"] = stored_isr_pool(meta)
+        kwargs.setdefault("classes", stored_classes(meta))
+        kwargs.setdefault("palette", stored_palette(meta))
         if kwargs.get("protocol") is None:
             kwargs["protocol"] = TestProtocol.resolve(model, meta, source=checkpoint_path)
         return cls(model, device=device, isr=isr, **kwargs)
@@ -104,8 +96,6 @@ class Segmenter:
         >>> seg = Segmenter.pretrained()        # edaformer-t-camvid
         >>> label = seg("street.jpg")
         """
-        from ..pretrained import DEFAULT_NAME, load_pretrained
-
         model, info = load_pretrained(name or DEFAULT_NAME)
         if isr is None:
             isr = info.isr

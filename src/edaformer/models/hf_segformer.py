@@ -45,7 +45,7 @@ _NO_DECODER_ISR = (1, 1, 1)
 def require_transformers():
     """The ``transformers`` module, or an ImportError saying how to install it."""
     try:
-        import transformers
+        import transformers  # an optional package (the hf extra)
     except ImportError as e:
         raise ImportError("SegFormer models need the transformers package: pip install edaformer[hf]") from e
     return transformers
@@ -141,7 +141,7 @@ class SegFormer(nn.Module):
             raise ValueError(f"expected input (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         return resize_bilinear(self.decode(x), x.shape[-2:])
 
-    # training and counting helpers ------------------------------------------------------
+    # training helpers ------------------------------------------------------------------
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the encoder blocks' activations in the backward pass (transformers' checkpointing)."""
@@ -157,35 +157,6 @@ class SegFormer(nn.Module):
         return {f"{mod_name}.{p}" for mod_name, mod in self.named_modules()
                 if isinstance(mod, (nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm))
                 for p, _ in mod.named_parameters(recurse=False)}
-
-    def count_flops(self, input_size: Sequence[int] = (512, 512), convention: str = "mmcv130"):
-        """A :class:`~edaformer.flops.FlopReport` from :func:`~edaformer.isr_adapters.count_flops_external`
-        under the conventions of :func:`edaformer.count_flops`: BatchNorm2d not counted (the reference
-        configurations use SyncBN), LayerNorm counted under ``mmcv130`` only; attention
-        ``2 * N_q * N_kv * C`` on the real pooled grids (both totals)."""
-        from ..flops import CONVENTIONS, AttentionTerm, FlopReport
-
-        if convention not in CONVENTIONS:
-            raise ValueError(f"unknown FLOP convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
-        h, w = input_size
-        self.check_input_size(h, w)
-        ext = isr_adapters.count_flops_external(self, (h, w))
-        not_counted = {"BatchNorm2d"} | ({"LayerNorm"} if convention == "mmcv127" else set())
-        by_type = {k: v for k, v in ext.by_type.items() if k not in not_counted}
-        uncounted = {k: v for k, v in ext.by_type.items() if k in not_counted}
-        layer_norm = ext.by_type.get("LayerNorm", 0)
-        counted_130 = sum(v for k, v in ext.by_type.items() if k != "BatchNorm2d") + ext.attention_flops
-        ratios = list(self.pool_ratios().values())
-        terms = [AttentionTerm(c.layer, f"encoder.stage{c.stage}", c.query_hw, c.kv_hw, c.channels,
-                               ratios[c.stage - 1], None, float(c.flops), c.flops, "avg", c.n_kv)
-                 for c in ext.attention]
-        params = ext.params
-        return FlopReport(model=getattr(self, "name", None) or type(self).__name__, input_size=(h, w),
-                          convention=convention, params=params, params_excluding_conv_seg=params,
-                          module_flops=sum(by_type.values()), attention_flops=float(ext.attention_flops),
-                          attention_flops_exact=ext.attention_flops, by_type=by_type, uncounted=uncounted,
-                          flops_by_convention={"mmcv130": counted_130, "mmcv127": counted_130 - layer_norm},
-                          attention=terms, isr=str(self.isr), pool_ratios=self.pool_ratios(), isr_pool="avg")
 
 
 def encoder_factors(spec: ISRSpec | Sequence[int]) -> tuple[int, ...]:

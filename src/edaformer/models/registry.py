@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .eft import EFT_CONFIGS
+from .hf_segformer import SEGFORMER_OPTIONS, SEGFORMER_SIZES, SegFormer
 from .segmentor import EDAFormer
 
 __all__ = ["ModelSpec", "MODEL_SPECS", "create_model", "list_models", "get_model_spec"]
@@ -94,8 +95,6 @@ def create_model(name: str, num_classes: int | None = None, *, isr: str | None =
 
 def _create_segformer(name: str, spec: ModelSpec, num_classes: int | None, isr, isr_pool: str, overrides: dict):
     """A named SegFormer (:mod:`.hf_segformer`); EDAFormer-only options are refused by name."""
-    from .hf_segformer import SEGFORMER_OPTIONS, SEGFORMER_SIZES, SegFormer
-
     known = (*_SEGFORMER_KEYWORDS, *SEGFORMER_OPTIONS)
     unknown = sorted(set(overrides) - set(known))
     if unknown:

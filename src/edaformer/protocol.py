@@ -2,9 +2,9 @@
 
 :class:`TestProtocol` holds the resize box, the size divisor, whole / sliding-window mode, the
 window and stride, and the multi-scale (+ flip) test. It comes from a model spec, a config or a
-checkpoint's ``meta["test_protocol"]``; :meth:`TestProtocol.resolve` applies the precedence
-explicit argument > checkpoint meta > model spec. :func:`preprocess` is the one image-to-input
-function (the dataset test pipeline calls the same :func:`~edaformer.data.transforms.prepare_test_image`).
+checkpoint's ``meta["test_protocol"]`` (:mod:`edaformer.meta`); :meth:`TestProtocol.resolve`
+applies the precedence explicit argument > checkpoint meta > model spec.
+:func:`edaformer.inference.preprocess` runs it on an image.
 """
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import torch
+from .data import _pipeline_options
+from .data.transforms import test_input_size
+from .meta import TEST_PROTOCOL, protocol_fields
+from .utils import to_pair
 
-from ..data.transforms import prepare_test_image, test_input_size
-from ..utils import to_pair
-from .images import ImageInput, as_chw
+__all__ = ["TestProtocol", "test_size"]
 
-__all__ = ["TestProtocol", "META_KEY", "test_size", "preprocess"]
-
-META_KEY = "test_protocol"
 Size = tuple[int, int]
 _MODES = ("whole", "slide")
 
@@ -103,9 +101,11 @@ class TestProtocol:
     # -- sources ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TestProtocol":
-        """From :meth:`to_dict` output (e.g. a checkpoint's ``meta["test_protocol"]``)."""
+        """From :meth:`to_dict` output (e.g. a checkpoint's ``meta["test_protocol"]``); the names of
+        earlier ONNX metadata, ``test_scale`` / ``size_divisor``, are read as ``scale`` / ``divisor``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a test protocol must be a mapping, got {type(data).__name__}")
+        data = protocol_fields(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -127,8 +127,6 @@ class TestProtocol:
         """From a resolved config: ``data.test_scale or data.scale``, ``data.size_divisor`` (with the
         dataset type's defaults), ``eval.mode``, ``eval.crop_size or data.crop_size``, ``eval.stride``
         (default 2/3 of the window), ``eval.tta_scales`` / ``eval.tta_flip`` when ``eval.tta``."""
-        from ..data import _pipeline_options
-
         data, ecfg = cfg["data"], cfg["eval"]
         opts = _pipeline_options(data, str(data.get("type", "")).lower())
         crop = to_pair(_seq(ecfg.get("crop_size") or opts["crop_size"]), "crop_size")
@@ -149,13 +147,13 @@ class TestProtocol:
         """Explicit ``overrides`` (``None`` = not given) > ``meta["test_protocol"]`` > ``base`` (default:
         the model's spec). A malformed stored protocol raises ``ValueError`` naming ``source`` (the
         checkpoint file)."""
-        stored = (meta or {}).get(META_KEY)
+        stored = (meta or {}).get(TEST_PROTOCOL)
         if stored is not None:
             try:
                 protocol = cls.from_dict(stored)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{source if source is not None else 'checkpoint'}: invalid "
-                                 f"meta[{META_KEY!r}]: {e}") from None
+                                 f"meta[{TEST_PROTOCOL!r}]: {e}") from None
         else:
             protocol = base if base is not None else cls.from_model(model)
         if overrides.get("mode") == "whole" and protocol.divisor is None and overrides.get("divisor") is None:
@@ -174,21 +172,3 @@ def test_size(h: int, w: int, scale: Size | None = (2048, 512), divisor: int | N
 
 
 test_size.__test__ = False  # a library function, not a pytest test when imported into one
-
-
-def preprocess(image: ImageInput, scale: Size | None | TestProtocol, divisor: int | None = 32,
-               device: torch.device | str | None = None) -> torch.Tensor:
-    """One image as a normalized ``(1, 3, h, w)`` float32 model input at its test size.
-
-    ``image``: a path (EXIF orientation applied), a PIL image (any mode), an HxWx3 uint8 array or a
-    ``(3, H, W)`` tensor, uint8 or float in 0-255. ``scale``: a :class:`TestProtocol`, or the box
-    with ``divisor`` (``scale=None`` keeps the size as it is).
-    """
-    if isinstance(scale, TestProtocol):
-        scale, divisor = scale.scale, scale.size_divisor
-    elif scale is None:
-        divisor = None
-    x = as_chw(image)
-    if device is not None:
-        x = x.to(device)
-    return prepare_test_image(x[None], scale, divisor)
