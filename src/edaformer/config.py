@@ -367,6 +367,7 @@ KEYS: dict[str, dict[str, Key]] = {
         eps=(1e-8, _Float()),
         weight_decay=(0.01, _Float()),
         decoder_lr_mult=(10.0, _Float()),
+        impl=("auto", _Choice("auto", "loop", "foreach", "fused")),  # AdamW kernels; auto: torch's choice
     ),
     "schedule": _keys(
         iters=(None, _Int(1, optional=True)),                # required

@@ -83,13 +83,16 @@ class TrainState:
 
         Hyper-parameters come from the config the state was built with: the optimizer's
         ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and the schedule's shape (base lrs,
-        ``iters``, warmup); the schedule's position (``last_epoch``) from the checkpoint.
+        ``iters``, warmup) and the AdamW implementation (``foreach`` / ``fused``, which also
+        decides where the step counts live); the schedule's position (``last_epoch``) from the
+        checkpoint.
         """
         self.model.load_state_dict(ckpt["state_dict"])
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, settings in zip(self.optimizer.param_groups, configured):
-            group.update(settings)
+        saved = ckpt["optimizer"]
+        if len(saved["param_groups"]) == len(self.optimizer.param_groups):  # else load_state_dict says so
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            saved = {**saved, "param_groups": [{**g, **c} for g, c in zip(saved["param_groups"], configured)]}
+        self.optimizer.load_state_dict(saved)
         base_lrs = list(self.scheduler.base_lrs)
         self.scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(base_lrs)})
         self.scheduler.base_lrs = base_lrs
