@@ -127,5 +127,8 @@ def test_check_resume_config(tmp_path):
         check_resume_config(ckpt, _cfg(**{"data.classes": ["a", "b", "c"]}), path)
     with pytest.raises(ResumeConfigError, match=r"schedule.iters=4 is below the iteration of .*iter_6.pth \(6\)"):
         check_resume_config(ckpt, _cfg(**{"schedule.iters": 4}), path)
+    # a key the library gained after the checkpoint was written is no change at its default, one otherwise
+    assert check_resume_config(ckpt, _cfg(**{"optim.impl": "auto"}), path) == []
+    assert check_resume_config(ckpt, _cfg(**{"optim.impl": "fused"}), path) == ["optim.impl: None -> 'fused'"]
     with pytest.raises(ResumeConfigError, match="holds 'edaformer-t-ade20k'"):   # an older checkpoint: no config
         check_resume_config({"iteration": 6, "model": "edaformer-t-ade20k"}, _cfg(**{"model.name": "x"}), path)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from ..config import KEYS
 
 __all__ = ["TrainState", "checkpoint_payload", "write_training_checkpoint", "iter_checkpoints",
            "find_resume_checkpoint", "check_resume_config", "ResumeConfigError", "capture_rng_state",
@@ -208,6 +209,13 @@ def _is_fixed(key: str) -> bool:
     return section == "model" or (section == "data" and name in _FIXED_DATA_KEYS)
 
 
+def _new_at_default(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """``key`` was added to the library after the checkpoint was written and is at its default."""
+    section, _, name = key.partition(".")
+    declared = KEYS.get(section, {}).get(name)
+    return key not in old and declared is not None and new.get(key) == declared.default
+
+
 def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> list[str]:
     """Compare ``cfg`` with the config stored in checkpoint ``path``; raise
     :class:`ResumeConfigError` for a changed model / classes / data layout or a ``schedule.iters``
@@ -224,7 +232,7 @@ def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: P
         return []
     old, new = _flatten(saved), _flatten(cfg)
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME)
+                     if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME and not _new_at_default(k, old, new))
     fixed = [k for k in changed if _is_fixed(k)]
     if fixed:
         shown = "; ".join(f"{k} is {new.get(k)!r} but {old.get(k)!r} in the checkpoint" for k in fixed)
