@@ -1,5 +1,5 @@
-"""The training state (model, optimizer, schedule, scaler, RNG, iteration, best mIoU), the one
-checkpoint payload, resume-checkpoint selection and the resume config check."""
+"""The training state (model, optimizer, schedule, scaler, RNG, iteration, best mIoU, the EMA of the
+weights), the one checkpoint payload, resume-checkpoint selection and the resume config check."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from torch import nn
 
 from ..checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from ..config import KEYS
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 __all__ = ["TrainState", "checkpoint_payload", "write_training_checkpoint", "iter_checkpoints",
            "find_resume_checkpoint", "check_resume_config", "ResumeConfigError", "capture_rng_state",
@@ -63,7 +66,9 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class TrainState:
     """Everything a resumed run needs to continue exactly. ``model`` is the unwrapped module;
-    ``rng_states`` holds one :func:`capture_rng_state` per process."""
+    ``rng_states`` holds one :func:`capture_rng_state` per process; ``ema`` (``train.ema``) the
+    moving average of ``model``'s weights, updated after every optimizer step and stored in the
+    checkpoint as ``state_dict_ema`` (timm's name)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -72,12 +77,16 @@ class TrainState:
     iteration: int = 0
     best_miou: float = -1.0
     rng_states: list[dict[str, Any]] | None = field(default=None)
+    ema: ModelEmaV3 | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "iteration": self.iteration, "best_mIoU": self.best_miou, "rng": self.rng_states,
-                "world_size": len(self.rng_states) if self.rng_states else 1}
+        out = {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+               "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+               "iteration": self.iteration, "best_mIoU": self.best_miou, "rng": self.rng_states,
+               "world_size": len(self.rng_states) if self.rng_states else 1}
+        if self.ema is not None:
+            out["state_dict_ema"] = self.ema.module.state_dict()
+        return out
 
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         """Weights, optimizer moments, schedule position, scaler, RNG and counters from ``ckpt``.
@@ -86,7 +95,8 @@ class TrainState:
         ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and the schedule's shape (base lrs,
         ``iters``, warmup) and the AdamW implementation (``foreach`` / ``fused``, which also
         decides where the step counts live); the schedule's position (``last_epoch``) from the
-        checkpoint.
+        checkpoint. With an EMA, its weights come from the checkpoint, or, from one written
+        without an EMA, are the loaded weights.
         """
         self.model.load_state_dict(ckpt["state_dict"])
         saved = ckpt["optimizer"]
@@ -104,6 +114,18 @@ class TrainState:
         self.iteration = int(ckpt["iteration"])
         self.best_miou = float(ckpt.get("best_mIoU", -1.0))
         self.rng_states = ckpt.get("rng")
+        self._load_ema(ckpt)
+
+    def _load_ema(self, ckpt: Mapping[str, Any]) -> None:
+        if self.ema is None:
+            if "state_dict_ema" in ckpt:
+                log.info("the checkpoint's EMA weights are not used (train.ema is off)")
+        elif "state_dict_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        else:
+            self.ema.set(self.model)
+            log.info("the checkpoint holds no EMA weights: the EMA starts from its weights at iteration %d",
+                     self.iteration)
 
     def restore_rng(self, rank: int, world_size: int, seed: int) -> None:
         """This process's RNG: restored from the checkpoint, or seeded from (seed, rank, iteration)."""

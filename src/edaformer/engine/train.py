@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -246,10 +247,10 @@ def _checkpoint_meta(dataset: Any, iteration: int, protocol: TestProtocol, **ext
 
 
 def _state_bytes(state: TrainState) -> int:
-    """About the size of a training checkpoint: weights and buffers plus AdamW's two moments."""
+    """About the size of a training checkpoint: weights and buffers plus AdamW's two moments (and the EMA)."""
     tensors = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
     moments = sum(2 * p.numel() * p.element_size() for p in state.model.parameters() if p.requires_grad)
-    return tensors + moments
+    return tensors * (2 if state.ema is not None else 1) + moments
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -260,8 +261,9 @@ def _all_finite(model: nn.Module) -> bool:
 def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, state: TrainState,
                         amp_dtype: torch.dtype | None, criterion: SegmentationLoss | int,
                         flags: tuple[float, ...] = ()) -> tuple[float, list[bool]]:
-    """Forward, loss, backward, optimizer and schedule step; ``state.iteration`` advances by one.
-    ``criterion``: the run's loss, or an ignore index for plain cross-entropy.
+    """Forward, loss, backward, optimizer and schedule step, then the EMA update (``state.ema``);
+    ``state.iteration`` advances by one. ``criterion``: the run's loss, or an ignore index for
+    plain cross-entropy.
 
     ``flags`` (per process) are averaged over the processes with the loss, in the same
     collective; returns the mean loss and, per flag, whether any process raised it.
@@ -282,16 +284,19 @@ def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Te
     state.scaler.update()
     state.scheduler.step()
     state.iteration += 1
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.iteration)
     return loss_value, [v > 0 for v in shared[1:]]
 
 
 def validate(model: nn.Module, val_set: Any, cfg: Mapping[str, Any], protocol: TestProtocol) -> dict[str, Any]:
-    """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in training mode."""
+    """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in the mode it had."""
     from .evaluate import evaluate
 
+    training = model.training
     metrics = evaluate(unwrap_model(model), val_set, protocol, isr=cfg["eval"]["isr"],
                        workers=min(cfg["data"]["workers"], 2))
-    model.train()
+    model.train(training)
     return metrics
 
 
@@ -350,7 +355,7 @@ class _Run:
     protocol: TestProtocol
     criterion: SegmentationLoss
     model: nn.Module                      # what the step calls: ``state.model`` or its DDP wrapper
-    state: TrainState                     # the unwrapped model, optimizer, schedule, counters
+    state: TrainState                     # the unwrapped model, optimizer, schedule, EMA, counters
     amp_dtype: torch.dtype | None
     checkpoint: Path | None               # the last complete checkpoint (named in error messages)
     saved_at: int = -1                    # its iteration
@@ -366,6 +371,11 @@ class _Run:
     @property
     def param_dtype(self) -> torch.dtype:
         return next(self.state.model.parameters()).dtype
+
+    @property
+    def evaluated(self) -> tuple[nn.Module, str]:
+        """The weights that validation measures and ``best_mIoU.pth`` keeps: the EMA's when there is one."""
+        return (self.state.ema.module, "ema") if self.state.ema is not None else (self.state.model, "model")
 
 
 def _due(interval: int, iteration: int, iters: int) -> bool:
@@ -465,7 +475,7 @@ def _claim_work_dir(info: DistInfo, work_dir: Path, resume: str | None, force: b
 
 def _set_up_model(cfg: Mapping[str, Any], info: DistInfo, num_classes: int, amp_dtype: torch.dtype | None,
                   found: tuple[Path, dict] | None, work_dir: Path) -> tuple[nn.Module, TrainState]:
-    """The model, optimizer, schedule and scaler, resumed from ``found``; identical initial
+    """The model, optimizer, schedule, scaler and EMA, resumed from ``found``; identical initial
     weights on every rank (DDP also broadcasts rank 0's). Returns the module to call (DDP-wrapped
     when distributed) and the state."""
     tcfg, dev = cfg["train"], info.device
@@ -477,10 +487,16 @@ def _set_up_model(cfg: Mapping[str, Any], info: DistInfo, num_classes: int, amp_
     if info.distributed:
         net = convert_sync_batchnorm(net, dev)
     optimizer = build_optimizer(net, cfg["optim"])
+    ema = None
+    if tcfg["ema"]:
+        ema = ModelEmaV3(net, decay=tcfg["ema_decay"], use_warmup=tcfg["ema_warmup"],
+                         warmup_power=tcfg["ema_warmup_power"])
     state = TrainState(net, optimizer, build_scheduler(optimizer, cfg["schedule"]),
-                       torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16))
-    log.info("model %s: %.2fM parameters, device %s, amp %s", cfg["model"]["name"],
-             sum(p.numel() for p in net.parameters()) / 1e6, dev, amp_dtype or "off")
+                       torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), ema=ema)
+    warm_up = f" with warm-up (power {tcfg['ema_warmup_power']:g})" if tcfg["ema_warmup"] else ""
+    log.info("model %s: %.2fM parameters, device %s, amp %s%s", cfg["model"]["name"],
+             sum(p.numel() for p in net.parameters()) / 1e6, dev, amp_dtype or "off",
+             f"; EMA of the weights, decay {tcfg['ema_decay']:g}{warm_up}" if ema is not None else "")
     if found is not None:
         _resume(state, found, info, work_dir)
     state.restore_rng(info.rank, info.world_size, tcfg["seed"])
@@ -593,25 +609,28 @@ def _save(run: _Run) -> Path:
 
 
 def _validate(run: _Run) -> dict[str, Any]:
-    """Validate, log the metrics and keep a new best in ``best_mIoU.pth`` (model only)."""
-    iteration = run.state.iteration
+    """Validate the evaluated weights (the EMA's with ``train.ema``), log the metrics and keep a
+    new best in ``best_mIoU.pth`` (those weights, model only)."""
+    iteration, (module, weights) = run.state.iteration, run.evaluated
     try:
-        metrics = validate(run.model, run.val_set, run.cfg, run.protocol)
+        metrics = validate(module, run.val_set, run.cfg, run.protocol)
     except DatasetError as e:
         raise DatasetError(f"{e} (validation at iteration {iteration}; the checkpoint {run.checkpoint} was "
                            "written first: fix the file, then continue with --resume auto)") from None
-    log.info("iter %d/%d validation: aAcc %.2f  mIoU %.2f  mAcc %.2f", iteration, run.iters,
-             100 * metrics["aAcc"], 100 * metrics["mIoU"], 100 * metrics["mAcc"])
-    record = dict(iter=iteration, mode="val", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
-                  mDice=metrics["mDice"])
+    log.info("iter %d/%d validation%s: aAcc %.2f  mIoU %.2f  mAcc %.2f", iteration, run.iters,
+             " of the EMA weights" if weights == "ema" else "", 100 * metrics["aAcc"], 100 * metrics["mIoU"],
+             100 * metrics["mAcc"])
+    record = dict(iter=iteration, mode="val", weights=weights, aAcc=metrics["aAcc"], mIoU=metrics["mIoU"],
+                  mAcc=metrics["mAcc"], mDice=metrics["mDice"])
     run.jlog.write(**record)
     if run.tblog:
         run.tblog.write(record, metrics["IoU"])
     if metrics["mIoU"] > run.state.best_miou and math.isfinite(metrics["mIoU"]):
         run.state.best_miou = metrics["mIoU"]
         if run.info.is_main:
-            meta = _checkpoint_meta(run.val_set, iteration, run.protocol, mIoU=run.state.best_miou)
-            save_checkpoint(checkpoint_payload(run.state.model, meta), run.work_dir / "best_mIoU.pth")
+            extra = {"weights": "ema"} if weights == "ema" else {}
+            meta = _checkpoint_meta(run.val_set, iteration, run.protocol, mIoU=run.state.best_miou, **extra)
+            save_checkpoint(checkpoint_payload(module, meta), run.work_dir / "best_mIoU.pth")
     return metrics
 
 
