@@ -1,5 +1,5 @@
 """Training options: the EMA of the weights (timm's ModelEmaV3: its update, its checkpoint, its exact
-resume, validation and best_mIoU.pth on its weights)."""
+resume, validation and best_mIoU.pth on its weights) and channels-last memory format."""
 import json
 
 import pytest
@@ -94,15 +94,33 @@ def test_resume_with_ema_is_exact(ema_run, caplog):
                if r.get("mode") == "val")
 
 
+def test_channels_last_trains_the_same_model(ema_run):
+    """``train.channels_last`` changes the memory format, not the numbers (beyond rounding); its
+    checkpoints load into a plain model."""
+    tmp, cfg_path, _ = ema_run
+    train(load_config(cfg_path, ["train.channels_last=true", "train.checkpoint_interval=0"]), tmp / "cl",
+          device="cpu")
+    plain, cl = state(tmp / "work" / "latest.pth"), state(tmp / "cl" / "latest.pth")
+    conv = "encoder.stages.0.downsample.proj.weight"
+    assert cl["state_dict"][conv].is_contiguous(memory_format=torch.channels_last)
+    assert not plain["state_dict"][conv].is_contiguous(memory_format=torch.channels_last)
+    moved = max_diff(plain["state_dict"], state(tmp / "work" / "iter_1.pth")["state_dict"])
+    assert max_diff(plain["state_dict"], cl["state_dict"]) < 1e-4 < moved
+    model = edaformer.create_model("edaformer-t-ade20k", num_classes=4)
+    edaformer.load_checkpoint(model, tmp / "cl" / "best_mIoU.pth")
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.ema=1", "train.ema must be true or false"),
     ("train.ema_decay=1.0", r"train.ema_decay must be a number in \[0, 1\)"),
     ("train.ema_decay=-0.1", r"train.ema_decay must be a number in \[0, 1\)"),
     ("train.ema_warmup_power=0", r"train.ema_warmup_power must be a number in \(0, 1\]"),
+    ("train.channels_last=maybe", "train.channels_last must be true or false"),
 ])
 def test_option_keys_are_checked(tmp_path, override, message):
     cfg_path = write_config(tmp_path / "c.yaml", tmp_path)
     defaults = load_config(cfg_path)["train"]
-    assert (defaults["ema"], defaults["ema_decay"], defaults["ema_warmup"]) == (False, 0.9998, False)
+    assert (defaults["ema"], defaults["ema_decay"], defaults["ema_warmup"], defaults["channels_last"]) == \
+        (False, 0.9998, False, False)
     with pytest.raises(ConfigError, match=message):
         load_config(cfg_path, [override])

@@ -484,6 +484,8 @@ def _set_up_model(cfg: Mapping[str, Any], info: DistInfo, num_classes: int, amp_
     if tcfg["grad_checkpointing"]:
         net.set_grad_checkpointing(True)
     net.to(dev)
+    if tcfg["channels_last"]:
+        net.to(memory_format=torch.channels_last)
     if info.distributed:
         net = convert_sync_batchnorm(net, dev)
     optimizer = build_optimizer(net, cfg["optim"])
@@ -552,7 +554,8 @@ def _train_step(run: _Run, batches: Iterator[Any], stop: StopRequest) -> tuple[b
     signal reached any process) and whether a timed checkpoint is due (rank 0's clock decides)."""
     t0 = time.perf_counter()
     images, labels = _next_batch(batches)
-    images = images.to(run.info.device, dtype=run.param_dtype, non_blocking=True)
+    memory_format = torch.channels_last if run.cfg["train"]["channels_last"] else torch.preserve_format
+    images = images.to(run.info.device, dtype=run.param_dtype, non_blocking=True, memory_format=memory_format)
     labels = labels.to(run.info.device, non_blocking=True).long()
     t_data = time.perf_counter()
     run.window.lr = run.state.optimizer.param_groups[0]["lr"]
