@@ -532,7 +532,8 @@ def _start_logs(run: _Run, cleanup: contextlib.ExitStack) -> None:
 
 
 def _start_loop(run: _Run, cleanup: contextlib.ExitStack):
-    """Training mode, the memory peak reset, the progress bar (rank 0; log lines printed above it)."""
+    """Training mode, the memory peak reset, the checkpoint clock, the progress bar (rank 0; log lines
+    printed above it)."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
