@@ -20,7 +20,8 @@ def test_config_inheritance_overrides_and_save(tmp_path):
     (tmp_path / "run.yaml").write_text("_base_: [base/b.yaml]\noptim: {betas: [0.7, 0.8]}\ndata: {batch_size: 3}\n")
     cfg = load_config(tmp_path / "run.yaml", ["optim.lr=2e-4", "data.root=/x", "eval.isr=2211-222",
                                               "train.amp=bf16", "data.crop_size=[16, 24]", "model.encoder_weights=null"])
-    assert cfg["optim"] == {"lr": 2e-4, "betas": [0.7, 0.8], "eps": 1e-8, "weight_decay": 0.5, "decoder_lr_mult": 10.0}
+    assert cfg["optim"] == {"lr": 2e-4, "betas": [0.7, 0.8], "eps": 1e-8, "weight_decay": 0.5, "decoder_lr_mult": 10.0,
+                            "impl": "auto"}
     assert cfg["data"]["root"] == "/x" and cfg["data"]["batch_size"] == 3 and cfg["data"]["crop_size"] == [16, 24]
     assert cfg["data"]["workers"] == DEFAULTS["data"]["workers"]          # defaults filled in
     assert cfg["schedule"]["iters"] == 100 and cfg["schedule"]["warmup_iters"] == 1500

@@ -394,6 +394,7 @@ KEYS: dict[str, dict[str, Key]] = {
         eps=(1e-8, _Float()),
         weight_decay=(0.01, _Float()),
         decoder_lr_mult=(10.0, _Float()),
+        impl=("auto", _Choice("auto", "loop", "foreach", "fused")),  # AdamW kernels; auto: torch's choice
     ),
     "schedule": _keys(
         iters=(None, _Int(1, optional=True)),                # required
@@ -420,6 +421,11 @@ KEYS: dict[str, dict[str, Key]] = {
         log_interval=(50, _Int(0)),
         keep_checkpoints=(3, _Int(0)),                       # iter_<n>.pth files kept (latest.pth and best_mIoU.pth always)
         grad_checkpointing=(False, _Bool()),
+        channels_last=(False, _Bool()),                      # model and batches in channels-last memory format
+        ema=(False, _Bool()),                                # keep an EMA of the weights; validate and ship it
+        ema_decay=(0.9998, _Float(**_PROB, open_max=True)),  # EMA decay per optimizer step
+        ema_warmup=(False, _Bool()),                         # decay 1 - (1 + step) ** -power, up to ema_decay
+        ema_warmup_power=(0.75, _Float(positive=True, maximum=1.0)),
         tensorboard=(False, _Bool()),                        # also write the log records to <work_dir>/tensorboard/
     ),
     "eval": _keys(

@@ -62,6 +62,7 @@ ISR_POOL = "isr_pool"
 ISR_TUNE = "isr_tune"
 ITERATION = "iteration"
 MIOU = "mIoU"
+WEIGHTS = "weights"                      # "ema" when the weights are the training run's moving average
 
 # the same concepts in string metadata (safetensors, ONNX): names and colours in lower case
 _CLASSES_FIELD = "classes"

@@ -45,6 +45,14 @@ def test_poly_restarts_checked(restarts):
         validate_config(cfg)
 
 
+def test_optim_impl_config():
+    base = {"model": {"name": "edaformer-t-ade20k"}, "data": {"type": "folder", "root": "x"}, "schedule": {"iters": 9}}
+    assert validate_config(base)["optim"]["impl"] == "auto"
+    assert validate_config({**base, "optim": {"impl": "fused"}})["optim"]["impl"] == "fused"
+    with pytest.raises(ConfigError, match="optim.impl must be one of auto, loop, foreach, fused, got 'fast'"):
+        validate_config({**base, "optim": {"impl": "fast"}})
+
+
 def test_param_groups():
     model = edaformer.create_model("edaformer-t-ade20k", num_classes=4)
     groups = build_param_groups(model, lr=6e-5, weight_decay=0.01, decoder_lr_mult=10)

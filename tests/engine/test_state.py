@@ -1,4 +1,5 @@
 """The training state, its checkpoint payload, resume-checkpoint selection and the resume config check."""
+import copy
 import os
 
 import pytest
@@ -24,10 +25,10 @@ def test_find_resume_checkpoint(tmp_path, caplog):
     assert find_resume_checkpoint(tmp_path / "empty") is None
 
 
-def _state(lr: float = 1e-3, iters: int = 10) -> TrainState:
+def _state(lr: float = 1e-3, iters: int = 10, impl: str = "auto") -> TrainState:
     torch.manual_seed(0)
     model = edaformer.create_model("edaformer-t-ade20k", num_classes=3)
-    optimizer = build_optimizer(model, {**OPTIM, "lr": lr})
+    optimizer = build_optimizer(model, {**OPTIM, "lr": lr, "impl": impl})
     return TrainState(model, optimizer, build_scheduler(optimizer, {**SCHEDULE, "iters": iters}),
                       torch.amp.GradScaler("cuda", enabled=False))
 
@@ -66,6 +67,43 @@ def test_payload_round_trip_takes_hyper_parameters_from_the_config():
     assert "optimizer" not in only_model and "config" not in only_model
 
 
+def _fixed_steps(state: TrainState, steps: range) -> None:
+    """Optimizer steps on given gradients (a model's own would amplify rounding differences)."""
+    for i in steps:
+        g = torch.Generator().manual_seed(i)
+        for p in state.model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 10.0 ** -(i % 4)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.iteration += 1
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    sb = b.state_dict()
+    return max((v - sb[k]).abs().max().item() for k, v in a.state_dict().items() if v.is_floating_point())
+
+
+def test_adamw_implementations_make_the_same_update_and_resume_each_other():
+    """optim.impl loop / foreach / fused: the same update up to rounding; a checkpoint written
+    with one continues with another (the step counts move to where that one keeps them)."""
+    runs = {impl: _state(impl=impl) for impl in ("loop", "foreach", "fused")}
+    assert runs["fused"].optimizer.param_groups[0]["fused"] and runs["foreach"].optimizer.param_groups[0]["foreach"]
+    assert runs["loop"].optimizer.param_groups[0]["foreach"] is False
+    for state in runs.values():
+        _fixed_steps(state, range(3))
+    assert _max_diff(runs["loop"].model, _state().model) > 1e-3
+    for impl in ("foreach", "fused"):
+        assert _max_diff(runs["loop"].model, runs[impl].model) < 1e-6
+    payload = copy.deepcopy(checkpoint_payload(runs["loop"].model, {"iteration": 3}, runs["loop"]))
+    _fixed_steps(runs["loop"], range(3, 5))
+    for impl in ("fused", "foreach"):
+        other = _state(impl=impl)
+        other.load_state_dict(copy.deepcopy(payload))  # the optimizer keeps (and counts on) the payload's step tensors
+        assert other.optimizer.param_groups[0][impl] is True and other.iteration == 3
+        _fixed_steps(other, range(3, 5))
+        assert _max_diff(runs["loop"].model, other.model) < 1e-6
+
+
 def _cfg(**changes):
     cfg = {"model": {"name": "edaformer-t-ade20k", "num_classes": 4, "encoder_weights": None},
            "data": {"type": "folder", "root": "/d", "classes": ["a", "b"], "batch_size": 2},
@@ -92,5 +130,8 @@ def test_check_resume_config(tmp_path):
         check_resume_config(ckpt, _cfg(**{"data.classes": ["a", "b", "c"]}), path)
     with pytest.raises(ResumeConfigError, match=r"schedule.iters=4 is below the iteration of .*iter_6.pth \(6\)"):
         check_resume_config(ckpt, _cfg(**{"schedule.iters": 4}), path)
+    # a key the library gained after the checkpoint was written is no change at its default, one otherwise
+    assert check_resume_config(ckpt, _cfg(**{"optim.impl": "auto"}), path) == []
+    assert check_resume_config(ckpt, _cfg(**{"optim.impl": "fused"}), path) == ["optim.impl: None -> 'fused'"]
     with pytest.raises(ResumeConfigError, match="holds 'edaformer-t-ade20k'"):   # an older checkpoint: no config
         check_resume_config({"iteration": 6, "model": "edaformer-t-ade20k"}, _cfg(**{"model.name": "x"}), path)

@@ -154,11 +154,27 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [groups[k] for k in order if k in groups]
 
 
+# ``optim.impl``: torch.optim.AdamW's implementation arguments (auto: foreach on CUDA, a loop on CPU)
+ADAMW_IMPLS = {"auto": {}, "loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+
+
 def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any]) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups` from the ``optim`` config section."""
+    """AdamW over :func:`build_param_groups` from the ``optim`` config section, with the
+    implementation of ``optim.impl`` (the same update up to rounding; build it after the model
+    is on its device: ``fused`` checks that torch has the kernel there)."""
     groups = build_param_groups(model, optim_cfg["lr"], optim_cfg["weight_decay"], optim_cfg["decoder_lr_mult"])
-    return torch.optim.AdamW(groups, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]),
-                             eps=optim_cfg.get("eps", 1e-8), weight_decay=optim_cfg["weight_decay"])
+    impl = optim_cfg.get("impl", "auto")
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"optim.impl must be one of {', '.join(ADAMW_IMPLS)}, got {impl!r}")
+    try:
+        return torch.optim.AdamW(groups, lr=optim_cfg["lr"], betas=tuple(optim_cfg["betas"]),
+                                 eps=optim_cfg.get("eps", 1e-8), weight_decay=optim_cfg["weight_decay"],
+                                 **ADAMW_IMPLS[impl])
+    except RuntimeError as e:
+        if impl != "fused":
+            raise
+        raise ValueError(f"optim.impl=fused: torch {torch.__version__} has no fused AdamW for these parameters "
+                         f"({e}); use optim.impl=foreach") from None
 
 
 class WarmupPolyLR:

@@ -1,5 +1,5 @@
-"""The training state (model, optimizer, schedule, scaler, RNG, iteration, best mIoU), the one
-checkpoint payload, resume-checkpoint selection and the resume config check."""
+"""The training state (model, optimizer, schedule, scaler, RNG, iteration, best mIoU, the EMA of the
+weights), the one checkpoint payload, resume-checkpoint selection and the resume config check."""
 from __future__ import annotations
 
 import logging
@@ -9,14 +9,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoint import read_checkpoint, save_checkpoint
+from ..config import KEYS
 from ..meta import model_checkpoint
+
+if TYPE_CHECKING:
+    from timm.utils import ModelEmaV3
 
 __all__ = ["TrainState", "checkpoint_payload", "write_training_checkpoint", "iter_checkpoints",
            "find_resume_checkpoint", "check_resume_config", "ResumeConfigError", "capture_rng_state",
@@ -63,7 +67,9 @@ def seed_everything(seed: int) -> None:
 @dataclass
 class TrainState:
     """Everything a resumed run needs to continue exactly. ``model`` is the unwrapped module;
-    ``rng_states`` holds one :func:`capture_rng_state` per process."""
+    ``rng_states`` holds one :func:`capture_rng_state` per process; ``ema`` (``train.ema``) the
+    moving average of ``model``'s weights, updated after every optimizer step and stored in the
+    checkpoint as ``state_dict_ema`` (timm's name)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -72,25 +78,33 @@ class TrainState:
     iteration: int = 0
     best_miou: float = -1.0
     rng_states: list[dict[str, Any]] | None = field(default=None)
+    ema: ModelEmaV3 | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "iteration": self.iteration, "best_mIoU": self.best_miou, "rng": self.rng_states,
-                "world_size": len(self.rng_states) if self.rng_states else 1}
+        out = {"state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+               "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+               "iteration": self.iteration, "best_mIoU": self.best_miou, "rng": self.rng_states,
+               "world_size": len(self.rng_states) if self.rng_states else 1}
+        if self.ema is not None:
+            out["state_dict_ema"] = self.ema.module.state_dict()
+        return out
 
     def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
         """Weights, optimizer moments, schedule position, scaler, RNG and counters from ``ckpt``.
 
         Hyper-parameters come from the config the state was built with: the optimizer's
         ``lr`` / ``betas`` / ``eps`` / ``weight_decay`` and the schedule's shape (base lrs,
-        ``iters``, warmup); the schedule's position (``last_epoch``) from the checkpoint.
+        ``iters``, warmup) and the AdamW implementation (``foreach`` / ``fused``, which also
+        decides where the step counts live); the schedule's position (``last_epoch``) from the
+        checkpoint. With an EMA, its weights come from the checkpoint, or, from one written
+        without an EMA, are the loaded weights.
         """
         self.model.load_state_dict(ckpt["state_dict"])
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, settings in zip(self.optimizer.param_groups, configured):
-            group.update(settings)
+        saved = ckpt["optimizer"]
+        if len(saved["param_groups"]) == len(self.optimizer.param_groups):  # else load_state_dict says so
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            saved = {**saved, "param_groups": [{**g, **c} for g, c in zip(saved["param_groups"], configured)]}
+        self.optimizer.load_state_dict(saved)
         base_lrs = list(self.scheduler.base_lrs)
         self.scheduler.load_state_dict({**ckpt["scheduler"], "lr_lambdas": [None] * len(base_lrs)})
         self.scheduler.base_lrs = base_lrs
@@ -101,6 +115,18 @@ class TrainState:
         self.iteration = int(ckpt["iteration"])
         self.best_miou = float(ckpt.get("best_mIoU", -1.0))
         self.rng_states = ckpt.get("rng")
+        self._load_ema(ckpt)
+
+    def _load_ema(self, ckpt: Mapping[str, Any]) -> None:
+        if self.ema is None:
+            if "state_dict_ema" in ckpt:
+                log.info("the checkpoint's EMA weights are not used (train.ema is off)")
+        elif "state_dict_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        else:
+            self.ema.set(self.model)
+            log.info("the checkpoint holds no EMA weights: the EMA starts from its weights at iteration %d",
+                     self.iteration)
 
     def restore_rng(self, rank: int, world_size: int, seed: int) -> None:
         """This process's RNG: restored from the checkpoint, or seeded from (seed, rank, iteration)."""
@@ -195,6 +221,13 @@ def _is_fixed(key: str) -> bool:
     return section == "model" or (section == "data" and name in _FIXED_DATA_KEYS)
 
 
+def _new_at_default(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """``key`` was added to the library after the checkpoint was written and is at its default."""
+    section, _, name = key.partition(".")
+    declared = KEYS.get(section, {}).get(name)
+    return key not in old and declared is not None and new.get(key) == declared.default
+
+
 def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> list[str]:
     """Compare ``cfg`` with the config stored in checkpoint ``path``; raise
     :class:`ResumeConfigError` for a changed model / classes / data layout or a ``schedule.iters``
@@ -211,7 +244,7 @@ def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: P
         return []
     old, new = _flatten(saved), _flatten(cfg)
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME)
+                     if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME and not _new_at_default(k, old, new))
     fixed = [k for k in changed if _is_fixed(k)]
     if fixed:
         shown = "; ".join(f"{k} is {new.get(k)!r} but {old.get(k)!r} in the checkpoint" for k in fixed)

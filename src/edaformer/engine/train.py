@@ -18,6 +18,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ except ImportError:  # Windows: no peak memory outside /proc
     resource = None
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -36,7 +38,7 @@ from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
-from ..meta import ITERATION, MIOU, checkpoint_meta
+from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
 from ..plotting import plot_training_log
 from ..protocol import TestProtocol
 from ..utils import unwrap_model
@@ -251,11 +253,11 @@ def _checkpoint_meta(dataset: Any, iteration: int, protocol: TestProtocol, **ext
                            palette=getattr(dataset, "palette", []), protocol=protocol, **extra)
 
 
-def _state_bytes(model: nn.Module) -> int:
-    """About the size of a training checkpoint: weights and buffers plus AdamW's two moments."""
-    tensors = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return tensors + moments
+def _state_bytes(state: TrainState) -> int:
+    """About the size of a training checkpoint: weights and buffers plus AdamW's two moments (and the EMA)."""
+    tensors = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
+    moments = sum(2 * p.numel() * p.element_size() for p in state.model.parameters() if p.requires_grad)
+    return tensors * (2 if state.ema is not None else 1) + moments
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -266,8 +268,9 @@ def _all_finite(model: nn.Module) -> bool:
 def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, state: TrainState,
                         amp_dtype: torch.dtype | None, criterion: SegmentationLoss | int,
                         flags: tuple[float, ...] = ()) -> tuple[float, list[bool]]:
-    """Forward, loss, backward, optimizer and schedule step; ``state.iteration`` advances by one.
-    ``criterion``: the run's loss, or an ignore index for plain cross-entropy.
+    """Forward, loss, backward, optimizer and schedule step, then the EMA update (``state.ema``);
+    ``state.iteration`` advances by one. ``criterion``: the run's loss, or an ignore index for
+    plain cross-entropy.
 
     ``flags`` (per process) are averaged over the processes with the loss, in the same
     collective; returns the mean loss and, per flag, whether any process raised it.
@@ -288,14 +291,17 @@ def train_one_iteration(model: nn.Module, images: torch.Tensor, labels: torch.Te
     state.scaler.update()
     state.scheduler.step()
     state.iteration += 1
+    if state.ema is not None:
+        state.ema.update(state.model, step=state.iteration)
     return loss_value, [v > 0 for v in shared[1:]]
 
 
 def validate(model: nn.Module, val_set: Any, cfg: Mapping[str, Any], protocol: TestProtocol) -> dict[str, Any]:
-    """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in training mode."""
+    """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in the mode it had."""
+    training = model.training
     metrics = evaluate(unwrap_model(model), val_set, protocol, isr=cfg["eval"]["isr"],
                        workers=min(cfg["data"]["workers"], 2))
-    model.train()
+    model.train(training)
     return metrics
 
 
@@ -320,7 +326,8 @@ def train(cfg: Mapping[str, Any], work_dir: str | os.PathLike, resume: str | Non
     info = init_distributed(device)
     try:
         with StopRequest() as stop, contextlib.ExitStack() as cleanup:
-            return _train(cfg, Path(work_dir), resume, info, force, verify_data, stop, cleanup)
+            run = _set_up(cfg, Path(work_dir), info, cleanup, resume=resume, force=force, verify_data=verify_data)
+            return _train(run, stop, cleanup)
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = deterministic[2]
@@ -328,182 +335,320 @@ def train(cfg: Mapping[str, Any], work_dir: str | os.PathLike, resume: str | Non
             cleanup_distributed()
 
 
-def _train(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: DistInfo, force: bool,
-           verify_data: str, stop: StopRequest, cleanup: contextlib.ExitStack) -> dict[str, Any]:
-    dev, main = info.device, info.is_main
-    if not main:
+@dataclass
+class _Window:
+    """The iterations since the last training log record: summed loss and times, the last lr."""
+
+    loss: float = 0.0
+    time: float = 0.0
+    data_time: float = 0.0
+    n: int = 0
+    lr: float = 0.0
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share: set up by :func:`_set_up`, then advanced by
+    :func:`_train_step` and written by :func:`_save` / :func:`_validate`."""
+
+    cfg: Mapping[str, Any]
+    info: DistInfo
+    work_dir: Path
+    train_set: Any
+    val_set: Any
+    loader: DataLoader
+    protocol: TestProtocol
+    criterion: SegmentationLoss
+    model: nn.Module                      # what the step calls: ``state.model`` or its DDP wrapper
+    state: TrainState                     # the unwrapped model, optimizer, schedule, EMA, counters
+    amp_dtype: torch.dtype | None
+    checkpoint: Path | None               # the last complete checkpoint (named in error messages)
+    saved_at: int = -1                    # its iteration
+    last_save: float = field(default_factory=time.monotonic)
+    jlog: _JsonLog = field(default_factory=lambda: _JsonLog(None))
+    tblog: TensorBoardLog | None = None
+    window: _Window = field(default_factory=_Window)
+
+    @property
+    def iters(self) -> int:
+        return self.cfg["schedule"]["iters"]
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.state.model.parameters()).dtype
+
+    @property
+    def evaluated(self) -> tuple[nn.Module, str]:
+        """The weights that validation measures and ``best_mIoU.pth`` keeps: the EMA's when there is one."""
+        return (self.state.ema.module, "ema") if self.state.ema is not None else (self.state.model, "model")
+
+
+def _due(interval: int, iteration: int, iters: int) -> bool:
+    return bool(interval and iteration % interval == 0) or iteration == iters
+
+
+def _train(run: _Run, stop: StopRequest, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    """The loop: one iteration, then log, checkpoint and validate when due; stop after the step
+    (with a checkpoint) on a signal."""
+    tcfg, iters, metrics = run.cfg["train"], run.iters, {}
+    batches = _batches(run.loader, run.state.iteration, tcfg["seed"], run.info.rank)
+    bar = _start_loop(run, cleanup)
+    while run.state.iteration < iters:
+        stopping, time_due = _train_step(run, batches, stop)
+        done = run.state.iteration
+        bar.update(1)
+        if done % max(tcfg["log_interval"], 1) == 0 or done == iters or stopping:
+            _log_train(run, bar)
+        if stopping:
+            log.warning("%s received: writing a checkpoint at iteration %d (a second signal aborts at once)",
+                        signal.Signals(stop.signum or signal.SIGTERM).name, done)
+        if _due(tcfg["checkpoint_interval"], done, iters) or time_due or stopping:
+            _save(run)
+        if _due(tcfg["eval_interval"], done, iters):
+            metrics = _validate(run)
+            stopping = stopping or _stop_requested(stop, run.info)
+            if stopping and run.saved_at != done:
+                _save(run)
+        if stopping:
+            bar.close()
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, done, run.checkpoint if run.saved_at == done
+                                      else None)
+    bar.close()
+    _finish(run)
+    return dict(iteration=iters, best_mIoU=run.state.best_miou, metrics=metrics, work_dir=str(run.work_dir))
+
+
+# -- set-up -------------------------------------------------------------------------------------
+def _set_up(cfg: Mapping[str, Any], work_dir: Path, info: DistInfo, cleanup: contextlib.ExitStack, *,
+            resume: str | None, force: bool, verify_data: str) -> _Run:
+    """Everything before the first step, in order: the process, the data, the work dir (lock,
+    earlier run, resume checkpoint, config check) before anything in it is written, the data
+    check, the loss, the model and its (resumed) training state, the logs."""
+    _set_up_process(cfg["train"], info)
+    train_set, val_set, loader, protocol = _set_up_data(cfg, info)
+    found = _claim_work_dir(info, work_dir, resume, force, cfg, cleanup)
+    _on_main(info, _verify_data, {"train": train_set, "val": val_set}, verify_data)
+    criterion = build_loss(cfg.get("loss"), train_set, getattr(train_set, "ignore_index", IGNORE_INDEX))
+    log.info("loss: %s", criterion.extra_repr())
+    amp_dtype = resolve_amp(cfg["train"]["amp"], info.device)
+    model, state = _set_up_model(cfg, info, train_set.num_classes, amp_dtype, found, work_dir)
+    run = _Run(cfg, info, work_dir, train_set, val_set, loader, protocol, criterion, model, state, amp_dtype,
+               checkpoint=found[0] if found else None)
+    _start_logs(run, cleanup)
+    return run
+
+
+def _set_up_process(tcfg: Mapping[str, Any], info: DistInfo) -> None:
+    """Log level (rank 0 logs), TensorBoard present (checked on every rank before any work), determinism."""
+    if not info.is_main:
         log.setLevel(logging.WARNING)
-    tcfg, data_cfg, iters, seed = cfg["train"], cfg["data"], cfg["schedule"]["iters"], cfg["train"]["seed"]
-    checkpoint_minutes = float(tcfg["checkpoint_minutes"])  # validated by edaformer.config
-    amp_dtype = resolve_amp(tcfg["amp"], dev)
     if tcfg["tensorboard"]:
-        require_tensorboard()  # before any work, on every rank
+        require_tensorboard()
     if tcfg["deterministic"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    elif dev.type == "cuda":
+    elif info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # data; the work dir (lock, earlier run, resume checkpoint, config check) before anything is written
+
+def _set_up_data(cfg: Mapping[str, Any], info: DistInfo) -> tuple[Any, Any, DataLoader, TestProtocol]:
+    """The datasets (validation under the run's test protocol) and the training loader."""
+    data_cfg = cfg["data"]
     train_set, val_set = build_datasets(data_cfg)
     protocol = TestProtocol.from_config(cfg)
     val_set.transforms = test_transforms(protocol.scale, protocol.size_divisor)
-    loader = build_train_loader(train_set, data_cfg, info.distributed, seed)
-    ignore_index = getattr(train_set, "ignore_index", IGNORE_INDEX)
+    loader = build_train_loader(train_set, data_cfg, info.distributed, cfg["train"]["seed"])
     log.info("data: %d train / %d val images, %d classes; batch %d x %d processes = %d; %d iterations/epoch",
              len(train_set), len(val_set), train_set.num_classes, data_cfg["batch_size"], info.world_size,
              data_cfg["batch_size"] * info.world_size, len(loader))
+    return train_set, val_set, loader, protocol
+
+
+def _claim_work_dir(info: DistInfo, work_dir: Path, resume: str | None, force: bool, cfg: Mapping[str, Any],
+                    cleanup: contextlib.ExitStack) -> tuple[Path, dict] | None:
+    """Rank 0 opens the work dir (:func:`_open_work_dir`; the lock is released on the way out);
+    every rank gets the checkpoint to resume, if any, as ``(path, checkpoint)``."""
     opened = _on_main(info, _open_work_dir, work_dir, resume, force, cfg)
     if opened is not None:
         cleanup.callback(opened["lock"].release)
-    ckpt_path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)
-    _on_main(info, _verify_data, {"train": train_set, "val": val_set}, verify_data)
-    criterion = build_loss(cfg.get("loss"), train_set, ignore_index)
-    log.info("loss: %s", criterion.extra_repr())
+    path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)
+    if path is None:
+        return None
+    return Path(path), opened["found"][1] if info.is_main else read_checkpoint(path)
 
-    # model and state: identical initial weights on every rank (DDP also broadcasts rank 0's)
-    ckpt = None
-    if ckpt_path is not None:
-        ckpt_path = Path(ckpt_path)
-        ckpt = opened["found"][1] if main else read_checkpoint(ckpt_path)
-    seed_everything(seed)
-    model = build_model(cfg["model"], train_set.num_classes, init_weights=ckpt is None)
+
+def _set_up_model(cfg: Mapping[str, Any], info: DistInfo, num_classes: int, amp_dtype: torch.dtype | None,
+                  found: tuple[Path, dict] | None, work_dir: Path) -> tuple[nn.Module, TrainState]:
+    """The model, optimizer, schedule, scaler and EMA, resumed from ``found``; identical initial
+    weights on every rank (DDP also broadcasts rank 0's). Returns the module to call (DDP-wrapped
+    when distributed) and the state."""
+    tcfg, dev = cfg["train"], info.device
+    seed_everything(tcfg["seed"])
+    net = build_model(cfg["model"], num_classes, init_weights=found is None)
     if tcfg["grad_checkpointing"]:
-        model.set_grad_checkpointing(True)
-    model.to(dev)
+        net.set_grad_checkpointing(True)
+    net.to(dev)
+    if tcfg["channels_last"]:
+        net.to(memory_format=torch.channels_last)
     if info.distributed:
-        model = convert_sync_batchnorm(model, dev)
-    optimizer = build_optimizer(model, cfg["optim"])
-    state = TrainState(model, optimizer, build_scheduler(optimizer, cfg["schedule"]),
-                       torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16))
-    log.info("model %s: %.2fM parameters, device %s, amp %s", cfg["model"]["name"],
-             sum(p.numel() for p in model.parameters()) / 1e6, dev, amp_dtype or "off")
-    if ckpt is not None:
-        state.load_state_dict(ckpt)
-        if main and ckpt_path.parent.resolve() == work_dir.resolve():
-            state.best_miou = max(state.best_miou, _best_so_far(work_dir, state.iteration))
-        state.best_miou = broadcast_object(state.best_miou)
-        log.info("resumed from %s at iteration %d", ckpt_path, state.iteration)
-        ckpt = None
-    state.restore_rng(info.rank, info.world_size, seed)
+        net = convert_sync_batchnorm(net, dev)
+    optimizer = build_optimizer(net, cfg["optim"])
+    ema = None
+    if tcfg["ema"]:
+        ema = ModelEmaV3(net, decay=tcfg["ema_decay"], use_warmup=tcfg["ema_warmup"],
+                         warmup_power=tcfg["ema_warmup_power"])
+    state = TrainState(net, optimizer, build_scheduler(optimizer, cfg["schedule"]),
+                       torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), ema=ema)
+    warm_up = f" with warm-up (power {tcfg['ema_warmup_power']:g})" if tcfg["ema_warmup"] else ""
+    log.info("model %s: %.2fM parameters, device %s, amp %s%s", cfg["model"]["name"],
+             sum(p.numel() for p in net.parameters()) / 1e6, dev, amp_dtype or "off",
+             f"; EMA of the weights, decay {tcfg['ema_decay']:g}{warm_up}" if ema is not None else "")
+    if found is not None:
+        _resume(state, found, info, work_dir)
+    state.restore_rng(info.rank, info.world_size, tcfg["seed"])
     if info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    net = unwrap_model(model)
-    param_dtype = next(net.parameters()).dtype
-    jlog = _JsonLog(work_dir / "log.jsonl" if main else None)
-    if main:
-        check_free_space(work_dir, _state_bytes(net))
-        save_config(cfg, work_dir / "config.yaml")
-        jlog.start(state.iteration)
-    tblog = None
-    if main and tcfg["tensorboard"]:
-        tblog = TensorBoardLog(work_dir / "tensorboard", state.iteration + 1, getattr(val_set, "classes", ()))
-        cleanup.callback(tblog.close)
+        return nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None), state
+    return net, state
 
-    def save(iteration: int) -> Path:
-        """Collective: every rank contributes its RNG state; rank 0 writes, then says how it went."""
-        if not _all_finite(net):  # same weights on every rank: all raise together
-            raise NonFiniteLossError(f"non-finite weights at iteration {iteration}; not writing a checkpoint "
-                                     f"(the last good one is {ckpt_path or 'none'})")
-        state.rng_states = all_gather_object(capture_rng_state())
-        path, error = work_dir / f"iter_{iteration}.pth", None
-        if main:
-            payload = checkpoint_payload(net, _checkpoint_meta(train_set, iteration, protocol), state, config=cfg)
-            try:
-                write_training_checkpoint(payload, work_dir, tcfg["keep_checkpoints"])
-            except CheckpointWriteError as e:
-                last = path if path.exists() else ckpt_path
-                error = CheckpointWriteError(e.errno, f"{e}; the last complete checkpoint is {last or 'none'}. "
-                                             "Free some space, then continue with --resume auto")
-        message = broadcast_object(None if error is None else str(error))
-        if message is not None:
-            raise error or CheckpointWriteError(errno.ENOSPC, message)
-        return path
 
-    def run_validation(iteration: int) -> dict:
-        try:
-            metrics = validate(model, val_set, cfg, protocol)
-        except DatasetError as e:
-            raise DatasetError(f"{e} (validation at iteration {iteration}; the checkpoint {ckpt_path} was written "
-                               "first: fix the file, then continue with --resume auto)") from None
-        log.info("iter %d/%d validation: aAcc %.2f  mIoU %.2f  mAcc %.2f", iteration, iters,
-                 100 * metrics["aAcc"], 100 * metrics["mIoU"], 100 * metrics["mAcc"])
-        record = dict(iter=iteration, mode="val", aAcc=metrics["aAcc"], mIoU=metrics["mIoU"], mAcc=metrics["mAcc"],
-                      mDice=metrics["mDice"])
-        jlog.write(**record)
-        if tblog:
-            tblog.write(record, metrics["IoU"])
-        if metrics["mIoU"] > state.best_miou and math.isfinite(metrics["mIoU"]):
-            state.best_miou = metrics["mIoU"]
-            if main:
-                save_checkpoint(checkpoint_payload(net, _checkpoint_meta(val_set, iteration, protocol, mIoU=state.best_miou)),
-                                work_dir / "best_mIoU.pth")
-        return metrics
+def _resume(state: TrainState, found: tuple[Path, dict], info: DistInfo, work_dir: Path) -> None:
+    """``state`` from the checkpoint; the best mIoU also from ``best_mIoU.pth`` when resuming in its work dir."""
+    path, ckpt = found
+    state.load_state_dict(ckpt)
+    if info.is_main and path.parent.resolve() == work_dir.resolve():
+        state.best_miou = max(state.best_miou, _best_so_far(work_dir, state.iteration))
+    state.best_miou = broadcast_object(state.best_miou)
+    log.info("resumed from %s at iteration %d", path, state.iteration)
 
-    # the loop
-    model.train()
-    batches = _batches(loader, state.iteration, seed, info.rank)
-    metrics: dict = {}
-    window = dict(loss=0.0, time=0.0, data_time=0.0, n=0)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    if state.iteration == iters:
-        log.info("the checkpoint is at iteration %d = schedule.iters: nothing to train", iters)
-    bar = cleanup.enter_context(tqdm(total=iters, initial=state.iteration, disable=not main, dynamic_ncols=True,
-                                     desc="train"))
+
+def _start_logs(run: _Run, cleanup: contextlib.ExitStack) -> None:
+    """Rank 0: room for checkpoints, ``config.yaml``, ``log.jsonl`` cut to the resumed iteration, TensorBoard."""
+    if not run.info.is_main:
+        return
+    run.jlog = _JsonLog(run.work_dir / "log.jsonl")
+    check_free_space(run.work_dir, _state_bytes(run.state))
+    save_config(run.cfg, run.work_dir / "config.yaml")
+    run.jlog.start(run.state.iteration)
+    if run.cfg["train"]["tensorboard"]:
+        run.tblog = TensorBoardLog(run.work_dir / "tensorboard", run.state.iteration + 1,
+                                   getattr(run.val_set, "classes", ()))
+        cleanup.callback(run.tblog.close)
+
+
+def _start_loop(run: _Run, cleanup: contextlib.ExitStack):
+    """Training mode, the memory peak reset, the checkpoint clock, the progress bar (rank 0; log lines
+    printed above it)."""
+    run.model.train()
+    if run.info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.info.device)
+    if run.state.iteration == run.iters:
+        log.info("the checkpoint is at iteration %d = schedule.iters: nothing to train", run.iters)
+    bar = cleanup.enter_context(tqdm(total=run.iters, initial=run.state.iteration, disable=not run.info.is_main,
+                                     dynamic_ncols=True, desc="train"))
     cleanup.enter_context(logging_redirect_tqdm())
-    saved_at, last_save, t_end = state.iteration, time.monotonic(), time.perf_counter()
-    while state.iteration < iters:
-        images, labels = _next_batch(batches)
-        images = images.to(dev, dtype=param_dtype, non_blocking=True)
-        labels = labels.to(dev, non_blocking=True).long()
-        t_data = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        time_due = main and checkpoint_minutes > 0 and time.monotonic() - last_save >= 60 * checkpoint_minutes
+    run.saved_at, run.last_save = run.state.iteration, time.monotonic()
+    return bar
+
+
+# -- the steps of the loop -------------------------------------------------------------------------
+def _train_step(run: _Run, batches: Iterator[Any], stop: StopRequest) -> tuple[bool, bool]:
+    """One iteration on the next batch, timed into the log window. Returns whether to stop (a
+    signal reached any process) and whether a timed checkpoint is due (rank 0's clock decides)."""
+    t0 = time.perf_counter()
+    images, labels = _next_batch(batches)
+    memory_format = torch.channels_last if run.cfg["train"]["channels_last"] else torch.preserve_format
+    images = images.to(run.info.device, dtype=run.param_dtype, non_blocking=True, memory_format=memory_format)
+    labels = labels.to(run.info.device, non_blocking=True).long()
+    t_data = time.perf_counter()
+    run.window.lr = run.state.optimizer.param_groups[0]["lr"]
+    minutes = float(run.cfg["train"]["checkpoint_minutes"])
+    time_due = run.info.is_main and minutes > 0 and time.monotonic() - run.last_save >= 60 * minutes
+    flags = (float(stop.requested), float(time_due))
+    try:
+        loss_value, (stopping, time_due) = train_one_iteration(run.model, images, labels, run.state, run.amp_dtype,
+                                                               run.criterion, flags)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e}; the last good checkpoint is "
+                                 f"{run.checkpoint or 'none (no checkpoint written yet)'}") from None
+    w = run.window
+    w.loss, w.time, w.data_time, w.n = w.loss + loss_value, w.time + time.perf_counter() - t0, \
+        w.data_time + t_data - t0, w.n + 1
+    return stopping, time_due
+
+
+def _log_train(run: _Run, bar) -> None:
+    """A training record (means over the window) to ``log.jsonl``, TensorBoard and the bar."""
+    w = run.window
+    record = dict(iter=run.state.iteration, loss=w.loss / w.n, lr=w.lr, time=w.time / w.n,
+                  data_time=w.data_time / w.n, memory_mb=round(_memory_mb(run.info.device), 1))
+    run.jlog.write(**record)
+    if run.tblog:
+        run.tblog.write(record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{w.lr:.2e}")
+    run.window = _Window()
+
+
+def _save(run: _Run) -> Path:
+    """The training checkpoint of this iteration. Collective: every rank contributes its RNG
+    state; rank 0 writes, then says how it went."""
+    iteration, net = run.state.iteration, run.state.model
+    if not _all_finite(net):  # same weights on every rank: all raise together
+        raise NonFiniteLossError(f"non-finite weights at iteration {iteration}; not writing a checkpoint "
+                                 f"(the last good one is {run.checkpoint or 'none'})")
+    run.state.rng_states = all_gather_object(capture_rng_state())
+    path, error = run.work_dir / f"iter_{iteration}.pth", None
+    if run.info.is_main:
+        payload = checkpoint_payload(net, _checkpoint_meta(run.train_set, iteration, run.protocol), run.state,
+                                     config=run.cfg)
         try:
-            loss_value, (stopping, time_due) = train_one_iteration(
-                model, images, labels, state, amp_dtype, criterion, (float(stop.requested), float(time_due)))
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e}; the last good checkpoint is "
-                                     f"{ckpt_path or 'none (no checkpoint written yet)'}") from None
-        done = state.iteration
-        t_now = time.perf_counter()
-        window["loss"] += loss_value
-        window["time"] += t_now - t_end
-        window["data_time"] += t_data - t_end
-        window["n"] += 1
-        bar.update(1)
-        if done % max(tcfg["log_interval"], 1) == 0 or done == iters or stopping:
-            n = window["n"]
-            record = dict(iter=done, loss=window["loss"] / n, lr=lr, time=window["time"] / n,
-                          data_time=window["data_time"] / n, memory_mb=round(_memory_mb(dev), 1))
-            jlog.write(**record)
-            if tblog:
-                tblog.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-            window = dict(loss=0.0, time=0.0, data_time=0.0, n=0)
-        if stopping:
-            log.warning("%s received: writing a checkpoint at iteration %d (a second signal aborts at once)",
-                        signal.Signals(stop.signum or signal.SIGTERM).name, done)
-        interval = tcfg["checkpoint_interval"]
-        if (interval and done % interval == 0) or done == iters or time_due or stopping:
-            ckpt_path, saved_at, last_save = save(done), done, time.monotonic()
-        if (tcfg["eval_interval"] and done % tcfg["eval_interval"] == 0) or done == iters:
-            metrics = run_validation(done)
-            if info.distributed:
-                stopping = stopping or bool(all_reduce_mean(torch.tensor(float(stop.requested))) > 0)
-            else:
-                stopping = stopping or stop.requested
-            if stopping and saved_at != done:
-                ckpt_path, saved_at = save(done), done
-        if stopping:
-            bar.close()
-            raise TrainingInterrupted(stop.signum or signal.SIGTERM, done, ckpt_path if saved_at == done else None)
-        t_end = time.perf_counter()
-    bar.close()
-    if main:
-        plot_training_log(work_dir / "log.jsonl", work_dir / "curves.png", title=str(cfg["model"]["name"]))
-        log.info("done: %d iterations, best mIoU %.2f; checkpoints in %s", iters, 100 * max(state.best_miou, 0.0),
-                 work_dir)
-    return dict(iteration=iters, best_mIoU=state.best_miou, metrics=metrics, work_dir=str(work_dir))
+            write_training_checkpoint(payload, run.work_dir, run.cfg["train"]["keep_checkpoints"])
+        except CheckpointWriteError as e:
+            last = path if path.exists() else run.checkpoint
+            error = CheckpointWriteError(e.errno, f"{e}; the last complete checkpoint is {last or 'none'}. "
+                                         "Free some space, then continue with --resume auto")
+    message = broadcast_object(None if error is None else str(error))
+    if message is not None:
+        raise error or CheckpointWriteError(errno.ENOSPC, message)
+    run.checkpoint, run.saved_at, run.last_save = path, iteration, time.monotonic()
+    return path
+
+
+def _validate(run: _Run) -> dict[str, Any]:
+    """Validate the evaluated weights (the EMA's with ``train.ema``), log the metrics and keep a
+    new best in ``best_mIoU.pth`` (those weights, model only)."""
+    iteration, (module, weights) = run.state.iteration, run.evaluated
+    try:
+        metrics = validate(module, run.val_set, run.cfg, run.protocol)
+    except DatasetError as e:
+        raise DatasetError(f"{e} (validation at iteration {iteration}; the checkpoint {run.checkpoint} was "
+                           "written first: fix the file, then continue with --resume auto)") from None
+    log.info("iter %d/%d validation%s: aAcc %.2f  mIoU %.2f  mAcc %.2f", iteration, run.iters,
+             " of the EMA weights" if weights == "ema" else "", 100 * metrics["aAcc"], 100 * metrics["mIoU"],
+             100 * metrics["mAcc"])
+    record = dict(iter=iteration, mode="val", weights=weights, aAcc=metrics["aAcc"], mIoU=metrics["mIoU"],
+                  mAcc=metrics["mAcc"], mDice=metrics["mDice"])
+    run.jlog.write(**record)
+    if run.tblog:
+        run.tblog.write(record, metrics["IoU"])
+    if metrics["mIoU"] > run.state.best_miou and math.isfinite(metrics["mIoU"]):
+        run.state.best_miou = metrics["mIoU"]
+        if run.info.is_main:
+            extra = {WEIGHTS: "ema"} if weights == "ema" else {}
+            meta = _checkpoint_meta(run.val_set, iteration, run.protocol, **{MIOU: run.state.best_miou}, **extra)
+            save_checkpoint(checkpoint_payload(module, meta), run.work_dir / "best_mIoU.pth")
+    return metrics
+
+
+def _stop_requested(stop: StopRequest, info: DistInfo) -> bool:
+    """Whether a signal reached any process (a collective when distributed)."""
+    if info.distributed:
+        return bool(all_reduce_mean(torch.tensor(float(stop.requested))) > 0)
+    return stop.requested
+
+
+def _finish(run: _Run) -> None:
+    if run.info.is_main:
+        plot_training_log(run.work_dir / "log.jsonl", run.work_dir / "curves.png", title=str(run.cfg["model"]["name"]))
+        log.info("done: %d iterations, best mIoU %.2f; checkpoints in %s", run.iters,
+                 100 * max(run.state.best_miou, 0.0), run.work_dir)
