@@ -113,10 +113,10 @@ def test_isr_sweep_writes_json_and_plot_beside_the_checkpoint(tmp_path, capsys, 
     ckpt = edaformer.save_checkpoint(edaformer.create_model(MODEL, num_classes=4),
                                      tmp_path / "work" / "run7" / "best_mIoU.pth")
     titles = []
-    from edaformer import cli
+    from edaformer.cli import evaluate as eval_command
 
-    plot = cli.plot_sweep  # what `edaformer eval` calls
-    monkeypatch.setattr(cli, "plot_sweep", lambda rows, path, title="": titles.append(title) or plot(rows, path, title))
+    plot = eval_command.plot_sweep  # what `edaformer eval` calls
+    monkeypatch.setattr(eval_command, "plot_sweep", lambda rows, path, title="": titles.append(title) or plot(rows, path, title))
     monkeypatch.chdir(tmp_path)
     assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu", "--isr-sweep"]) == 0
     text = capsys.readouterr().out

@@ -185,7 +185,7 @@ def test_resume_applies_optimizer_changes_and_refuses_model_changes(setup, tmp_p
     config_before = (work / "config.yaml").read_text()
     for overrides, match in ((["model.name=edaformer-b-ade20k"], "model.name is 'edaformer-b-ade20k' but "
                                                                  "'edaformer-t-ade20k' in the checkpoint"),
-                             (["model.num_classes=5"], "model.num_classes is 5 but 4"),
+                             (["model.decoder_depths=1,1,1"], r"model.decoder_depths is \[1, 1, 1\] but None"),
                              (["schedule.iters=1"], r"schedule.iters=1 is below the iteration of .*latest.pth \(2\)")):
         with pytest.raises(ResumeConfigError, match=match):
             train(load_config(cfg_path, overrides), work, resume="auto", device="cpu")
