@@ -102,7 +102,7 @@ def make_step(cfg: Mapping[str, Any], num_classes: int, criterion: Any, device: 
     from timm.utils import ModelEmaV3
 
     tcfg = cfg["train"]
-    model = build_model(cfg["model"], num_classes, load_pretrained=False)
+    model = build_model(cfg["model"], num_classes, init_weights=False)
     model.load_state_dict(base_state)
     model.set_grad_checkpointing(tcfg["grad_checkpointing"])
     model.to(device)
@@ -191,7 +191,7 @@ def run(args) -> dict:
         num_classes = cfg["model"]["num_classes"] or 11
         batches, source, criterion = synthetic_batches(args.batch, size, num_classes), "synthetic", 255
     torch.manual_seed(cfg["train"]["seed"])
-    base_state = copy.deepcopy(build_model(cfg["model"], num_classes, load_pretrained=False).state_dict())
+    base_state = copy.deepcopy(build_model(cfg["model"], num_classes, init_weights=False).state_dict())
     steps, skipped = {}, {}
     for name in args.variants:
         changed = load_config(config, overrides + [f"{k}={str(v).lower()}" for k, v in VARIANTS[name].items()])

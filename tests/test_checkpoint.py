@@ -7,7 +7,7 @@ import torch
 import edaformer
 from edaformer.checkpoint import (CheckpointMismatchError, checkpoint_num_classes, native_to_reference,
                                   read_checkpoint, reference_to_native)
-from fixtures import manifest, requires_fixtures
+from tests.helpers.reference import manifest, requires_fixtures
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from edaformer import count_flops, create_model
 from edaformer.cli import main
 from edaformer.isr import PAPER_ISR_SWEEP, isr as isr_context
 from edaformer.models import efa
-from fixtures import FIXTURES, manifest, requires_fixtures
+from tests.helpers.reference import FIXTURES, manifest, requires_fixtures
 
 FLOPS_JSON = FIXTURES / "flops.json"
 ROWS = json.loads(FLOPS_JSON.read_text())["rows"] if FLOPS_JSON.is_file() else []

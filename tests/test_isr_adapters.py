@@ -336,14 +336,11 @@ def test_no_transformers_import_and_none_needed():
 
 
 def test_flops_match_published_figures():
-    transformers = pytest.importorskip("transformers", reason="SegFormer models need the 'hf' extra (transformers)")
+    """PVTv2-b0 (SegFormer-B0's 8.4 GFLOPs: tests/models/test_hf_segformer.py)."""
     import timm
 
-    config = transformers.SegformerConfig(num_labels=150)  # the defaults are SegFormer-B0 (MiT-b0, 256-wide head)
     with torch.device("meta"):
-        segformer_b0 = transformers.SegformerForSemanticSegmentation(config)
         pvt_b0 = timm.create_model("pvt_v2_b0", pretrained=False)
-    assert round(count_flops_external(segformer_b0, (512, 512)).gflops, 1) == 8.4  # SegFormer paper, ADE20K
     assert round(count_flops_external(pvt_b0, (224, 224)).gflops, 1) == 0.6  # PVTv2 paper, ImageNet
 
 

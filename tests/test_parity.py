@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import edaformer
-from fixtures import MODELS, SETTINGS, expected_outputs, inputs, manifest, reference_state_dict, requires_fixtures
+from tests.helpers.reference import MODELS, SETTINGS, expected_outputs, inputs, manifest, reference_state_dict, requires_fixtures
 
 pytestmark = requires_fixtures
 F32_TOL = 2e-5

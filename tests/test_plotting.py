@@ -23,9 +23,23 @@ def test_training_curves_png(tmp_path):
         plot_training_log(tmp_path / "empty.jsonl", tmp_path / "x.png")
 
 
-def test_sweep_png(tmp_path):
+def test_sweep_png(tmp_path, monkeypatch):
+    """mIoU (%) against GFLOPs, each point labelled with its setting; without GFLOPs, against the setting."""
+    import edaformer.plotting as plotting
+
+    drawn, save = [], plotting._save
+    monkeypatch.setattr(plotting, "_save", lambda fig, path: drawn.append(fig.axes[0]) or save(fig, path))
     rows = [dict(isr="1111-111", gflops=5.6, mIoU=0.42), dict(isr="2211-222", gflops=4.7, mIoU=0.41)]
-    assert Image.open(plot_sweep(rows, tmp_path / "sweep.png")).size[0] > 100
+    png = plot_sweep(rows, tmp_path / "sweep.png", title="t")
+    assert Image.open(png).format == "PNG"
+    ax = drawn[-1]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [5.6, 4.7] and list(line.get_ydata()) == pytest.approx([42.0, 41.0])
+    assert [t.get_text() for t in ax.texts] == ["1111-111", "2211-222"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("GFLOPs", "mIoU (%)", "t")
+    plot_sweep([dict(r, gflops=None) for r in rows], tmp_path / "sweep2.png")
+    assert drawn[-1].get_xlabel() == "ISR setting"
+    assert [t.get_text() for t in drawn[-1].get_xticklabels()] == ["1111-111", "2211-222"]
 
 
 def test_confusion_png_cell_text_up_to_30_classes(tmp_path, monkeypatch):

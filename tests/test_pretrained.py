@@ -20,7 +20,7 @@ from edaformer.config import load_config
 from edaformer.engine.state import checkpoint_payload
 from edaformer.inference import Segmenter, TestProtocol
 
-import training_data
+from tests.helpers import training_data
 
 MODEL = "edaformer-t-ade20k"
 CLASSES = ["sky", "road", "car"]

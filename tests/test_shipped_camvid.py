@@ -9,9 +9,9 @@ import edaformer
 from edaformer import pretrained
 from edaformer.cli import main as cli_main
 from edaformer.data.palettes import get_dataset_info
+from tests.helpers.training_data import CAMVID
 
 NAME = "edaformer-t-camvid"
-CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
 
 pytestmark = pytest.mark.skipif(NAME not in pretrained.list_pretrained(), reason=f"{NAME} is not shipped in this checkout")
 

@@ -151,7 +151,7 @@ def test_fresh_run_starts_from_init_from_and_a_resumed_run_from_its_checkpoint(t
     """lr 0: the weights stay those loaded. The resume ignores a changed (here: missing) init_from."""
     from edaformer.config import load_config
     from edaformer.engine import train
-    from training_data import make_dataset, state, write_config
+    from tests.helpers.training_data import make_dataset, state, write_config
 
     source = _trained_checkpoint(tmp_path / "trained.pth")
     data = make_dataset(tmp_path / "data", n=2)

@@ -16,8 +16,8 @@ from edaformer.cli import main as cli_main
 from edaformer.config import load_config
 from edaformer.inference import TestProtocol
 
-import training_data
-from training_data import CLASSES, DEFAULT_YAML, REPO
+from tests.helpers import training_data
+from tests.helpers.training_data import CLASSES, DEFAULT_YAML, REPO
 MODEL = "edaformer-t-ade20k"
 
 

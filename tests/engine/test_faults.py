@@ -22,7 +22,7 @@ from edaformer.config import load_config
 from edaformer.data import DatasetError
 from edaformer.engine import ResumeConfigError, checkpoint_payload, find_resume_checkpoint, train
 from edaformer.plotting import read_log
-from training_data import make_dataset, state, subprocess_env, write_config
+from tests.helpers.training_data import make_dataset, state, subprocess_env, write_config
 
 
 def _records(work: Path) -> list[dict]:

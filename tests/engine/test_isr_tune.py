@@ -19,7 +19,7 @@ from edaformer.flops import count_flops
 from edaformer.meta import stored_isr
 from edaformer.inference import TestProtocol
 from edaformer.isr import PAPER_ISR_SWEEP
-from training_data import make_dataset, write_config
+from tests.helpers.training_data import make_dataset, write_config
 
 NAME = "edaformer-t-ade20k"
 SIZE = (64, 64)  # 2222-222 needs 61x61

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from edaformer.config import ConfigError, load_config
 from edaformer.engine.losses import (SegmentationLoss, build_loss, class_pixel_counts, median_frequency_weights,
                                      ohem_keep_mask, segmentation_loss)
-from training_data import make_dataset, write_config
+from tests.helpers.training_data import make_dataset, write_config
 
 
 def _batch(seed=0, n=2, c=3, h=6, w=5):

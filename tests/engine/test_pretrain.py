@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from classification_data import CAMVID, CLASSES, SHIPPED_CONFIGS, camvid_patches, write_pretrain_config
+from tests.helpers.classification_data import CAMVID, CLASSES, SHIPPED_CONFIGS, camvid_patches, write_pretrain_config
 from edaformer.cli import main as cli_main
 from edaformer.config import PRETRAINING, ConfigError, load_config
 from edaformer.data import DatasetError
 from edaformer.engine import pretrain as pretrain_module
 from edaformer.engine.pretrain import pretrain
-from training_data import make_dataset, write_config
+from tests.helpers.training_data import make_dataset, write_config
 
 needs_camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason="the CamVid dataset is not in ../shared/datasets/camvid")
 # a short run learns more without the regularisation meant for 300 epochs

@@ -9,7 +9,7 @@ import pytest
 from edaformer.cli import main as cli_main
 from edaformer.config import load_config
 from edaformer.engine import train
-from training_data import CLASSES, make_dataset, subprocess_env, write_config
+from tests.helpers.training_data import CLASSES, make_dataset, subprocess_env, write_config
 
 
 def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

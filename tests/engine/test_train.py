@@ -14,7 +14,7 @@ import edaformer
 from edaformer.cli import main as cli_main
 from edaformer.config import load_config
 from edaformer.engine import NonFiniteLossError, segmentation_loss, train
-from training_data import make_dataset, max_diff, state, subprocess_env, write_config
+from tests.helpers.training_data import make_dataset, max_diff, state, subprocess_env, write_config
 
 DOUBLE_TRAIN = """import sys
 import torch

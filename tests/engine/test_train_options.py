@@ -8,7 +8,7 @@ import torch
 import edaformer
 from edaformer.config import ConfigError, load_config
 from edaformer.engine import train
-from training_data import make_dataset, max_diff, state, write_config
+from tests.helpers.training_data import make_dataset, max_diff, state, write_config
 
 DECAY, POWER = 0.5, 0.75
 

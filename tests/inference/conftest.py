@@ -3,7 +3,7 @@ import torch
 
 import edaformer
 
-from .helpers import ADE
+from tests.helpers.stubs import ADE
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from edaformer.inference import Segmenter, TestProtocol, load_image
 from edaformer.inference.predict import collect_inputs, predict_files, unique_stems
 from edaformer.models import MODEL_SPECS
 
-from .helpers import ADE, Stub, rgb
+from tests.helpers.stubs import ADE, Stub, rgb
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from edaformer.data.palettes import DATASET_INFO, make_palette
 from edaformer.inference import (Segmenter, TestProtocol, infer_logits, infer_tta, preprocess, segment_input)
 from edaformer.models import get_model_spec
 
-from .helpers import ADE, Asymmetric, Conv1x1, Stub, rgb
+from tests.helpers.stubs import ADE, Asymmetric, Conv1x1, Stub, rgb
 
 
 # -- infer_logits ------------------------------------------------------------------------------------

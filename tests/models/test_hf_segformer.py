@@ -19,7 +19,7 @@ from edaformer.isr import get_isr  # noqa: E402
 from edaformer.inference import Segmenter, TestProtocol  # noqa: E402
 from edaformer.checkpoint import load_checkpoint  # noqa: E402
 from edaformer.data import test_transforms  # noqa: E402
-from training_data import CLASSES, DEFAULT_YAML, make_dataset  # noqa: E402
+from tests.helpers.training_data import CLASSES, DEFAULT_YAML, make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

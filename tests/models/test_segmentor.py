@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import edaformer
-from fixtures import manifest, requires_fixtures
+from tests.helpers.reference import manifest, requires_fixtures
 
 MIN_SIZE_SETTINGS = ["1111-111", "1111-222", "2211-222", "2222-222", "4444-444", "8111-111", "1118-118"]
 

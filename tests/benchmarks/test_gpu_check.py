@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fixtures import load_benchmark_module
+from tests.helpers.reference import load_benchmark_module
 
 
 @pytest.fixture(scope="module")

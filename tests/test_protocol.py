@@ -14,7 +14,7 @@ from edaformer.data.transforms import MEAN, STD
 from edaformer.inference import TestProtocol, load_image, preprocess, test_size
 from edaformer.models import get_model_spec
 
-from .helpers import ADE, rgb
+from tests.helpers.stubs import ADE, rgb
 
 
 # -- test_size ----------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from edaformer.data import (ADE20K, MEAN, STD, CategoryCappedRandomCrop, COCOStu
                             build_dataset, collate, convert_cityscapes, convert_cocostuff, train_transforms)
 from edaformer.data.converters import CITYSCAPES_ID_TO_TRAINID, COCOSTUFF_UNUSED_IDS
 from edaformer.data.transforms import fit_size
+from tests.helpers.training_data import CAMVID
 
-CAMVID = Path("/work/shared/datasets/camvid")
 H, W = 40, 60
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("EDAFORMER_FIXTURES",
-                               Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official"))
+                               Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "official"))
 requires_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
 MODELS = {"t": "edaformer-t-ade20k", "b": "edaformer-b-ade20k"}

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 SHIPPED_CONFIGS = REPO / "src" / "edaformer" / "configs"
 CAMVID_IDS = {"sky": 0, "building": 1, "road": 3, "tree": 5}  # CamVid class ids (11 is void)

@@ -4,7 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import edaformer
-from fixtures import load_benchmark_module
+from tests.helpers.reference import load_benchmark_module
 
 reference_style = load_benchmark_module("reference_style")
 

@@ -1,11 +1,12 @@
 """benchmarks/harness.py: peak memory in a child process, builders, report output."""
 import json
+import sys
 
 import pytest
 import torch
 
 from edaformer.models import fastpath
-from fixtures import load_benchmark_module
+from tests.helpers.reference import load_benchmark_module
 
 harness = load_benchmark_module("harness")
 
@@ -28,7 +29,9 @@ def test_emit_report_prints_and_writes_json(tmp_path, capsys):
 
 def test_measure_peak_rss_sees_a_large_allocation():
     result = harness.measure_peak_rss(lambda: torch.ones(64 << 20, dtype=torch.uint8))
-    assert result["peak_bytes"] >= (48 << 20) or not result["exact"]
+    if sys.platform == "linux":  # the peak mark can be reset through /proc
+        assert result["exact"]
+    assert result["peak_bytes"] >= (48 << 20)
 
 
 def test_inference_peak_memory_applies_fastpath_options(monkeypatch):

@@ -11,7 +11,8 @@ from PIL import Image
 
 from edaformer.config import configs_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+CAMVID = REPO.parent / "shared" / "datasets" / "camvid"  # ../shared beside the repository
 DEFAULT_YAML = configs_dir() / "_base_" / "default.yaml"  # the shipped defaults
 CLASSES = ["red", "green", "blue", "yellow"]
 COLORS = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 230, 40]], np.uint8)
