@@ -49,6 +49,12 @@ def _ints(value: Any, name: str, length: int, minimum: int = 1) -> tuple[int, ..
     return values
 
 
+def _int(value: Any, name: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def _number(value: Any, name: str, low: float = 0.0, high: float | None = None, positive: bool = False) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
     ok = ok and (not positive or value > 0) and (high is None or value < high)
@@ -77,8 +83,8 @@ class ModelConfig:
     slide_stride: tuple[int, int] = (341, 341)
 
     def __post_init__(self):
-        self._set("num_classes", _ints([self.num_classes], "num_classes", 1)[0])
-        self._set("in_chans", _ints([self.in_chans], "in_chans", 1)[0])
+        _int(self.num_classes, "num_classes")
+        _int(self.in_chans, "in_chans")
         for key in ("test_scale", "crop_size", "slide_stride"):
             self._set(key, _pair(getattr(self, key), key))
         if self.test_mode not in TEST_MODES:
@@ -162,7 +168,7 @@ class EDAFormerConfig(ModelConfig):
         if any(d % h for d, h in zip(self.embed_dims, self.num_heads)):
             raise ValueError(f"embed_dims {self.embed_dims} must be multiples of num_heads {self.num_heads}")
         self._set("mlp_ratio", _number(self.mlp_ratio, "mlp_ratio", positive=True))
-        self._set("decoder_dim", _ints([self.decoder_dim], "decoder_dim", 1)[0])
+        _int(self.decoder_dim, "decoder_dim")
         self._set("decoder_mlp_ratio", _number(self.decoder_mlp_ratio, "decoder_mlp_ratio", positive=True))
         for key in ("drop_path_rate", "decoder_drop_path", "dropout"):
             self._set(key, _number(getattr(self, key), key, 0.0, 1.0))
