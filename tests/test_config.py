@@ -267,11 +267,11 @@ def _build_dataset_keys() -> set[str]:
 
 
 def test_key_table_matches_its_readers():
-    """The model keys are create_model / EDAFormer arguments, the data keys build_dataset's; defaults pass their type."""
-    from edaformer.models import create_model
-    from edaformer.models.segmentor import EDAFormer
+    """The model keys are create_model arguments / EDAFormerConfig fields, the data keys build_dataset's;
+    defaults pass their type."""
+    from edaformer.models import EDAFormerConfig, create_model
 
-    accepted = set(inspect.signature(EDAFormer.__init__).parameters) | set(inspect.signature(create_model).parameters)
+    accepted = set(EDAFormerConfig.keys()) | set(inspect.signature(create_model).parameters)
     assert set(KEYS["model"]) <= accepted | {"encoder_weights", "init_from"}
     documented = _build_dataset_keys()
     assert {"type", "root", "crop_size", "img_suffix", "seg_suffix", "classes", "palette"} <= documented

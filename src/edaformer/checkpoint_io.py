@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from .meta import FORMAT, WEIGHTS_FORMAT, decode_weights_metadata, model_checkpoint, weights_checkpoint
+from .models.config import ARCHITECTURE_KEYS
 from .models.eft import EFT, checkpoint_filter_fn
 from .models.keymap import native_to_reference, reference_to_native
 from .protocol import TestProtocol
@@ -160,13 +161,10 @@ def checkpoint_num_classes(checkpoint: str | os.PathLike | Mapping[str, Any]) ->
     return None
 
 
-# training-config model keys that change the architecture (create_model keywords)
-ARCHITECTURE_KEYS = ("decoder_depths", "decoder_op", "train_isr")
-
-
 def architecture_options(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``create_model`` keywords of a training config's ``model`` section that change the
-    architecture (:data:`ARCHITECTURE_KEYS`, those set)."""
+    architecture beyond the named model (the :class:`~edaformer.models.EDAFormerConfig` fields
+    :data:`~edaformer.models.config.ARCHITECTURE_KEYS`, those set)."""
     model_cfg = (config or {}).get("model") or {}
     return {k: model_cfg[k] for k in ARCHITECTURE_KEYS if model_cfg.get(k) is not None}
 

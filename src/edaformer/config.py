@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from .isr import parse_isr
+from .models import DECODER_OPS, ISR_POOLS, TEST_MODES
 from .utils import plain, to_pair
 
 __all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "Schema", "SEGMENTATION", "PRETRAIN_KEYS",
@@ -359,9 +360,9 @@ KEYS: dict[str, dict[str, Key]] = {
         dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
         in_chans=(UNSET, _Int(1)),                           # input channels [3]
         decoder_depths=(UNSET, _List(_Int(0), length=3)),    # EFA blocks at (c4, c3, c2) [3, 2, 1]
-        decoder_op=(UNSET, _Choice("efa", "attention", "dwconv", "conv")),  # token mixer in the decoder [efa]
+        decoder_op=(UNSET, _Choice(*DECODER_OPS)),  # token mixer in the decoder [efa]
         train_isr=(UNSET, _Isr(optional=True)),              # train with raised ratios, e.g. 2211-222 [none]
-        isr_pool=(UNSET, _Choice("avg", "max", "overlap", "merge")),  # ISR key/value pooling kind [avg]
+        isr_pool=(UNSET, _Choice(*ISR_POOLS)),  # ISR key/value pooling kind [avg]
     ),
     # ``edaformer.data.build_dataset`` keys (see its docstring), plus the loader's.
     "data": _keys(
@@ -429,7 +430,7 @@ KEYS: dict[str, dict[str, Key]] = {
         tensorboard=(False, _Bool()),                        # also write the log records to <work_dir>/tensorboard/
     ),
     "eval": _keys(
-        mode=("whole", _Choice("whole", "slide")),
+        mode=("whole", _Choice(*TEST_MODES)),
         crop_size=(None, _Size(optional=True)),              # slide window; None: data.crop_size
         stride=(None, _Size(optional=True)),                 # slide stride; None: 2/3 of the window
         isr=(None, _Isr(optional=True)),                     # None: the training setting 1111-111

@@ -15,12 +15,12 @@ from typing import Any
 from .data import _pipeline_options
 from .data.transforms import test_input_size
 from .meta import TEST_PROTOCOL, protocol_fields
+from .models.config import TEST_MODES
 from .utils import to_pair
 
 __all__ = ["TestProtocol", "test_size"]
 
 Size = tuple[int, int]
-_MODES = ("whole", "slide")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class TestProtocol:
     flip: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in _MODES:
+        if self.mode not in TEST_MODES:
             raise ValueError(f"mode must be 'whole' or 'slide', got {self.mode!r}")
         set_ = object.__setattr__
         set_(self, "scale", to_pair(self.scale if self.scale is None else tuple(self.scale), "scale",

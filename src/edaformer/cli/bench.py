@@ -8,7 +8,7 @@ import torch
 from ..bench import environment, format_table, run_isr_sweep, to_jsonable
 from ..checkpoint import build_from_checkpoint
 from ..isr import PAPER_ISR_SWEEP, parse_isr
-from ..models import create_model
+from ..models import ISR_POOLS, create_model
 
 
 def add_parser(sub) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
-    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+    p.add_argument("--pool", choices=ISR_POOLS, default="avg",
                    help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--checkpoint", default=None, help="weights to load (default: random init)")
     p.add_argument("--num-classes", type=int, default=None,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..models import TEST_MODES
+
 
 VERBOSE = argparse.ArgumentParser(add_help=False)
 VERBOSE.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
@@ -18,5 +20,5 @@ def command(sub, name: str, run, **kwargs) -> argparse.ArgumentParser:
 def add_protocol_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                    help="resize box of the test protocol (default: the checkpoint's, else the model's / config's)")
-    p.add_argument("--mode", choices=["whole", "slide"], default=None,
+    p.add_argument("--mode", choices=TEST_MODES, default=None,
                    help="whole image or sliding window (default: the checkpoint's, else the model's / config's)")

@@ -14,6 +14,7 @@ from ..engine import evaluate
 from ..engine.evaluate import save_confusion, sweep_title
 from ..engine.prepare import evaluation_isr
 from ..metrics import format_class_table, format_metrics
+from ..models import ISR_POOLS
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
     p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config, else "
                    "the setting stored in the checkpoint by `edaformer isr-tune --write`, else the training ratios)")
-    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
+    p.add_argument("--pool", choices=ISR_POOLS, default=None,
                    help="ISR key/value pooling kind (default: the checkpoint's stored one, else avg)")
     add_protocol_options(p)
     p.add_argument("--tta", action="store_true", help="multi-scale + flip test (eval.tta_scales, eval.tta_flip)")

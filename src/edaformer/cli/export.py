@@ -8,6 +8,7 @@ from ..checkpoint import build_from_checkpoint
 from ..export import DEFAULT_OPSET, export_onnx, require_onnx, verify_onnx
 from ..inference import TestProtocol
 from ..isr import parse_isr
+from ..models import ISR_POOLS
 
 
 _EXPORT_DESCRIPTION = """\
@@ -34,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size of a fixed-size graph (default 1)")
     p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: edaformer.export.DEFAULT_OPSET)")
-    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+    p.add_argument("--pool", choices=ISR_POOLS, default="avg",
                    help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--check", action="store_true", help="compare with PyTorch in onnxruntime after export")
     p.add_argument("--out", required=True, help="output .onnx path")

@@ -6,7 +6,7 @@ import json
 from .common import command
 from ..flops import count_flops
 from ..isr import parse_isr
-from ..models import create_model
+from ..models import DECODER_OPS, ISR_POOLS, create_model
 
 
 def add_parser(sub) -> None:
@@ -17,11 +17,11 @@ def add_parser(sub) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: the model's dataset's")
     p.add_argument("--convention", choices=["mmcv130", "mmcv127"], default="mmcv130",
                    help="mmcv130: LayerNorm counted, as published (default); mmcv127: not counted")
-    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default="avg",
+    p.add_argument("--pool", choices=ISR_POOLS, default="avg",
                    help="ISR key/value pooling kind (default avg, the reference; see docs/ablations.md)")
     p.add_argument("--decoder-depths", type=int, nargs=3, default=None, metavar=("C4", "C3", "C2"),
                    help="decoder blocks at c4, c3, c2 (default 3 2 1)")
-    p.add_argument("--decoder-op", choices=["efa", "attention", "dwconv", "conv"], default=None,
+    p.add_argument("--decoder-op", choices=DECODER_OPS, default=None,
                    help="token mixer of the decoder blocks (default efa)")
     p.add_argument("--train-isr", default=None, help="training ratios raised by these ISR factors (default none)")
     p.add_argument("--json", action="store_true", help="end the output with one JSON line")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .common import command
 from ..pretrained import package_weights
+from ..models import ISR_POOLS
 
 
 def add_parser(sub) -> None:
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--name", required=True, help="shipped name, e.g. edaformer-t-camvid")
     p.add_argument("--isr", default=None, help="recommended ISR setting, e.g. 2211-222 (default: the one stored "
                    "in the checkpoint by `edaformer isr-tune --write`, else 1111-111)")
-    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
+    p.add_argument("--pool", choices=ISR_POOLS, default=None,
                    help="ISR pooling kind of the recommended setting (default: the checkpoint's stored one, else avg)")
     p.add_argument("--config", default=None,
                    help="training config YAML to store, for a checkpoint that holds none (best_mIoU.pth: the "

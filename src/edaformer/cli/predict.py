@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..inference import Segmenter
 from ..inference.predict import IMAGE_SUFFIXES, collect_inputs, predict_files
 from ..utils import resolve_device
+from ..models import ISR_POOLS
 
 
 log = logging.getLogger("edaformer")
@@ -36,7 +37,7 @@ def add_parser(sub) -> None:
                         "edaformer-t-camvid)")
     p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: the setting stored in the "
                    "checkpoint by `edaformer isr-tune --write` or shipped with the model, else the training ratios)")
-    p.add_argument("--pool", choices=["avg", "max", "overlap", "merge"], default=None,
+    p.add_argument("--pool", choices=ISR_POOLS, default=None,
                    help="ISR key/value pooling kind (default: the checkpoint's stored one, else avg)")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..bands import labels_from_logits
 from ..data.transforms import prepare_test_image
+from ..models import TEST_MODES
 from ..protocol import TestProtocol
 from ..utils import to_pair
 from .images import ImageInput, as_chw
@@ -93,7 +94,7 @@ def infer_logits(model: nn.Module, images: torch.Tensor, out_size: Size | None =
     allocates ``4 * K * H * W`` bytes; :func:`segment_input` gives label maps without that.
     Runs under ``torch.inference_mode()`` on the model's device; the caller sets ``eval()``.
     """
-    if mode not in ("whole", "slide"):
+    if mode not in TEST_MODES:
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__

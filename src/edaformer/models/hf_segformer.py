@@ -75,11 +75,31 @@ class SegFormer(nn.Module):
         self.decoder = full.decode_head
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self._spec = None
+
+    @classmethod
+    def from_config(cls, spec) -> "SegFormer":
+        """Build from an :class:`~.config.HFSegFormerConfig` (a named model's), kept as ``spec``."""
+        model = cls(spec.num_classes, drop_path_rate=spec.drop_path_rate, dropout=spec.dropout,
+                    in_chans=spec.in_chans, **spec.segformer_options())
+        model._spec = spec
+        return model
 
     @property
     def config(self):
         """The ``transformers.SegformerConfig`` the model was built from."""
         return self.encoder.config
+
+    @property
+    def spec(self):
+        """The :class:`~.config.HFSegFormerConfig` of :meth:`from_config` (None otherwise): the
+        named model, its dataset and reference test protocol."""
+        return self._spec
+
+    @property
+    def name(self) -> str | None:
+        """The named model (``segformer-b0``), None when not built from a config."""
+        return None if self._spec is None else self._spec.name
 
     def architecture_options(self) -> dict:
         """No architecture options beyond the model name (the EDAFormer ablation keys do not apply)."""

@@ -1,14 +1,15 @@
 """EDAFormer: EFT encoder + all-attention decoder, with run-time ISR."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..isr import TRAINING_ISR, ISRSetting, ISRSpec, parse_isr
 from . import reduction
-from .decoder import DECODER_DEPTHS, DECODER_TRAIN_RATIOS, AllAttentionDecoder
+from .config import EDAFormerConfig
+from .decoder import DECODER_TRAIN_RATIOS, AllAttentionDecoder
 from .efa import EFA
 from .eft import EFT, TRAIN_POOL_RATIOS
 from .fastpath import resize_bilinear
@@ -22,38 +23,58 @@ class EDAFormer(nn.Module):
     The network runs on the raw input (no padding or resizing); the decoder's
     stride-8 logits are resized bilinearly (``align_corners=False``).
 
-    Architecture options (the paper's ablations; the defaults are the reference model):
+    Built from an :class:`~.config.EDAFormerConfig` (``EDAFormer(config)``; keywords replace
+    its fields: ``EDAFormer(config, num_classes=19)``, ``EDAFormer(decoder_op="conv")`` on the
+    default config) and kept as ``model.config``; ``model.name`` and ``model.spec`` (the
+    named model and its test protocol) are read from it. The architecture options of the
+    paper's ablations (the defaults are the reference model):
 
     * ``decoder_depths``: decoder blocks at (c4, c3, c2), the paper's {a-b-c}, default
       ``(3, 2, 1)``; 0 at a level means no block there (its map goes straight to the fuse).
-    * ``decoder_op``: the decoder's token mixer, ``efa`` (default), ``attention``, ``dwconv``
-      or ``conv`` (:mod:`.mixers`).
+    * ``decoder_op``: the decoder's token mixer, one of :data:`~.mixers.DECODER_OPS`
+      (``efa``, the default; :mod:`.mixers`).
     * ``train_isr``: an ISR spec baked into the training pooling ratios, e.g. ``"2211-222"``
       trains with every ratio multiplied by those factors. Recorded as ``train_isr``;
       ``isr == 1111-111`` then means "the ratios the model was trained with", and an ISR
       setting at inference multiplies on top of them.
     """
 
-    def __init__(self, embed_dims: Sequence[int], num_heads: Sequence[int], depths: Sequence[int],
-                 mlp_ratio: float, num_classes: int, decoder_dim: int, decoder_mlp_ratio: float,
-                 drop_path_rate: float = 0.2, decoder_drop_path: float = 0.1, dropout: float = 0.1,
-                 in_chans: int = 3, *, decoder_depths: Sequence[int] = DECODER_DEPTHS, decoder_op: str = "efa",
-                 train_isr: ISRSpec | None = None):
+    def __init__(self, config: EDAFormerConfig | None = None, **options: Any):
         super().__init__()
-        self.num_classes = num_classes
-        try:
-            self.train_isr = TRAINING_ISR if train_isr is None else parse_isr(train_isr)
-        except ValueError as e:
-            raise ValueError(f"train_isr: {e}") from None
+        config = EDAFormerConfig() if config is None else config
+        if options:
+            config = config.replace(**options)
+        self._config = config
+        self.num_classes = config.num_classes
+        self.train_isr = parse_isr(config.train_isr)
         enc_ratios = tuple(r * f for r, f in zip(TRAIN_POOL_RATIOS, self.train_isr.encoder))
         dec_ratios = tuple(r * f for r, f in zip(DECODER_TRAIN_RATIOS, self.train_isr.decoder))
-        self.encoder = EFT(embed_dims, num_heads, depths, mlp_ratio, in_chans=in_chans, num_classes=0,
-                           drop_path_rate=drop_path_rate, pool_ratios=enc_ratios)
-        self.decoder = AllAttentionDecoder(embed_dims[1:], num_classes, decoder_dim, decoder_mlp_ratio,
-                                           drop_path=decoder_drop_path, dropout=dropout, depths=decoder_depths,
-                                           op=decoder_op, train_ratios=dec_ratios)
+        self.encoder = EFT(config.embed_dims, config.num_heads, config.depths, config.mlp_ratio,
+                           in_chans=config.in_chans, num_classes=0, drop_path_rate=config.drop_path_rate,
+                           pool_ratios=enc_ratios)
+        self.decoder = AllAttentionDecoder(config.embed_dims[1:], config.num_classes, config.decoder_dim,
+                                           config.decoder_mlp_ratio, drop_path=config.decoder_drop_path,
+                                           dropout=config.dropout, depths=config.decoder_depths,
+                                           op=config.decoder_op, train_ratios=dec_ratios)
         self._isr = TRAINING_ISR
         self._isr_pool = "avg"
+        if config.isr_pool != self._isr_pool:
+            self.set_isr(TRAINING_ISR, pool=config.isr_pool)
+
+    @property
+    def config(self) -> EDAFormerConfig:
+        """What the model was built from (frozen; the run-time ISR setting is :attr:`isr`)."""
+        return self._config
+
+    @property
+    def name(self) -> str | None:
+        """The named model (``edaformer-t-ade20k``), None for a config of one's own."""
+        return self._config.name
+
+    @property
+    def spec(self) -> EDAFormerConfig:
+        """The config, read for its dataset and reference test protocol (as SegFormer's ``spec``)."""
+        return self._config
 
     @property
     def decoder_depths(self) -> tuple[int, int, int]:
@@ -67,8 +88,7 @@ class EDAFormer(nn.Module):
 
     def architecture_options(self) -> dict:
         """The architecture options as ``create_model`` keywords (plain values, e.g. for checkpoint meta)."""
-        return dict(decoder_depths=list(self.decoder_depths), decoder_op=self.decoder_op,
-                    train_isr=str(self.train_isr))
+        return self._config.architecture_options()
 
     # ISR ---------------------------------------------------------------------------
     @property
@@ -83,8 +103,8 @@ class EDAFormer(nn.Module):
 
     def set_isr(self, spec: ISRSpec, pool: str = "avg") -> "EDAFormer":
         """Set the ISR factors, e.g. ``"2211-222"``, and how they reduce the key/value tokens:
-        ``pool`` = ``avg`` (the reference), ``max``, ``overlap`` or ``merge`` (factors 1 and 2
-        only), see :mod:`edaformer.models.reduction`. No rebuild, no weight change; on a bad spec
+        ``pool``, one of :data:`~.reduction.ISR_POOLS`: ``avg`` (the reference), ``max``,
+        ``overlap`` or ``merge`` (factors 1 and 2 only), see :mod:`edaformer.models.reduction`. No rebuild, no weight change; on a bad spec
         or pool the previous setting stays. Factors of decoder levels without key/value pooling
         (``decoder_op`` ``dwconv`` / ``conv``) do nothing.
         """
