@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["resolve_device", "to_pair", "unwrap_model", "plain"]
+__all__ = ["resolve_device", "to_pair", "unwrap_model", "plain", "all_finite"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -69,3 +69,8 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -17,7 +17,7 @@ from ..utils import resolve_device
 
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank",
            "get_world_size", "is_main_process", "barrier", "all_reduce_mean", "broadcast_object",
-           "all_gather_object", "convert_sync_batchnorm", "GlooSyncBatchNorm"]
+           "all_gather_object", "convert_sync_batchnorm", "GlooSyncBatchNorm", "on_main"]
 
 
 @dataclass(frozen=True)
@@ -192,3 +192,19 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         else:
             convert_sync_batchnorm(child, device)
     return model
+
+
+def on_main(info: DistInfo, fn, *args) -> Any:
+    """``fn(*args)`` on rank 0 (None elsewhere); an error there is raised on every rank."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn(*args)
+        except (ValueError, OSError) as e:
+            error = e
+    status = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if status is not None:
+        raise RuntimeError(f"rank 0 stopped: {status}")
+    return result

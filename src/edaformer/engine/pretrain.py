@@ -44,10 +44,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from ..checkpoint import FORMAT, CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import DatasetError
-from ..utils import unwrap_model
+from ..utils import all_finite, unwrap_model
 from .builders import resolve_amp
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
-                          init_distributed, is_distributed)
+                          init_distributed, is_distributed, on_main)
 from .signals import StopRequest, TrainingInterrupted
 from .state import (capture_rng_state, find_resume_checkpoint, restore_rng_state, seed_everything,
                     write_training_checkpoint)
@@ -440,24 +440,8 @@ def _open_work_dir(work_dir: Path, resume: str | None, force: bool, cfg: Mapping
     return dict(lock=lock, found=found)
 
 
-def _on_main(info: DistInfo, fn, *args) -> Any:
-    """``fn(*args)`` on rank 0 (None elsewhere); an error there is raised on every rank."""
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = fn(*args)
-        except (ValueError, OSError) as e:
-            error = e
-    status = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if status is not None:
-        raise RuntimeError(f"rank 0 stopped: {status}")
-    return result
 
 
-def _all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 # -- pretraining ---------------------------------------------------------------------------------
@@ -527,7 +511,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         log.warning("optim.lr=%g is set for a global batch of %d (optim.lr_batch), this run's is %d: the linear "
                     "rule gives --set optim.lr=%.3g (optim.lr_batch=%d, or null, silences this)", lr, lr_batch,
                     global_batch, lr * global_batch / lr_batch, global_batch)
-    opened = _on_main(info, _open_work_dir, work_dir, resume, force, cfg)
+    opened = on_main(info, _open_work_dir, work_dir, resume, force, cfg)
     if opened is not None:
         cleanup.callback(opened["lock"].release)
     ckpt_path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)
@@ -578,7 +562,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
 
     def save() -> Path:
         """Collective: every process gives its random state; rank 0 writes, then says how it went."""
-        if not _all_finite(net):
+        if not all_finite(net):
             raise NonFiniteLossError(f"non-finite weights at update {state.iteration}; not writing a checkpoint "
                                      f"(the last good one is {ckpt_path or 'none'})")
         state.rng_states = all_gather_object(capture_rng_state())

@@ -41,13 +41,13 @@ from ..data.transforms import test_transforms
 from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
 from ..plotting import plot_training_log
 from ..protocol import TestProtocol
-from ..utils import unwrap_model
+from ..utils import all_finite, unwrap_model
 from .builders import (WarmupPolyLR, build_datasets, build_model, build_optimizer, build_param_groups,
                        build_scheduler, build_train_loader, resolve_amp, segmentation_loss)
 from .losses import SegmentationLoss, build_loss
 from .evaluate import evaluate
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
-                          convert_sync_batchnorm, init_distributed, is_distributed)
+                          convert_sync_batchnorm, init_distributed, is_distributed, on_main)
 from .signals import StopRequest, TrainingAborted, TrainingInterrupted
 from .state import (TrainState, capture_rng_state, check_resume_config, checkpoint_payload, find_resume_checkpoint,
                     restore_rng_state, seed_everything, write_training_checkpoint)
@@ -176,20 +176,6 @@ def _memory_mb(device: torch.device) -> float:
 
 
 # -- the work dir, on rank 0 ---------------------------------------------------------------------
-def _on_main(info: DistInfo, fn, *args) -> Any:
-    """``fn(*args)`` on rank 0 (None elsewhere); an error there is raised on every rank."""
-    result, error = None, None
-    if info.is_main:
-        try:
-            result = fn(*args)
-        except (ValueError, OSError) as e:
-            error = e
-    status = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if status is not None:
-        raise RuntimeError(f"rank 0 stopped: {status}")
-    return result
 
 
 def _verify_data(datasets: Mapping[str, Any], mode: str) -> None:
@@ -260,8 +246,6 @@ def _state_bytes(state: TrainState) -> int:
     return tensors * (2 if state.ema is not None else 1) + moments
 
 
-def _all_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 # -- one step, validation ------------------------------------------------------------------------
@@ -427,7 +411,7 @@ def _set_up(cfg: Mapping[str, Any], work_dir: Path, info: DistInfo, cleanup: con
     _set_up_process(cfg["train"], info)
     train_set, val_set, loader, protocol = _set_up_data(cfg, info)
     found = _claim_work_dir(info, work_dir, resume, force, cfg, cleanup)
-    _on_main(info, _verify_data, {"train": train_set, "val": val_set}, verify_data)
+    on_main(info, _verify_data, {"train": train_set, "val": val_set}, verify_data)
     criterion = build_loss(cfg.get("loss"), train_set, getattr(train_set, "ignore_index", IGNORE_INDEX))
     log.info("loss: %s", criterion.extra_repr())
     amp_dtype = resolve_amp(cfg["train"]["amp"], info.device)
@@ -469,7 +453,7 @@ def _claim_work_dir(info: DistInfo, work_dir: Path, resume: str | None, force: b
                     cleanup: contextlib.ExitStack) -> tuple[Path, dict] | None:
     """Rank 0 opens the work dir (:func:`_open_work_dir`; the lock is released on the way out);
     every rank gets the checkpoint to resume, if any, as ``(path, checkpoint)``."""
-    opened = _on_main(info, _open_work_dir, work_dir, resume, force, cfg)
+    opened = on_main(info, _open_work_dir, work_dir, resume, force, cfg)
     if opened is not None:
         cleanup.callback(opened["lock"].release)
     path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)
@@ -593,7 +577,7 @@ def _save(run: _Run) -> Path:
     """The training checkpoint of this iteration. Collective: every rank contributes its RNG
     state; rank 0 writes, then says how it went."""
     iteration, net = run.state.iteration, run.state.model
-    if not _all_finite(net):  # same weights on every rank: all raise together
+    if not all_finite(net):  # same weights on every rank: all raise together
         raise NonFiniteLossError(f"non-finite weights at iteration {iteration}; not writing a checkpoint "
                                  f"(the last good one is {run.checkpoint or 'none'})")
     run.state.rng_states = all_gather_object(capture_rng_state())
