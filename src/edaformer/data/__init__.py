@@ -45,7 +45,7 @@ from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, 
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
                          ResizeToFit, test_transforms, train_transforms)
 
-__all__ = ["build_dataset", "dataset_config", "LOADER_KEYS", "build_dataloader", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
+__all__ = ["build_dataset", "dataset_config", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
            "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
@@ -143,6 +143,21 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+class SkipBatches:
+    """A batch sampler without its first ``skip`` batches (to resume inside an epoch)."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, workers: int = 4,

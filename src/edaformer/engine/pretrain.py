@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from ..checkpoint import FORMAT, CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data.datasets import DatasetError
-from ..utils import all_finite, unwrap_model
+from ..utils import all_finite, plain, unwrap_model
 from .builders import resolve_amp
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
                           init_distributed, is_distributed, on_main)
@@ -63,7 +63,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.data.distributed_sampler import RepeatAugSampler
-from ..data import seed_worker
+from ..data import SkipBatches, seed_worker
 from timm.utils import accuracy
 from .distributed import get_rank, get_world_size
 from timm.utils import ModelEmaV3
@@ -212,19 +212,12 @@ def _model_name(cfg: Mapping[str, Any]) -> str:
     return str(cfg["model"]["name"])
 
 
-def _plain(obj: Any) -> Any:
-    """A config as plain dicts / lists / scalars (loadable with ``weights_only``)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _payload(state: PretrainState, cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
     net = state.model
     return {"format": FORMAT, "model": _model_name(cfg), "num_classes": getattr(net, "num_classes", None),
-            "meta": dict(meta), **state.state_dict(), "config": _plain(cfg), "task": "pretrain"}
+            "meta": dict(meta), **state.state_dict(), "config": plain(cfg), "task": "pretrain"}
 
 
 def export_encoder(model: nn.Module, path: str | os.PathLike, name: str, meta: Mapping[str, Any]) -> Path:
@@ -239,19 +232,6 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, name: str, meta: M
 
 
 # -- data order ---------------------------------------------------------------------------------
-class _SkipFirst:
-    """A batch sampler without its first ``skip`` batches (to resume inside an epoch)."""
-
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield batch
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
 
 
 def _train_loader(dataset: Dataset, data_cfg: Mapping[str, Any], info: DistInfo, seed: int) -> DataLoader:
@@ -283,7 +263,7 @@ def _epoch_batches(loader: DataLoader, epoch: int, skip: int, seed: int, rank: i
     if not skip:
         yield from loader
     elif loader.batch_sampler is not None:
-        yield from DataLoader(loader.dataset, batch_sampler=_SkipFirst(loader.batch_sampler, skip),
+        yield from DataLoader(loader.dataset, batch_sampler=SkipBatches(loader.batch_sampler, skip),
                               num_workers=loader.num_workers, pin_memory=loader.pin_memory,
                               worker_init_fn=loader.worker_init_fn, generator=loader.generator)
     else:  # a streaming dataset: read past the batches done

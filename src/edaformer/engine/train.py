@@ -36,6 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
+from ..data import SkipBatches
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
 from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
@@ -66,19 +67,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # -- data order -------------------------------------------------------------------------------
-class _SkipBatches:
-    """A batch sampler without its first ``skip`` batches (to resume inside an epoch)."""
-
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield batch
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
 
 
 def _start_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
@@ -105,7 +93,7 @@ def _batches(loader: DataLoader, start_iter: int, seed: int, rank: int) -> Itera
     while True:
         _start_epoch(loader, epoch, seed, rank)
         if skip:
-            partial = DataLoader(loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, skip),
+            partial = DataLoader(loader.dataset, batch_sampler=SkipBatches(loader.batch_sampler, skip),
                                  num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                  pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
                                  generator=loader.generator)
