@@ -291,3 +291,8 @@ def test_finetune_recipe_starts_from_a_trained_model_at_raised_ratios():
     cfg = load_config(FINETUNE)
     assert cfg["model"]["name"] == "edaformer-t-ade20k" and cfg["model"]["num_classes"] == 11
     assert cfg["schedule"]["iters"] == 250 and cfg["data"]["type"] == "folder"
+
+
+def test_a_pretraining_config_given_to_train_points_to_pretrain():
+    with pytest.raises(ConfigError, match=r"'mixup'.*a config for `edaformer pretrain`"):
+        load_config("eft-t-imagenet")

@@ -602,6 +602,9 @@ def _check_known(cfg: Mapping[str, Any], keys: Mapping[str, Mapping[str, Key]] =
     unknown = [k for k in cfg if k not in keys]
     if unknown:
         hints = ", ".join(f"{k!r}{_suggest(str(k), keys)}" for k in unknown)
+        other = ("pretrain", PRETRAIN_KEYS) if keys is KEYS else ("train", KEYS)
+        if all(k in other[1] for k in unknown):
+            hints += f" (a config for `edaformer {other[0]}`?)"
         raise ConfigError(f"unknown config section(s) {hints}; valid sections: {', '.join(keys)}")
     for section, value in cfg.items():
         if value is None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["resolve_device", "to_pair", "unwrap_model", "plain", "all_finite"]
+__all__ = ["resolve_device", "to_pair", "unwrap_model", "plain", "flatten_dict", "all_finite"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -69,6 +69,19 @@ def plain(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     return obj
+
+
+def flatten_dict(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); tuples
+    become lists, so that a config read back from YAML compares equal."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_dict(value, name + "."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def all_finite(model: nn.Module) -> bool:

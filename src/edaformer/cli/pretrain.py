@@ -8,18 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import sys
 from pathlib import Path
 
-from .common import command
-from ..checkpoint import CheckpointWriteError
 from ..config import PRETRAINING, load_config, resolve_config
 from ..engine.pretrain import pretrain
-from ..engine.signals import TrainingAborted, TrainingInterrupted, exit_code
-from ..engine.train import NonFiniteLossError
+from .common import add_run_options, command, run_training
 
-__all__ = ["add_parser", "run", "resume_command"]
+__all__ = ["add_parser", "run"]
 
 _DESCRIPTION = """\
 Pretrain an encoder as an image classifier, as the EDAFormer paper did on ImageNet-1K with the
@@ -36,33 +31,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Add ``pretrain`` to the sub-parsers ``sub``."""
     p = command(sub, "pretrain", run, help="pretrain an encoder on ImageNet-style classification (also under torchrun)",
                 description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="YAML config or a shipped config's name, e.g. eft-t-imagenet")
-    p.add_argument("--work-dir", default=None, help="output folder (default work_dirs/<config name>)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                   help="continue from the newest checkpoint in the work dir (auto, the default) or from PATH")
-    p.add_argument("--force", action="store_true",
-                   help="start afresh in a work dir that holds an earlier run (its files are moved aside)")
-    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], default=None,
-                   help="mixed precision on CUDA (bf16 when given without a value; default: the config's train.amp)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides, e.g. data.root=/data/imagenet optim.lr=5e-4")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    add_run_options(p, "YAML config or a shipped config's name, e.g. eft-t-imagenet",
+                    "data.root=/data/imagenet optim.lr=5e-4")
     p.add_argument("--json", action="store_true",
                    help="end the output with one JSON line: top1, top5 (validation, percent), checkpoint (the "
                         "encoder weights file), epochs, ...")
     return p
-
-
-def resume_command(args, work_dir: Path) -> str:
-    """The command line that continues this run."""
-    cmd = ["edaformer", "pretrain", args.config, "--work-dir", str(work_dir), "--resume", "auto"]
-    if args.set:
-        cmd += ["--set", *args.set]
-    if args.amp:
-        cmd += ["--amp", args.amp]
-    if args.device:
-        cmd += ["--device", args.device]
-    return shlex.join(cmd)
 
 
 def run(args) -> int:
@@ -71,18 +45,10 @@ def run(args) -> int:
     if args.amp:
         cfg["train"]["amp"] = args.amp
     work_dir = Path(args.work_dir) if args.work_dir else Path("work_dirs") / path.stem
-    try:
-        result = pretrain(cfg, work_dir, resume=args.resume, device=args.device, force=args.force)
-    except (NonFiniteLossError, CheckpointWriteError) as e:
-        print(f"edaformer pretrain: error: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"edaformer pretrain: {e}\ncontinue with: {resume_command(args, work_dir)}", file=sys.stderr)
-        return exit_code(e.signum)
-    except TrainingAborted as e:
-        print(f"edaformer pretrain: {e}: the checkpoint being written was discarded, the earlier ones are intact\n"
-              f"continue with: {resume_command(args, work_dir)}", file=sys.stderr)
-        return exit_code(e.signum)
+    status, result = run_training("pretrain", args, work_dir, lambda: pretrain(
+        cfg, work_dir, resume=args.resume, device=args.device, force=args.force))
+    if status:
+        return status
     if int(os.environ.get("RANK", 0)) == 0:  # torchrun: one report, from rank 0
         top1 = result["top1"]
         print(f"{result['model']}: {result['epochs']} epochs, validation top-1 "

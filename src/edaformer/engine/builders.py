@@ -14,20 +14,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
 from ..data import build_dataloader, build_dataset, dataset_config
-from ..data.datasets import IGNORE_INDEX, SegmentationDataset
+from ..data.datasets import SegmentationDataset
 from ..meta import ISR, ITERATION, MIOU
 from ..models import create_model
 from ..models.registry import get_model_spec
-from .losses import build_loss, segmentation_loss
 
 __all__ = ["build_model", "load_init_from", "load_encoder_weights", "build_datasets", "build_train_loader",
-           "build_param_groups", "build_optimizer", "WarmupPolyLR", "build_scheduler", "build_loss", "segmentation_loss", "resolve_amp"]
+           "build_param_groups", "build_optimizer", "WarmupPolyLR", "build_scheduler", "resolve_amp"]
 
 log = logging.getLogger("edaformer")
 

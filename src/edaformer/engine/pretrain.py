@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
@@ -36,39 +35,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import get_pretrained_cfg
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..checkpoint import FORMAT, CheckpointWriteError, read_checkpoint, save_checkpoint
+from .. import models  # noqa: F401  (registers the EFT encoders with timm)
+from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
+from ..data import SkipBatches, seed_worker
+from ..data.classification import build_classification_dataset, eval_transform, train_transform
 from ..data.datasets import DatasetError
-from ..utils import all_finite, plain, unwrap_model
+from ..meta import native_checkpoint
+from ..utils import all_finite, flatten_dict, unwrap_model
 from .builders import resolve_amp
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
-                          init_distributed, is_distributed, on_main)
+                          get_rank, get_world_size, init_distributed, is_distributed, on_main)
+from .runlog import JsonLog, memory_mb
 from .signals import StopRequest, TrainingInterrupted
 from .state import (capture_rng_state, find_resume_checkpoint, restore_rng_state, seed_everything,
                     write_training_checkpoint)
 from .train import NonFiniteLossError
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
-import timm
-from .. import models
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import get_pretrained_cfg
-from ..data.classification import build_classification_dataset, eval_transform, train_transform
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.data.distributed_sampler import RepeatAugSampler
-from ..data import SkipBatches, seed_worker
-from timm.utils import accuracy
-from .distributed import get_rank, get_world_size
-from timm.utils import ModelEmaV3
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 __all__ = ["pretrain", "PretrainState", "build_classifier", "build_pretrain_data", "build_mixup", "build_criterion",
            "build_pretrain_optimizer", "build_pretrain_scheduler", "evaluate_classifier", "export_encoder",
@@ -215,9 +213,8 @@ def _model_name(cfg: Mapping[str, Any]) -> str:
 
 
 def _payload(state: PretrainState, cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-    net = state.model
-    return {"format": FORMAT, "model": _model_name(cfg), "num_classes": getattr(net, "num_classes", None),
-            "meta": dict(meta), **state.state_dict(), "config": plain(cfg), "task": "pretrain"}
+    ckpt = native_checkpoint({}, _model_name(cfg), getattr(state.model, "num_classes", None), meta, cfg)
+    return {**ckpt, **state.state_dict(), "task": "pretrain"}
 
 
 def export_encoder(model: nn.Module, path: str | os.PathLike, name: str, meta: Mapping[str, Any]) -> Path:
@@ -227,8 +224,7 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, name: str, meta: M
     the whole classifier (for another class count than 1000, pass ``num_classes`` too)."""
     net = unwrap_model(model)
     state_dict = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    return save_checkpoint({"format": FORMAT, "model": name, "num_classes": getattr(net, "num_classes", None),
-                            "state_dict": state_dict, "meta": dict(meta)}, path)
+    return save_checkpoint(native_checkpoint(state_dict, name, getattr(net, "num_classes", None), meta), path)
 
 
 # -- data order ---------------------------------------------------------------------------------
@@ -327,47 +323,8 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, device: torch.device
             "images": int(round(float(totals[0])))}
 
 
-# -- the log ------------------------------------------------------------------------------------
-class _JsonLog:
-    """``log.jsonl`` on rank 0: one JSON object a line; a resumed run first drops the records
-    written after its checkpoint (and a torn last line)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def start(self, iteration: int) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if iteration and record.get("iter", 0) <= iteration:
-                kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-    def write(self, **record: Any) -> None:
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 # -- the work dir --------------------------------------------------------------------------------
 _FIXED_KEYS = ("model.name", "model.num_classes", "data.dataset", "data.train_split", "data.class_map")
-
-
-def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def _check_resume(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> list[str]:
@@ -378,7 +335,7 @@ def _check_resume(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -
     done = int(ckpt["epoch"])
     if cfg["schedule"]["epochs"] < done:
         raise ValueError(f"schedule.epochs={cfg['schedule']['epochs']} is below the {done} epochs of {path}")
-    old, new = _flatten(ckpt.get("config") or {}), _flatten(cfg)
+    old, new = flatten_dict(ckpt.get("config") or {}), flatten_dict(cfg)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     fixed = [k for k in changed if k in _FIXED_KEYS]
     if fixed:
@@ -529,7 +486,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
     if info.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     net = state.model
-    jlog = _JsonLog(work_dir / "log.jsonl" if main else None)
+    jlog = JsonLog(work_dir / "log.jsonl" if main else None)
     if main:
         check_free_space(work_dir, 4 * sum(p.numel() * p.element_size() for p in net.parameters()))
         save_config(cfg, work_dir / "config.yaml")
@@ -656,7 +613,7 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
                 record = dict(epoch=epoch + 1, iter=state.iteration, loss=window["loss"] / n, lr=lr,
                               time=window["time"] / n, data_time=window["data_time"] / n,
                               images_per_s=global_batch * n / max(window["time"], 1e-9),
-                              memory_mb=round(_memory_mb(dev), 1))
+                              memory_mb=round(memory_mb(dev), 1))
                 jlog.write(**record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window = dict(loss=0.0, n=0, time=0.0, data_time=0.0)
@@ -717,11 +674,3 @@ def _class_names(dataset: Any) -> list[str]:
     return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])] if len(mapping) <= 1000 else []
 
 
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0

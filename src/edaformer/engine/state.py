@@ -18,6 +18,7 @@ from torch import nn
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..config import KEYS
 from ..meta import model_checkpoint
+from ..utils import flatten_dict
 
 if TYPE_CHECKING:
     from timm.utils import ModelEmaV3
@@ -205,17 +206,6 @@ _FIXED_DATA_KEYS = ("type", "classes", "ignore_index", "reduce_zero_label", "img
 _UNUSED_ON_RESUME = ("model.encoder_weights", "model.init_from", "model.pretrained")
 
 
-def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in cfg.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def _is_fixed(key: str) -> bool:
     section, _, name = key.partition(".")
     return section == "model" or (section == "data" and name in _FIXED_DATA_KEYS)
@@ -242,7 +232,7 @@ def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: P
             raise ResumeConfigError(f"model.name is {cfg['model']['name']!r} but {path} holds {ckpt['model']!r}")
         log.warning("%s stores no config: changes to the config since it was written cannot be checked", path)
         return []
-    old, new = _flatten(saved), _flatten(cfg)
+    old, new = flatten_dict(saved), flatten_dict(cfg)
     changed = sorted(k for k in old.keys() | new.keys()
                      if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME and not _new_at_default(k, old, new))
     fixed = [k for k in changed if _is_fixed(k)]

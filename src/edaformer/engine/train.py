@@ -10,22 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-try:
-    import resource
-except ImportError:  # Windows: no peak memory outside /proc
-    resource = None
 
 import torch
 from timm.utils import ModelEmaV3
@@ -43,15 +36,15 @@ from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
 from ..plotting import plot_training_log
 from ..protocol import TestProtocol
 from ..utils import all_finite, unwrap_model
-from .builders import (WarmupPolyLR, build_datasets, build_model, build_optimizer, build_param_groups,
-                       build_scheduler, build_train_loader, resolve_amp, segmentation_loss)
-from .losses import SegmentationLoss, build_loss
-from .evaluate import evaluate
+from .builders import build_datasets, build_model, build_optimizer, build_scheduler, build_train_loader, resolve_amp
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
                           convert_sync_batchnorm, init_distributed, is_distributed, on_main)
-from .signals import StopRequest, TrainingAborted, TrainingInterrupted
+from .evaluate import evaluate
+from .losses import SegmentationLoss, build_loss, segmentation_loss
+from .runlog import JsonLog, memory_mb
+from .signals import StopRequest, TrainingInterrupted
 from .state import (TrainState, capture_rng_state, check_resume_config, checkpoint_payload, find_resume_checkpoint,
-                    restore_rng_state, seed_everything, write_training_checkpoint)
+                    seed_everything, write_training_checkpoint)
 from .tensorboard import TensorBoardLog, require_tensorboard
 from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
 
@@ -114,53 +107,6 @@ def _next_batch(batches: Iterator[Any]) -> Any:
             raise
         last = [line for line in text.splitlines() if line.strip()][-1]
         raise DatasetError(last.split("Error: ", 1)[-1] + " (in a data loader worker)") from None
-
-
-# -- the log ----------------------------------------------------------------------------------
-class _JsonLog:
-    """One JSON object per line in ``log.jsonl`` (rank 0 only)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def start(self, iteration: int) -> None:
-        """Keep only the records up to ``iteration`` (0: a new log), so that a resumed run does
-        not repeat records; a torn last line (a killed write) is dropped."""
-        if self.path is None or not self.path.exists():
-            return
-        kept, lines = [], self.path.read_text(encoding="utf-8").splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s line %d is not JSON (a torn write?): dropped", self.path, number)
-                continue
-            if iteration and record.get("iter", 0) <= iteration:
-                kept.append(line)
-        if len(kept) != len(lines):
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-
-    def write(self, **record: Any) -> None:
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        if resource is None:
-            return math.nan
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- the work dir, on rank 0 ---------------------------------------------------------------------
@@ -337,7 +283,7 @@ class _Run:
     checkpoint: Path | None               # the last complete checkpoint (named in error messages)
     saved_at: int = -1                    # its iteration
     last_save: float = field(default_factory=time.monotonic)
-    jlog: _JsonLog = field(default_factory=lambda: _JsonLog(None))
+    jlog: JsonLog = field(default_factory=lambda: JsonLog(None))
     tblog: TensorBoardLog | None = None
     window: _Window = field(default_factory=_Window)
 
@@ -498,7 +444,7 @@ def _start_logs(run: _Run, cleanup: contextlib.ExitStack) -> None:
     """Rank 0: room for checkpoints, ``config.yaml``, ``log.jsonl`` cut to the resumed iteration, TensorBoard."""
     if not run.info.is_main:
         return
-    run.jlog = _JsonLog(run.work_dir / "log.jsonl")
+    run.jlog = JsonLog(run.work_dir / "log.jsonl")
     check_free_space(run.work_dir, _state_bytes(run.state))
     save_config(run.cfg, run.work_dir / "config.yaml")
     run.jlog.start(run.state.iteration)
@@ -553,7 +499,7 @@ def _log_train(run: _Run, bar) -> None:
     """A training record (means over the window) to ``log.jsonl``, TensorBoard and the bar."""
     w = run.window
     record = dict(iter=run.state.iteration, loss=w.loss / w.n, lr=w.lr, time=w.time / w.n,
-                  data_time=w.data_time / w.n, memory_mb=round(_memory_mb(run.info.device), 1))
+                  data_time=w.data_time / w.n, memory_mb=round(memory_mb(run.info.device), 1))
     run.jlog.write(**record)
     if run.tblog:
         run.tblog.write(record)
