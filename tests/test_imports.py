@@ -11,7 +11,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "edaformer"
 # packages of the extras (pyproject's optional-dependencies), imported where they are used
-OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "matplotlib", "transformers", "tensorboard", "torch.utils.tensorboard")
+OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "matplotlib", "transformers", "tensorboard", "torch.utils.tensorboard",
+            "av")
 LAZY = "_LAZY_IMPORTS"  # a module-level {attribute: relative module} dict of names imported on first use
 
 

@@ -18,7 +18,8 @@ from ..protocol import TestProtocol
 from ..utils import to_pair
 from .images import ImageInput, as_chw
 
-__all__ = ["preprocess", "infer_logits", "infer_tta", "segment_input", "segment_image"]
+__all__ = ["preprocess", "infer_logits", "infer_tta", "protocol_logits", "protocol_tta", "segment_input",
+           "segment_image"]
 
 Size = tuple[int, int]
 
@@ -159,20 +160,33 @@ def segment_input(model: nn.Module, x: torch.Tensor, out_size: Size, protocol: T
     bands; the full-resolution logits never exist. Slide mode and flip keep the logits at the
     input size (bounded by the resize box) and resize those to ``out_size`` in bands.
     """
+    low, sizes = protocol_logits(model, x, protocol)
+    out_size = to_pair(tuple(out_size), "out_size")
+    if not sizes or sizes[-1] != out_size:
+        sizes.append(out_size)
+    return labels_from_logits(low, sizes, confidence)
+
+
+def protocol_logits(model: nn.Module, x: torch.Tensor, protocol: TestProtocol) -> tuple[torch.Tensor, list[Size]]:
+    """Logits of a normalized batch ``x`` under ``protocol`` (mode, window, flip) at the lowest
+    resolution the model gives, and the sizes to resize them through before the output size:
+    the decoder's logits and ``[input size]`` in whole mode without flip (``model.decode``
+    where the model has one), else the logits at the input size and ``[]``."""
     device, dtype = _model_device_dtype(model)
-    in_size = tuple(x.shape[-2:])
     with torch.inference_mode():
         if protocol.mode == "whole" and not protocol.flip and hasattr(model, "decode"):
-            low = model.decode(x.to(device=device, dtype=dtype))
-            sizes = [in_size]
-        else:
-            low = infer_logits(model, x, None, mode=protocol.mode, crop_size=protocol.crop_size,
-                               stride=protocol.stride, flip=protocol.flip)
-            sizes = []
-        out_size = to_pair(tuple(out_size), "out_size")
-        if not sizes or sizes[-1] != out_size:
-            sizes.append(out_size)
-        return labels_from_logits(low, sizes, confidence)
+            return model.decode(x.to(device=device, dtype=dtype)), [tuple(x.shape[-2:])]
+        return infer_logits(model, x, None, mode=protocol.mode, crop_size=protocol.crop_size,
+                            stride=protocol.stride, flip=protocol.flip), []
+
+
+def protocol_tta(model: nn.Module, raw: torch.Tensor, protocol: TestProtocol) -> torch.Tensor:
+    """The multi-scale (+ flip) test of ``protocol`` on a raw ``(3, H, W)`` image: softmax
+    probabilities ``(1, K, H, W)``."""
+    out_size = tuple(raw.shape[-2:])
+    return infer_tta(model, raw, out_size, scales=protocol.tta_scales, flip=protocol.flip,
+                     base_scale=protocol.scale or out_size, mode=protocol.mode, crop_size=protocol.crop_size,
+                     stride=protocol.stride, divisor=protocol.size_divisor)
 
 
 def segment_image(model: nn.Module, image: ImageInput, protocol: TestProtocol,
@@ -183,9 +197,7 @@ def segment_image(model: nn.Module, image: ImageInput, protocol: TestProtocol,
     raw = as_chw(image)
     out_size = tuple(raw.shape[-2:])
     if protocol.tta_scales:
-        probs = infer_tta(model, raw, out_size, scales=protocol.tta_scales, flip=protocol.flip,
-                          base_scale=protocol.scale or out_size, mode=protocol.mode, crop_size=protocol.crop_size,
-                          stride=protocol.stride, divisor=protocol.size_divisor)
+        probs = protocol_tta(model, raw, protocol)
         labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8 if probs.shape[1] <= 256 else np.int64)
         conf = probs.amax(1)[0].mul(255).round_().to(torch.uint8).cpu().numpy() if confidence else None
         return labels, conf

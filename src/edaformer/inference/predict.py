@@ -28,10 +28,10 @@ class InputList:
     skipped: list[tuple[Path, str]]
 
 
-def collect_inputs(paths: Iterable[str | os.PathLike]) -> InputList:
-    """Image files of ``paths``; a folder gives its images (sorted, not recursive). Subfolders,
-    files with other extensions and folders without images are listed in ``skipped``; paths that
-    do not exist are kept as files, to be reported when read."""
+def collect_inputs(paths: Iterable[str | os.PathLike], suffixes: Sequence[str] = IMAGE_SUFFIXES) -> InputList:
+    """Image files of ``paths``; a folder gives its images (files with one of ``suffixes``, sorted,
+    not recursive). Subfolders, files with other extensions and folders without images are listed
+    in ``skipped``; paths that do not exist are kept as files, to be reported when read."""
     files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     for p in map(Path, paths):
@@ -42,7 +42,7 @@ def collect_inputs(paths: Iterable[str | os.PathLike]) -> InputList:
         for f in sorted(p.iterdir()):
             if f.is_dir():
                 skipped.append((f, "subfolder (not searched)"))
-            elif f.suffix.lower() in IMAGE_SUFFIXES:
+            elif f.suffix.lower() in suffixes:
                 found.append(f)
             else:
                 skipped.append((f, f"unsupported extension {f.suffix or '(none)'!r}"))
