@@ -178,7 +178,7 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
     ``(H, W)``), equal to ``F.interpolate`` (each size in turn) followed by ``argmax(1)``.
 
     Labels are uint8 for up to 256 classes, else int64. With ``confidence`` also the largest
-    softmax probability per pixel as uint8 (``round(255 * p)``), else None.
+    softmax probability per pixel (that of the chosen class), float32 in 0-1, else None.
     """
     if logits.ndim != 4:
         raise ValueError(f"expected logits (B, K, h, w), got shape {tuple(logits.shape)}")
@@ -189,7 +189,7 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
     b, k = x.shape[:2]
     out_h, out_w = sizes[-1]
     labels = np.empty((b, out_h, out_w), np.uint8 if k <= 256 else np.int64)
-    conf = np.empty((b, out_h, out_w), np.uint8) if confidence else None
+    conf = np.empty((b, out_h, out_w), np.float32) if confidence else None
     step = _band_rows(k, out_w, band_bytes)
     largest = max(h * w for h, w in [tuple(x.shape[-2:])] + sizes)
     with torch.inference_mode():
@@ -208,5 +208,5 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
             if conf is not None:
                 top = band.amax(-1, keepdim=True)
                 p = (band - top).exp_().sum(-1).reciprocal_()
-                conf[:, r0:r1] = p.mul_(255).round_().to(torch.uint8).cpu().numpy()
+                conf[:, r0:r1] = p.cpu().numpy()
     return labels, conf

@@ -16,8 +16,8 @@ from typing import NamedTuple, Union
 from . import isr_adapters
 from .utils import unwrap_model
 
-__all__ = ["ISRSetting", "parse_isr", "parse_stage_factors", "set_isr", "get_isr", "isr", "TRAINING_ISR",
-           "PAPER_ISR_SWEEP"]
+__all__ = ["ISRSetting", "parse_isr", "parse_stage_factors", "set_isr", "set_inference_isr", "get_isr", "isr",
+           "TRAINING_ISR", "PAPER_ISR_SWEEP", "MAX_INFERENCE_FACTOR"]
 
 
 class ISRSetting(NamedTuple):
@@ -105,6 +105,9 @@ def parse_stage_factors(spec, num_stages: int = 4) -> tuple[int, ...]:
 
 TRAINING_ISR = ISRSetting((1, 1, 1, 1), (1, 1, 1))
 PAPER_ISR_SWEEP = ("1111-111", "1111-222", "2211-222", "2222-222")
+# The largest factor :func:`set_inference_isr` takes. At 8 the first EDAFormer stage already pools
+# 64x64 windows (4 key/value tokens for a 512x512 input); the paper's settings use 1 and 2.
+MAX_INFERENCE_FACTOR = 8
 
 
 def _has_own_isr(model) -> bool:
@@ -130,6 +133,29 @@ def set_isr(model, spec, pool: str | None = None):
                              f"{type(target).__name__} takes average pooling")
         factors = parse_stage_factors(spec, isr_adapters.num_stages(target))
         isr_adapters.set_stage_factors(target, factors)
+    return model
+
+
+def _factors(setting) -> tuple[int, ...]:
+    return setting.encoder + setting.decoder if isinstance(setting, ISRSetting) else tuple(setting)
+
+
+def set_inference_isr(model, spec, pool: str | None = None):
+    """:func:`set_isr` for a setting given to run inference with (``edaformer predict --isr``,
+    ``Segmenter(isr=...)``): every factor must also be at most :data:`MAX_INFERENCE_FACTOR`. A
+    setting that does not parse, or with a larger factor (a typo such as ``9999-999``), raises a
+    one-line ``ValueError`` naming it, the form and the range, and the model keeps its setting."""
+    previous, previous_pool = get_isr(model), getattr(unwrap_model(model), "isr_pool", None)
+    set_isr(model, spec, pool=pool)
+    active = get_isr(model)
+    too_large = [f for f in _factors(active) if f > MAX_INFERENCE_FACTOR]
+    if too_large:
+        set_isr(model, previous, pool=previous_pool)
+        n = len(active)
+        form = ("4 encoder and 3 decoder factors, e.g. '2211-222'" if isinstance(active, ISRSetting)
+                else f"{n} encoder stage factors, e.g. '{'2' * min(2, n)}{'1' * (n - 2)}'")
+        raise ValueError(f"ISR setting {spec!r}: factor {too_large[0]} is out of range; each factor is 1 to "
+                         f"{MAX_INFERENCE_FACTOR} ({form})")
     return model
 
 

@@ -12,7 +12,7 @@ import edaformer
 from edaformer import cli
 from edaformer.data.palettes import DATASET_INFO
 from edaformer.inference import Segmenter, TestProtocol, load_image
-from edaformer.inference.predict import collect_inputs, predict_files, unique_stems
+from edaformer.inference.predict import collect_inputs, predict_files, rank_share, unique_stems
 from edaformer.models import MODEL_SPECS
 
 from tests.helpers.stubs import ADE, Stub, rgb
@@ -74,8 +74,8 @@ def test_predict_command_all_good_with_legend_and_probs(ade_model, ade_checkpoin
     with edaformer.isr(ade_model, "2211-222"):
         expected, conf = Segmenter(ade_model, device="cpu", test_scale=(96, 64)).predict(load_image(img), True)
     np.testing.assert_array_equal(label, expected)
-    np.testing.assert_array_equal(np.asarray(probs), conf)
-    assert conf.min() >= 255 // 150  # the top class has at least 1/K of the probability
+    np.testing.assert_array_equal(np.asarray(probs), np.rint(conf * 255).astype(np.uint8))  # 0-1 as 0-255
+    assert conf.dtype == np.float32 and 1 / 150 <= conf.min() and conf.max() <= 1  # the top class: at least 1/K
 
 
 def test_predict_uses_the_checkpoint_protocol_and_command_line_overrides(ade_model, tmp_path):
@@ -168,3 +168,17 @@ def test_inputs_and_stems(tmp_path):
     assert found.files == [tmp_path / "d" / "a.png", tmp_path / "d" / "b.JPG", tmp_path / "missing.png"]
     assert found.skipped == [(tmp_path / "d" / "x.gif", "unsupported extension '.gif'")]
     assert unique_stems(["p/a.png", "q/a.jpg", "a.bmp", "b.png"]) == ["a", "a_1", "a_2", "b"]
+
+
+def test_rank_shares_are_disjoint_cover_the_files_and_keep_the_stems(tmp_path):
+    files = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "y.png", tmp_path / "z.jpg",
+             tmp_path / "c" / "x.bmp"]
+    stems = unique_stems(files)
+    for world in (1, 2, 3, 7):
+        shares = [rank_share(files, rank, world) for rank in range(world)]
+        assert shares == [rank_share(files, rank, world) for rank in range(world)]  # deterministic
+        taken = [(f, s) for share_files, share_stems in shares for f, s in zip(share_files, share_stems)]
+        assert sorted(taken) == sorted(zip(files, stems))  # disjoint, all covered, one process's stems
+    assert rank_share(files, 1, 2) == ([files[1], files[3]], ["x_1", "z"])
+    with pytest.raises(ValueError, match="rank 2 is not among the 2 processes"):
+        rank_share(files, 2, 2)

@@ -55,5 +55,9 @@ def test_confidence_image():
     conf = np.array([[0, 128], [255, 7]], np.uint8)
     img = confidence_image(conf)
     assert img.mode == "L" and np.array_equal(np.asarray(img), conf)
-    with pytest.raises(ValueError, match="uint8"):
+    probs = np.array([[0.0, 0.5], [1.0, 0.0275]], np.float32)  # probabilities are written as round(255 p)
+    assert np.array_equal(np.asarray(confidence_image(probs)), conf)
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\], got 0 to 255"):
         confidence_image(conf.astype(np.float32))
+    with pytest.raises(ValueError, match="float, 0-1"):
+        confidence_image(conf.astype(np.int32))

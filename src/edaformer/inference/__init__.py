@@ -10,10 +10,11 @@ from ..bands import BAND_BYTES, labels_from_logits
 from ..data.transforms import MEAN, STD
 from ..protocol import TestProtocol, test_size
 from .images import ImageInput, as_chw, load_image
-from .infer import infer_logits, infer_tta, preprocess, segment_image, segment_input
+from .infer import image_probabilities, infer_logits, infer_tta, preprocess, segment_image, segment_input
 from .segmenter import Segmenter
 from .visualize import add_legend, colorize, confidence_image, overlay
 
 __all__ = ["MEAN", "STD", "TestProtocol", "load_image", "as_chw", "test_size", "preprocess",
-           "infer_logits", "infer_tta", "segment_input", "segment_image", "labels_from_logits", "BAND_BYTES",
+           "infer_logits", "infer_tta", "segment_input", "segment_image", "image_probabilities", "labels_from_logits",
+           "BAND_BYTES",
            "Segmenter", "colorize", "overlay", "add_legend", "confidence_image", "ImageInput"]

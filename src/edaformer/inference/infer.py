@@ -19,7 +19,7 @@ from ..utils import to_pair
 from .images import ImageInput, as_chw
 
 __all__ = ["preprocess", "infer_logits", "infer_tta", "protocol_logits", "protocol_tta", "segment_input",
-           "segment_image"]
+           "segment_image", "image_probabilities"]
 
 Size = tuple[int, int]
 
@@ -152,8 +152,9 @@ def infer_tta(model: nn.Module, image: torch.Tensor | Image.Image | np.ndarray, 
 
 def segment_input(model: nn.Module, x: torch.Tensor, out_size: Size, protocol: TestProtocol,
                   confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Label maps ``(B, *out_size)`` (and the max-probability maps when ``confidence``) for a
-    normalized batch ``x`` at its test size, under ``protocol`` (mode, window, flip).
+    """Label maps ``(B, *out_size)`` (and, when ``confidence``, the probability of the chosen class,
+    float32 in 0-1) for a normalized batch ``x`` at its test size, under ``protocol`` (mode,
+    window, flip).
 
     Whole mode without flip runs the model up to its low-resolution logits (``model.decode``
     where the model has one) and resizes them, to the input size and then to ``out_size``, in
@@ -191,17 +192,31 @@ def protocol_tta(model: nn.Module, raw: torch.Tensor, protocol: TestProtocol) ->
 
 def segment_image(model: nn.Module, image: ImageInput, protocol: TestProtocol,
                   confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Label map ``(H, W)`` of one raw image at its original size (and the max-probability map when
-    ``confidence``): :func:`~.protocol.preprocess`, then :func:`segment_input`, or the multi-scale
-    test when ``protocol.tta_scales``."""
+    """Label map ``(H, W)`` of one raw image at its original size (and, when ``confidence``, the
+    probability of the chosen class, float32 in 0-1): :func:`~.protocol.preprocess`, then
+    :func:`segment_input`, or the multi-scale test when ``protocol.tta_scales``."""
     raw = as_chw(image)
     out_size = tuple(raw.shape[-2:])
     if protocol.tta_scales:
         probs = protocol_tta(model, raw, protocol)
         labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8 if probs.shape[1] <= 256 else np.int64)
-        conf = probs.amax(1)[0].mul(255).round_().to(torch.uint8).cpu().numpy() if confidence else None
+        conf = probs.amax(1)[0].float().cpu().numpy() if confidence else None
         return labels, conf
     device, _ = _model_device_dtype(model)
     x = prepare_test_image(raw.to(device)[None], protocol.scale, protocol.size_divisor)
     labels, conf = segment_input(model, x, out_size, protocol, confidence)
     return labels[0], None if conf is None else conf[0]
+
+
+def image_probabilities(model: nn.Module, image: ImageInput, protocol: TestProtocol) -> torch.Tensor:
+    """Softmax probabilities ``(1, K, H, W)`` of one raw image at its original size under
+    ``protocol`` (the multi-scale average when ``protocol.tta_scales``): the full-resolution
+    distribution whose argmax :func:`segment_image` computes in bands."""
+    raw = as_chw(image)
+    if protocol.tta_scales:
+        return protocol_tta(model, raw, protocol)
+    device, _ = _model_device_dtype(model)
+    x = prepare_test_image(raw.to(device)[None], protocol.scale, protocol.size_divisor)
+    logits = infer_logits(model, x, tuple(raw.shape[-2:]), mode=protocol.mode, crop_size=protocol.crop_size,
+                          stride=protocol.stride, flip=protocol.flip)
+    return logits.float().softmax(1)

@@ -1,6 +1,7 @@
 """Segmenting image files: ``<stem>_label.png`` (palette PNG, pixel = class id), ``<stem>_overlay.png``
-(optionally with a legend) and ``<stem>_probs.png`` (max softmax probability, 8-bit gray), all at
-the original size. A file that fails is reported by name and the others are still processed."""
+(optionally with a legend) and ``<stem>_probs.png`` (the probability of the chosen class scaled to
+0-255, 8-bit gray), all at the original size. A file that fails is reported by name and the others
+are still processed."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,8 @@ from .images import load_image
 from .segmenter import Segmenter
 from .visualize import add_legend, colorize, confidence_image, overlay
 
-__all__ = ["IMAGE_SUFFIXES", "InputList", "collect_inputs", "unique_stems", "check_alpha", "save_label",
-           "PredictResult", "predict_files"]
+__all__ = ["IMAGE_SUFFIXES", "InputList", "collect_inputs", "unique_stems", "rank_share", "check_alpha",
+           "save_label", "PredictResult", "predict_files"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -65,6 +66,17 @@ def unique_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+def rank_share(files: Sequence[Path], rank: int, world_size: int) -> tuple[list[Path], list[str]]:
+    """The files that process ``rank`` of ``world_size`` segments, with their output stems: every
+    ``world_size``-th file from the ``rank``-th on. The shares of the ranks are disjoint and cover
+    ``files``, and each output keeps the stem one process gives it (:func:`unique_stems` of all)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not among the {world_size} processes")
+    files = list(files)
+    stems = unique_stems(files)
+    return files[rank::world_size], stems[rank::world_size]
+
+
 def check_alpha(alpha: float) -> float:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {alpha:g}")
@@ -86,15 +98,19 @@ class PredictResult:
 
 def predict_files(segmenter: Segmenter, files: Sequence[Path], out_dir: str | os.PathLike, *, alpha: float = 0.5,
                   legend: bool = False, save_probs: bool = False, on_error: Callable[[Path, str], None] | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> PredictResult:
+                  progress: Callable[[Iterable], Iterable] | None = None,
+                  stems: Sequence[str] | None = None) -> PredictResult:
     """Segment ``files`` into ``out_dir``. Errors of one image (unreadable file, out of memory)
     are collected, passed to ``on_error(path, message)``, and the next image is processed; the
-    outputs of a failed image are removed."""
+    outputs of a failed image are removed. ``stems``: the output stems of ``files`` (default
+    :func:`unique_stems`; :func:`rank_share` gives those of a share)."""
     check_alpha(alpha)
+    if stems is not None and len(stems) != len(files):
+        raise ValueError(f"{len(stems)} output stems for {len(files)} files")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, failed = [], []
-    pairs = list(zip(files, unique_stems(files)))
+    pairs = list(zip(files, unique_stems(files) if stems is None else stems))
     for path, stem in (progress(pairs) if progress else pairs):
         targets = [out / f"{stem}_label.png", out / f"{stem}_overlay.png"] + (
             [out / f"{stem}_probs.png"] if save_probs else [])

@@ -11,12 +11,13 @@ from torch import nn
 
 from ..checkpoint import build_from_checkpoint, checkpoint_model_name, read_checkpoint
 from ..data.transforms import prepare_test_image
+from ..isr import ISRSetting, get_isr, set_inference_isr
 from ..meta import model_class_info, stored_classes, stored_isr, stored_isr_pool, stored_palette
 from ..pretrained import DEFAULT_NAME, load_pretrained
 from ..protocol import TestProtocol
 from ..utils import resolve_device
 from .images import ImageInput, as_chw
-from .infer import infer_logits, segment_image, segment_input
+from .infer import image_probabilities, infer_logits, segment_image, segment_input
 
 __all__ = ["Segmenter"]
 
@@ -32,7 +33,7 @@ class Segmenter:
     image, fit (2048, 512), sides rounded up to 32; Cityscapes: fit (2048, 1024), windows of
     1024 every 768).
 
-    >>> seg = Segmenter.from_checkpoint("edaformer-t-ade20k", "edaformer_t_ade.pth", isr="2211-222")
+    >>> seg = Segmenter.from_checkpoint("best_mIoU.pth", isr="2211-222")
     >>> label = seg("image.jpg")            # (H, W) class ids at the original size
     >>> overlay(load_image("image.jpg"), label, seg.palette).save("overlay.png")
     """
@@ -41,13 +42,15 @@ class Segmenter:
                  classes: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
                  protocol: TestProtocol | Mapping[str, Any] | None = None, test_scale: Size | None = None,
                  mode: str | None = None, crop_size: Size | None = None, stride: Size | None = None,
-                 divisor: int | None = None, flip: bool | None = None, pool: str | None = None):
+                 divisor: int | None = None, flip: bool | None = None, pool: str | None = None,
+                 source: str | os.PathLike | None = None):
+        """``isr``: a setting to run with (:func:`~edaformer.isr.set_inference_isr`: factors 1 to
+        8, a one-line ``ValueError`` otherwise). ``source``: where the weights came from (a shipped
+        name or a checkpoint file), shown by ``repr``."""
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        if pool is not None:
-            model.set_isr(isr if isr is not None else model.isr, pool=pool)
-        elif isr is not None:
-            model.set_isr(isr)
+        if isr is not None or pool is not None:
+            set_inference_isr(model, isr if isr is not None else get_isr(model), pool=pool)
         if isinstance(protocol, Mapping):
             protocol = TestProtocol.from_dict(protocol)
         self.protocol = TestProtocol.resolve(model, base=protocol, scale=test_scale, mode=mode, crop_size=crop_size,
@@ -55,36 +58,50 @@ class Segmenter:
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
         info = model_class_info(model, classes, palette)
         self.classes, self.palette = info.classes, info.palette
-
+        self.source = None if source is None else str(source)
 
     @classmethod
-    def from_checkpoint(cls, name: str | None, checkpoint_path: str | os.PathLike,
-                        device: torch.device | str | None = None, isr: Any = None, num_classes: int | None = None,
-                        **kwargs) -> "Segmenter":
-        """Build the named model, load a checkpoint (any supported format, or the name of a
-        shipped model, see :mod:`edaformer.pretrained`) and wrap it.
+    def from_checkpoint(cls, checkpoint: str | os.PathLike | None, checkpoint_path: str | os.PathLike | None = None,
+                        *, model: str | None = None, device: torch.device | str | None = None, isr: Any = None,
+                        num_classes: int | None = None, **kwargs) -> "Segmenter":
+        """The model a checkpoint holds, with its settings: ``checkpoint`` is a file in any
+        supported format (``.pth``, ``.safetensors``) or the name of a shipped model (see
+        :mod:`edaformer.pretrained`).
 
-        ``name`` None: the model name the checkpoint stores (``edaformer train`` and shipped
-        weights store one). From the checkpoint's ``meta`` when present: the test protocol
-        (``test_protocol``, as ``edaformer train`` writes it), class names and palette
-        (``CLASSES``, ``PALETTE``); else the model's; the ISR setting and pool kind stored by
-        ``edaformer isr-tune --write`` (``isr``, ``isr_pool``) unless ``isr`` / ``pool`` are given;
-        the architecture options of the training config (``decoder_depths``, ``decoder_op``,
-        ``train_isr``). ``num_classes`` defaults to the checkpoint's classifier size.
+        From the checkpoint: the model name (``edaformer train`` and shipped weights store one;
+        ``model`` names it for a file that stores none, e.g. a reference mmseg checkpoint), its
+        class count (``num_classes`` overrides) and the architecture options of its training
+        config (``decoder_depths``, ``decoder_op``, ``train_isr``); from its ``meta`` when present:
+        the test protocol (``test_protocol``), class names and palette (``CLASSES``, ``PALETTE``),
+        else the model's; the ISR setting and pool kind stored by ``edaformer package-weights`` or
+        ``edaformer isr-tune --write`` (``isr``, ``isr_pool``) unless ``isr`` / ``pool`` are given.
+
+        The earlier form ``from_checkpoint(name, path)`` (model name first) is read as
+        ``from_checkpoint(path, model=name)``.
+
+        >>> seg = Segmenter.from_checkpoint("work_dirs/camvid/best_mIoU.pth")
         """
+        if checkpoint_path is not None:
+            if model is not None:
+                raise TypeError("from_checkpoint: the model name is given twice; call "
+                                "from_checkpoint(path, model=name)")
+            model, checkpoint = checkpoint, checkpoint_path
+        if checkpoint is None:
+            raise TypeError("from_checkpoint: no checkpoint given (a file or a shipped model name)")
         device = resolve_device(device)
-        obj = read_checkpoint(checkpoint_path)
-        model, report = build_from_checkpoint(obj, name or checkpoint_model_name(obj, checkpoint_path), num_classes)
+        obj = read_checkpoint(checkpoint)
+        net, report = build_from_checkpoint(obj, model or checkpoint_model_name(obj, checkpoint), num_classes)
         meta = report.get("meta") or {}
         if isr is None:
-            isr = stored_isr(meta, source=checkpoint_path)
+            isr = stored_isr(meta, source=checkpoint)
             if kwargs.get("pool") is None and isr is not None and stored_isr_pool(meta):
                 kwargs["pool"] = stored_isr_pool(meta)
         kwargs.setdefault("classes", stored_classes(meta))
         kwargs.setdefault("palette", stored_palette(meta))
+        kwargs.setdefault("source", checkpoint)
         if kwargs.get("protocol") is None:
-            kwargs["protocol"] = TestProtocol.resolve(model, meta, source=checkpoint_path)
-        return cls(model, device=device, isr=isr, **kwargs)
+            kwargs["protocol"] = TestProtocol.resolve(net, meta, source=checkpoint)
+        return cls(net, device=device, isr=isr, **kwargs)
 
     @classmethod
     def pretrained(cls, name: str | None = None, device: torch.device | str | None = None, isr: Any = None,
@@ -102,6 +119,7 @@ class Segmenter:
             kwargs.setdefault("pool", info.isr_pool)
         kwargs.setdefault("classes", info.classes)
         kwargs.setdefault("palette", info.palette)
+        kwargs.setdefault("source", info.name)
         if kwargs.get("protocol") is None:
             kwargs["protocol"] = info.protocol
         return cls(model, device=device, isr=isr, **kwargs)
@@ -119,9 +137,17 @@ class Segmenter:
                             crop_size=p.crop_size, stride=p.stride, flip=p.flip)
 
     def predict(self, image: ImageInput, confidence: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Label map ``(H, W)`` at the original size and, with ``confidence``, the largest softmax
-        probability per pixel as uint8 (255 = 1.0)."""
+        """Label map ``(H, W)`` at the original size and, with ``confidence``, the probability of
+        the chosen class per pixel, float32 in 0-1 (else None). ``edaformer predict --save-probs``
+        writes it as an 8-bit PNG, scaled to 0-255 (:func:`~.visualize.confidence_image`)."""
         return segment_image(self.model, image, self.protocol, confidence)
+
+    def probabilities(self, image: ImageInput) -> np.ndarray:
+        """Softmax probabilities ``(C, H, W)``, float32, at the original size of one image (the
+        average of the multi-scale test under ``protocol.tta_scales``); their argmax over the classes
+        is the label map of ``self(image)`` (but where two classes tie to within float rounding).
+        Holds ``4 * C * H * W`` bytes."""
+        return image_probabilities(self.model, image, self.protocol)[0].cpu().numpy()
 
     def __call__(self, image: ImageInput) -> np.ndarray:
         """Label map ``(H, W)`` (uint8, or int64 beyond 256 classes) at the original size."""
@@ -147,5 +173,15 @@ class Segmenter:
         return out  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        name = getattr(self.model, "name", type(self.model).__name__)
-        return f"Segmenter({name}, classes={self.num_classes}, {self.protocol.describe()}, device={self.device})"
+        arch = getattr(self.model, "name", type(self.model).__name__)
+        parts = [f"model={self.source}", f"architecture={arch}"] if self.source else [f"model={arch}"]
+        parts.append(f"classes={self.num_classes}")
+        try:
+            setting = get_isr(self.model)
+        except TypeError:  # a model without ISR
+            setting = None
+        if setting is not None:
+            pool = getattr(self.model, "isr_pool", None)
+            shown = str(setting) if isinstance(setting, ISRSetting) else "".join(map(str, setting))
+            parts.append(f"isr={shown}" + (f" ({pool})" if pool else ""))
+        return f"Segmenter({', '.join(parts)}, {self.protocol.describe()}, device={self.device})"

@@ -97,8 +97,15 @@ def add_legend(image: Image.Image, label: np.ndarray | torch.Tensor, classes: Se
 
 
 def confidence_image(confidence: np.ndarray) -> Image.Image:
-    """An 8-bit grayscale image of a per-pixel confidence map (uint8, 255 = probability 1)."""
+    """An 8-bit grayscale image of a per-pixel confidence map: probabilities in 0-1 (float, as
+    :meth:`Segmenter.predict` gives them) are written as ``round(255 * p)``; uint8 values as they are."""
     conf = np.asarray(confidence)
-    if conf.ndim != 2 or conf.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W) uint8 confidence map, got {conf.dtype} {conf.shape}")
+    if conf.ndim != 2 or not (conf.dtype == np.uint8 or np.issubdtype(conf.dtype, np.floating)):
+        raise ValueError(f"expected an (H, W) confidence map of probabilities (float, 0-1) or uint8, "
+                         f"got {conf.dtype} {conf.shape}")
+    if conf.dtype != np.uint8:
+        if conf.size and not (conf.min() >= 0 and conf.max() <= 1 + 1e-6):
+            raise ValueError(f"confidence values must be probabilities in [0, 1], got {conf.min():g} to "
+                             f"{conf.max():g}")
+        conf = np.rint(np.clip(conf, 0, 1) * 255).astype(np.uint8)
     return Image.fromarray(conf, mode="L")
