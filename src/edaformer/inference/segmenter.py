@@ -17,6 +17,7 @@ from ..protocol import TestProtocol
 from ..utils import resolve_device
 from .images import ImageInput, as_chw
 from .infer import infer_logits, segment_image, segment_input
+from .onnx_backend import OnnxModel, is_onnx_file
 
 __all__ = ["Segmenter"]
 
@@ -71,7 +72,12 @@ class Segmenter:
         ``edaformer isr-tune --write`` (``isr``, ``isr_pool``) unless ``isr`` / ``pool`` are given;
         the architecture options of the training config (``decoder_depths``, ``decoder_op``,
         ``train_isr``). ``num_classes`` defaults to the checkpoint's classifier size.
+
+        An ``.onnx`` file (``edaformer export``) runs in ONNX Runtime: :meth:`from_onnx`.
         """
+        if is_onnx_file(checkpoint_path):
+            return cls.from_onnx(checkpoint_path, name=name, device=device, isr=isr, num_classes=num_classes,
+                                 **kwargs)
         device = resolve_device(device)
         obj = read_checkpoint(checkpoint_path)
         model, report = build_from_checkpoint(obj, name or checkpoint_model_name(obj, checkpoint_path), num_classes)
@@ -84,6 +90,26 @@ class Segmenter:
         kwargs.setdefault("palette", stored_palette(meta))
         if kwargs.get("protocol") is None:
             kwargs["protocol"] = TestProtocol.resolve(model, meta, source=checkpoint_path)
+        return cls(model, device=device, isr=isr, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, device: torch.device | str | None = None, isr: Any = None, *,
+                  threads: int | None = None, name: str | None = None, num_classes: int | None = None,
+                  **kwargs) -> "Segmenter":
+        """An ``edaformer export`` file run in ONNX Runtime (:class:`~.onnx_backend.OnnxModel`, ``threads``
+        intra-op threads, default ``torch.get_num_threads()``) with the classes, palette and test
+        protocol of its metadata; protocol keywords win. Labels come from the same banded resize and
+        argmax as the torch model's. The ISR setting is the file's: another ``isr``, or a ``name`` /
+        ``num_classes`` other than the file's, raises ``ValueError``.
+        """
+        model = OnnxModel(path, threads=threads)
+        for what, asked, held in (("model", name, model.name), ("num_classes", num_classes, model.num_classes)):
+            if asked is not None and asked != held:
+                raise ValueError(f"{path} holds {what} {held}, not {asked}")
+        kwargs.setdefault("classes", model.classes)
+        kwargs.setdefault("palette", model.palette)
+        if kwargs.get("protocol") is None:
+            kwargs["protocol"] = model.protocol
         return cls(model, device=device, isr=isr, **kwargs)
 
     @classmethod
