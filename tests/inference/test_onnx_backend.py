@@ -54,6 +54,7 @@ def test_onnx_labels_equal_the_torch_path(small):
     onnx_seg = Segmenter.from_checkpoint(None, path, device="cpu")  # dispatches on .onnx
     assert isinstance(onnx_seg.model, OnnxModel) and onnx_seg.protocol == PROTOCOL
     assert onnx_seg.model.output_stride == 8 and str(onnx_seg.model.isr) == "1111-111"
+    assert onnx_seg.model.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
     x = torch.randn(1, 3, *SIZE)
     with torch.inference_mode():
         low = model.decode(x)
@@ -155,6 +156,8 @@ def test_eval_cli_with_an_onnx_file_gives_the_torch_scores(small, tmp_path, caps
         assert cli.main(["eval", str(cfg), "--checkpoint", str(source), "--device", "cpu"]) == 0
         printed[kind] = capsys.readouterr().out
     assert "(onnx format)" in printed["onnx"] and "ISR 1111-111" in printed["onnx"]
+    assert cli.main(["eval", str(cfg), "--checkpoint", str(path), "--isr-sweep"]) == 2
+    assert "--isr-sweep needs a checkpoint" in capsys.readouterr().err
     score = [next(line for line in printed[k].splitlines() if "mIoU" in line) for k in ("torch", "onnx")]
     assert score[0] == score[1]
 

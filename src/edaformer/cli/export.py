@@ -60,7 +60,7 @@ def _architecture(name: str) -> tuple:
     return spec.family, {k: v for k, v in spec.to_dict().items() if k not in _IDENTITY_FIELDS}
 
 
-def model_name(given: str | None, checkpoint: dict, source: str) -> str:
+def _model_name(given: str | None, checkpoint: dict, source: str) -> str:
     """The model to build: ``given`` when the checkpoint names none or names the same network,
     else the checkpoint's; a ``given`` name of another network raises ``ValueError``."""
     if given is None:
@@ -75,7 +75,7 @@ def model_name(given: str | None, checkpoint: dict, source: str) -> str:
     return given
 
 
-def example_size(args, model) -> tuple[int, int]:
+def _example_size(args, model) -> tuple[int, int]:
     """``--size``, else (with ``--dynamic``) a square example at least as large as the ISR's minimum."""
     if args.size is not None:
         return tuple(args.size)
@@ -89,7 +89,7 @@ def run(args) -> int:
     if args.isr is not None:
         parse_isr(args.isr)  # fail on a bad spec before reading the checkpoint
     obj = read_checkpoint(args.checkpoint)
-    name = model_name(args.model, obj, args.checkpoint)
+    name = _model_name(args.model, obj, args.checkpoint)
     model, report = build_from_checkpoint(obj, name, args.num_classes)
     meta = report.get("meta") or {}
     # the given setting, else the one the checkpoint stores (with its pool kind), else the training ratios
@@ -97,7 +97,7 @@ def run(args) -> int:
     setting = str(parse_isr(args.isr)) if args.isr is not None else stored or str(TRAINING_ISR)
     pool = args.pool or (stored_isr_pool(meta) if stored else None) or "avg"
     model.set_isr(setting, pool=pool)  # the active setting is what export_onnx bakes in
-    size = example_size(args, model)
+    size = _example_size(args, model)
     # the protocol the checkpoint was trained and evaluated with, else the model's
     protocol = TestProtocol.resolve(model, meta, source=args.checkpoint)
     path = export_onnx(model.eval(), args.out, size=size, isr=None, dynamic=args.dynamic,
