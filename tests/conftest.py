@@ -19,3 +19,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shipped_camvid_onnx(tmp_path_factory):
+    """The shipped edaformer-t-camvid exported by ``edaformer export`` without a model name, fixed at
+    384x480 (the test size of a 960x720 CamVid frame); shared by the export and ONNX Runtime tests."""
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(module)
+    from edaformer.cli import main
+
+    out = tmp_path_factory.mktemp("shipped_onnx") / "camvid.onnx"
+    assert main(["export", "--checkpoint", "edaformer-t-camvid", "--size", "384", "480", "--out", str(out)]) == 0
+    return out

@@ -34,6 +34,11 @@ def _input_dims(path):
     return [d.dim_param or d.dim_value for d in dims]
 
 
+def _output_dims(path):
+    dims = onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
 @pytest.mark.slow
 def test_cli_export_fixed_size_matches_onnxruntime(model, tmp_path):
     ckpt = edaformer.save_checkpoint(model, tmp_path / "t.pth")
@@ -41,6 +46,8 @@ def test_cli_export_fixed_size_matches_onnxruntime(model, tmp_path):
     assert main(["export", NAME, "--checkpoint", str(ckpt), "--isr", "2211-222", "--size", "128", "128",
                  "--out", str(out)]) == 0
     assert _input_dims(out) == [1, 3, 128, 128]
+    assert _output_dims(out) == [1, 150, 16, 16]  # the decoder's logits, at output stride 8
+    assert _metadata(out)["output_stride"] == "8"
     (result,) = verify_onnx(model, out, [(128, 128)], isr="2211-222")
     assert result["max_abs_diff"] <= TOL
     assert str(model.isr) == "1111-111"  # the model's own ISR setting is untouched
@@ -93,6 +100,7 @@ def test_cli_dynamic_export_is_quiet_carries_metadata_and_runs_any_batch_and_siz
                                                  "flip": False}  # TestProtocol.to_dict(), as in checkpoints
     assert "multiple of 32" in meta["resize"]
     assert _input_dims(out) == ["batch", 3, "height", "width"]
+    assert meta["output_stride"] == "8" and meta["isr_pool"] == "avg"
     results = verify_onnx(seven, out, [(128, 128), (96, 160), (77, 131)], isr="1111-222")
     results += verify_onnx(seven, out, [(96, 128)], isr="1111-222", batch=3)
     assert all(r["max_abs_diff"] <= TOL for r in results), results
@@ -120,3 +128,64 @@ def test_metadata_states_the_given_test_protocol():
                                                  "crop_size": [512, 512], "stride": [341, 341], "tta_scales": [],
                                                  "flip": False}
     assert "(480, 360) (long, short) box" in meta["resize"]
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_shipped_name_takes_model_and_stored_isr_from_it(shipped_camvid_onnx):
+    """``edaformer export --checkpoint edaformer-t-camvid`` (no model name): the architecture and the ISR
+    setting the shipped file stores, baked in and stated in the metadata."""
+    from edaformer.pretrained import read_info, weights_path
+
+    info = read_info(weights_path("edaformer-t-camvid"))
+    meta = _metadata(shipped_camvid_onnx)
+    assert meta["isr"] == info.isr != "1111-111" and meta["isr_pool"] == info.isr_pool
+    assert meta["model"] == info.model and meta["num_classes"] == "11"
+    assert json.loads(meta["classes"]) == list(info.classes)
+    assert json.loads(meta["test_protocol"]) == info.protocol.to_dict()
+    assert meta["output_stride"] == "8" and meta["dynamic"] == "none"
+    assert _input_dims(shipped_camvid_onnx) == [1, 3, 384, 480]
+    assert _output_dims(shipped_camvid_onnx) == [1, 11, 48, 60]
+
+
+@pytest.fixture
+def exported(monkeypatch):
+    """``edaformer export`` with ``export_onnx`` replaced: what it would export (ISR, pool, size)."""
+    from edaformer.cli import export as export_cli
+
+    calls = []
+
+    def record(model, path, size, **kwargs):
+        calls.append(dict(isr=str(model.isr), pool=model.isr_pool, size=tuple(size), name=model.name,
+                          dynamic=kwargs["dynamic"]))
+        return Path(path)
+
+    monkeypatch.setattr(export_cli, "export_onnx", record)
+    return calls
+
+
+def test_cli_export_isr_given_wins_over_the_stored_one(exported, tmp_path):
+    from edaformer.pretrained import read_info, weights_path
+
+    stored = read_info(weights_path("edaformer-t-camvid"))
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", "--checkpoint", "edaformer-t-camvid", "--dynamic", "--out", out]) == 0
+    assert main(["export", "--checkpoint", "edaformer-t-camvid", "--isr", "2222-222", "--size", "96", "128",
+                 "--out", out]) == 0
+    assert main(["export", "edaformer-t-cityscapes", "--checkpoint", "edaformer-t-camvid", "--pool", "max",
+                 "--size", "96", "128", "--out", out]) == 0  # the same network under another dataset's name
+    assert exported == [
+        dict(isr=stored.isr, pool=stored.isr_pool, size=(256, 256), name=stored.model, dynamic=True),
+        dict(isr="2222-222", pool="avg", size=(96, 128), name=stored.model, dynamic=False),
+        dict(isr=stored.isr, pool="max", size=(96, 128), name="edaformer-t-cityscapes", dynamic=False)]
+
+
+def test_cli_export_refuses_a_model_name_the_checkpoint_contradicts(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "edaformer-b-ade20k", "--checkpoint", "edaformer-t-camvid", "--size", "64", "64",
+                 "--out", str(out)]) == 2
+    assert main(["export", "--checkpoint", "edaformer-t-camvid", "--out", str(out)]) == 2  # fixed size: --size
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edaformer export: error: model edaformer-b-ade20k contradicts checkpoint edaformer-t-camvid, "
+                   "which holds edaformer-t-ade20k; leave the model name out to export the checkpoint's",
+                   "edaformer export: error: --size H W is needed for a fixed-size export (or give --dynamic)"]
+    assert not out.exists()

@@ -52,11 +52,13 @@ def test_onnx_metadata_reads_back_and_earlier_files_read_too():
     assert (back["model"], back["num_classes"], back["classes"], back["isr"], back["dynamic"]) == (
         "edaformer-t-ade20k", 3, ["a", "b", "c"], "1111-111", True)
     assert len(back["palette"]) == 3 and len(back["mean"]) == len(back["std"]) == 3
+    assert (back["output_stride"], back["isr_pool"]) == (8, "avg")
     # exports written before one schema stated the protocol as mode / test_scale / size_divisor
     earlier = {"mode": "whole", "test_scale": [2048, 512], "size_divisor": 32}
     read = meta.decode_onnx_metadata({"test_protocol": json.dumps(earlier), "dynamic": "none"})
     assert TestProtocol.from_dict(read["protocol"]) == TestProtocol(scale=(2048, 512), divisor=32)
     assert read["dynamic"] is False
+    assert read["output_stride"] == 1  # earlier exports wrote the logits at the input size
     slide = {"mode": "slide", "test_scale": [2048, 1024], "size_divisor": None, "crop_size": [1024, 1024],
              "stride": [768, 768]}
     assert TestProtocol.from_dict(slide) == TestProtocol(scale=(2048, 1024), divisor=None, mode="slide",

@@ -1,8 +1,11 @@
 """ONNX export of an EDAFormer with its ISR setting baked in.
 
-The exported graph computes exactly ``model(image)``: logits ``(B, K, H, W)`` at the input size.
-Pooling ratios are constants of the graph (an ISR setting is a choice of fixed ``AveragePool``
-kernels), so one file holds one ISR setting.
+The exported graph computes ``model.decode(image)``: the decoder's logits ``(B, K, ceil(H / s),
+ceil(W / s))`` at its output stride ``s`` (8, see :func:`output_stride`), without the final resize to
+the input size, so the full-size logits are never made; a reader resizes them (bilinear,
+``align_corners=False``) to the input size before the argmax, or reduces them in bands as
+:func:`edaformer.bands.labels_from_logits` does. Pooling ratios are constants of the graph (an
+ISR setting is a choice of fixed ``AveragePool`` kernels), so one file holds one ISR setting.
 
 Dynamic height/width. An EFA pooling is ``AveragePool(kernel=r, stride=r)`` with floor rounding:
 its kernel is fixed, but its output grid ``floor(h / r)`` follows any input size, exactly as in
@@ -15,8 +18,9 @@ A dynamic export also makes the batch size symbolic.
 
 Metadata. The file's ``metadata_props`` (see :func:`onnx_metadata`; the schema is
 :mod:`edaformer.meta`, which also reads them back) say how to feed and read it: class names and
-colours, the ISR setting, the input normalisation (RGB on 0-255 values, ``(x - mean) / std``) and
-the test protocol, also as a resize rule in words.
+colours, the ISR setting, the output stride, the input normalisation (RGB on 0-255 values,
+``(x - mean) / std``) and the test protocol, also as a resize rule in words.
+:mod:`edaformer.inference.onnx_backend` runs such a file in ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -34,13 +38,13 @@ from torch import nn
 
 from .data.transforms import MEAN, STD
 from .isr import ISRSpec, isr as isr_context
-from .meta import encode_onnx_metadata, model_class_info
+from .meta import OUTPUT_STRIDE, decode_onnx_metadata, encode_onnx_metadata, model_class_info
 from .models import EDAFormer
 from .protocol import TestProtocol
 from .utils import unwrap_model
 
-__all__ = ["export_onnx", "min_input_side", "onnx_metadata", "verify_onnx", "require_onnx", "OnnxExtrasMissing",
-           "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "min_input_side", "output_stride", "onnx_metadata", "verify_onnx", "require_onnx",
+           "OnnxExtrasMissing", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 18
 ONNX_EXTRAS = 'pip install "edaformer[onnx]"'
@@ -66,6 +70,23 @@ def min_input_side(model: nn.Module, axis: int = 0) -> int:
     return model.min_input_size()[axis]
 
 
+def output_stride(model: nn.Module) -> int:
+    """Input size / size of the logits an export writes: the reduction of the encoder stage the
+    decoder's output lies on (its first input, stage 2: 8)."""
+    return int(model.encoder.feature_info[1]["reduction"])
+
+
+class _DecoderLogits(nn.Module):
+    """What an export computes: ``model.decode``, the logits before the final resize."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(x)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     was_training = model.training
@@ -89,7 +110,8 @@ def _resize_rule(protocol: TestProtocol) -> str:
     if protocol.mode == "slide":
         (ch, cw), (sh, sw) = protocol.crop_size, protocol.stride
         rule += f"; run {ch}x{cw} windows every {sh}x{sw} pixels and average the overlapping logits"
-    return rule + "; resize the logits back to the image size before argmax"
+    return rule + ("; resize the logits (output_stride) bilinearly to the input size (in slide mode: to each "
+                   "window's size), then to the image size, before argmax")
 
 
 def onnx_metadata(model: nn.Module, classes: Sequence[str] | None = None,
@@ -100,15 +122,16 @@ def onnx_metadata(model: nn.Module, classes: Sequence[str] | None = None,
 
     Keys: ``model``, ``num_classes``, ``classes`` and ``palette`` (JSON), ``isr``, ``input``, ``mean`` and
     ``std`` (JSON, RGB on 0-255 values), ``test_protocol`` (JSON of ``TestProtocol.to_dict()``),
-    ``resize``, ``output``, ``dynamic``. ``classes`` / ``palette`` that do not fit the class count
-    are replaced by the dataset's or generated ones. ``protocol``: the
+    ``resize``, ``output``, ``output_stride``, ``isr_pool``, ``dynamic``. ``classes`` / ``palette`` that do
+    not fit the class count are replaced by the dataset's or generated ones. ``protocol``: the
     :class:`~edaformer.protocol.TestProtocol` to state (default: the model spec's).
     """
     names = model_class_info(model, classes, palette)
     protocol = protocol or TestProtocol.from_model(model)
     return encode_onnx_metadata(model=getattr(model, "name", type(model).__name__), num_classes=model.num_classes,
                                 classes=names.classes, palette=names.palette, isr=model.isr, protocol=protocol,
-                                mean=MEAN, std=STD, resize=_resize_rule(protocol), dynamic=dynamic)
+                                mean=MEAN, std=STD, resize=_resize_rule(protocol), dynamic=dynamic,
+                                output_stride=output_stride(model), isr_pool=model.isr_pool)
 
 
 @contextlib.contextmanager
@@ -142,7 +165,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
     ISR setting to bake in (default: the model's active one; the model's own setting is restored
     afterwards). ``dynamic``: batch, height and width become symbolic (``height >= min_h``,
     ``width >= min_w`` for the ISR setting, see the module docstring); else the batch is ``batch``.
-    Input ``image`` (float32 ``(B, C, H, W)``), output ``logits`` (``(B, K, H, W)``). ``classes`` /
+    Input ``image`` (float32 ``(B, C, H, W)``), output ``logits`` (``(B, K, ceil(H / s), ceil(W / s))``,
+    ``s`` = :func:`output_stride`: ``model.decode``, not resized to the input size). ``classes`` /
     ``palette`` and the test ``protocol`` go to the file's metadata (:func:`onnx_metadata`). The
     exporter's own logging is shown only with ``verbose``.
 
@@ -177,9 +201,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with torch.inference_mode(False), torch.no_grad(), _quiet(not verbose):
-                program = torch.onnx.export(model, (x,), input_names=["image"], output_names=["logits"],
-                                            opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                            verbose=verbose, report=False)
+                program = torch.onnx.export(_DecoderLogits(model), (x,), input_names=["image"],
+                                            output_names=["logits"], opset_version=opset, dynamo=True,
+                                            dynamic_shapes=dynamic_shapes, verbose=verbose, report=False)
                 program.model.metadata_props.update(metadata)
                 program.save(str(path), external_data=False)
         except Exception as e:
@@ -196,7 +220,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: Sequence[int] =
 
 def verify_onnx(model: nn.Module, path: str | os.PathLike, sizes: Sequence[Sequence[int]], *, batch: int = 1,
                 isr: ISRSpec | None = None, seed: int = 0) -> list[dict]:
-    """Run the ONNX file in onnxruntime (CPU) and compare with ``model`` in float32 for each size.
+    """Run the ONNX file in onnxruntime (CPU) and compare with ``model`` in float32 for each size:
+    with ``model.decode`` for a file with an ``output_stride`` above 1, else with ``model(x)``.
 
     Returns ``[{"size": (H, W), "max_abs_diff": float}, ...]``. Needs ``onnxruntime``.
     """
@@ -205,6 +230,7 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, sizes: Sequence[Seque
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    stride = decode_onnx_metadata(session.get_modelmeta().custom_metadata_map)[OUTPUT_STRIDE]
     in_chans = model.encoder.stages[0].downsample.proj.in_channels
     g = torch.Generator().manual_seed(seed)
     results = []
@@ -214,7 +240,8 @@ def verify_onnx(model: nn.Module, path: str | os.PathLike, sizes: Sequence[Seque
         for size in sizes:
             x = torch.randn(batch, in_chans, int(size[0]), int(size[1]), generator=g)
             with torch.inference_mode():
-                expected = model(x.to(device)).float().cpu()
+                run = model.decode if stride > 1 else model
+                expected = run(x.to(device)).float().cpu()
             got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
             if got.shape != expected.shape:
                 raise ValueError(f"ONNX output shape {tuple(got.shape)} != PyTorch {tuple(expected.shape)}")

@@ -27,6 +27,11 @@ lists and dicts, class names and colours under ``classes`` / ``palette``
 (:func:`encode_weights_metadata` / :func:`decode_weights_metadata`,
 :func:`encode_onnx_metadata` / :func:`decode_onnx_metadata`).
 
+ONNX exports also state ``output_stride``: the file's logits are ``(N, K, ceil(H / s), ceil(W / s))``
+for an ``H x W`` input, to be resized to the input size before the argmax. Files exported before
+that key wrote the logits at the input size; they read as ``output_stride`` 1. ``isr_pool`` is
+the pooling kind baked in with the ISR setting (absent in earlier files).
+
 The test protocol is written under one schema everywhere, the field names of
 :class:`~edaformer.protocol.TestProtocol` (``scale``, ``divisor``, ``mode``, ``crop_size``,
 ``stride``, ``tta_scales``, ``flip``). ONNX files exported before wrote ``test_scale`` and
@@ -47,7 +52,7 @@ __all__ = ["FORMAT", "WEIGHTS_FORMAT", "WEIGHTS_FORMAT_VERSION", "CLASSES", "PAL
            "ISR_POOL", "ISR_TUNE", "ITERATION", "MIOU", "native_checkpoint", "model_checkpoint", "checkpoint_meta",
            "stored_classes", "stored_palette", "stored_isr", "stored_isr_pool", "protocol_fields", "model_class_info",
            "encode_weights_metadata", "decode_weights_metadata", "weights_meta", "weights_checkpoint",
-           "encode_onnx_metadata", "decode_onnx_metadata"]
+           "encode_onnx_metadata", "decode_onnx_metadata", "OUTPUT_STRIDE"]
 
 FORMAT = "edaformer"                     # checkpoint["format"] of a checkpoint in this library's format
 WEIGHTS_FORMAT = "edaformer-weights"     # metadata["format"] of a shipped weights file
@@ -63,6 +68,7 @@ ISR_TUNE = "isr_tune"
 ITERATION = "iteration"
 MIOU = "mIoU"
 WEIGHTS = "weights"                      # "ema" when the weights are the training run's moving average
+OUTPUT_STRIDE = "output_stride"          # ONNX: input size / logits size (1 in files exported before the key)
 
 # the same concepts in string metadata (safetensors, ONNX): names and colours in lower case
 _CLASSES_FIELD = "classes"
@@ -72,7 +78,8 @@ _PALETTE_FIELD = "palette"
 _LEGACY_PROTOCOL_KEYS = {"test_scale": "scale", "size_divisor": "divisor"}
 
 _ONNX_INPUT = "image: float32 (N, 3, H, W), RGB, (pixel - mean) / std with pixels in 0-255"
-_ONNX_OUTPUT = "logits: float32 (N, num_classes, H, W) at the input size; argmax over dim 1 = class id"
+_ONNX_OUTPUT = ("logits: float32 (N, num_classes, ceil(H / {s}), ceil(W / {s})) (output_stride {s}); resize them "
+                "bilinearly (align_corners=False) to the input size, then argmax over dim 1 = class id")
 _ONNX_DYNAMIC = "batch, height, width"
 
 
@@ -253,20 +260,22 @@ def weights_checkpoint(state_dict: Mapping[str, Any], fields: Mapping[str, Any])
 # -- ONNX metadata ----------------------------------------------------------------------------------
 def encode_onnx_metadata(*, model: str, num_classes: int, classes: Sequence[str], palette: Sequence[Sequence[int]],
                          isr: Any, protocol: Any, mean: Sequence[float], std: Sequence[float], resize: str,
-                         dynamic: bool) -> dict[str, str]:
-    """The ``metadata_props`` (strings) of an ONNX export."""
+                         dynamic: bool, output_stride: int, isr_pool: str = "avg") -> dict[str, str]:
+    """The ``metadata_props`` (strings) of an ONNX export; ``output_stride``: input size / logits size."""
     return {
         "model": str(model),
         "num_classes": str(int(num_classes)),
         _CLASSES_FIELD: json.dumps(list(classes)),
         _PALETTE_FIELD: json.dumps([list(c) for c in palette]),
         ISR: str(isr),
+        ISR_POOL: str(isr_pool),
         "input": _ONNX_INPUT,
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
         TEST_PROTOCOL: json.dumps(_protocol_dict(protocol)),
         "resize": resize,
-        "output": _ONNX_OUTPUT,
+        "output": _ONNX_OUTPUT.format(s=int(output_stride)),
+        OUTPUT_STRIDE: str(int(output_stride)),
         "dynamic": _ONNX_DYNAMIC if dynamic else "none",
     }
 
@@ -275,9 +284,10 @@ def decode_onnx_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     """The values of an ONNX export's ``metadata_props`` (a ``{key: value}`` mapping): ``model``,
     ``num_classes``, ``classes``, ``palette``, ``isr``, ``mean``, ``std``, ``protocol`` (a dict of
     :class:`~edaformer.protocol.TestProtocol` fields, also from files written with ``test_scale`` /
-    ``size_divisor``), ``resize`` and ``dynamic`` (a bool). Absent keys are left out."""
-    out: dict[str, Any] = {}
-    for key in ("model", ISR, "resize"):
+    ``size_divisor``), ``resize``, ``dynamic`` (a bool), ``isr_pool`` and ``output_stride`` (an int; 1 for
+    files exported before it, whose logits are at the input size). Other absent keys are left out."""
+    out: dict[str, Any] = {OUTPUT_STRIDE: int(props.get(OUTPUT_STRIDE) or 1)}
+    for key in ("model", ISR, ISR_POOL, "resize"):
         if key in props:
             out[key] = props[key]
     if "num_classes" in props:

@@ -7,6 +7,7 @@ from .common import add_protocol_options, command
 from ..config import load_config
 from ..engine.distributed import cleanup_distributed, init_distributed, is_distributed
 from ..engine.prepare import prepare_evaluation
+from ..inference.onnx_backend import is_onnx_file
 from ..engine import format_sweep_table, isr_sweep, plot_sweep, save_sweep
 from ..engine.evaluate import common_test_size, sweep_title
 from ..isr import PAPER_ISR_SWEEP
@@ -21,7 +22,8 @@ def add_parser(sub) -> None:
     p = command(sub, "eval", run, help="evaluate a checkpoint on the config's validation set (mIoU, per class)")
     p.add_argument("config", help="the config the model was trained with: a YAML file or a shipped name "
                    "(`edaformer configs`)")
-    p.add_argument("--checkpoint", required=True, help="weights (any supported format)")
+    p.add_argument("--checkpoint", required=True,
+                   help="weights (any supported format), or an `edaformer export` .onnx file (run in ONNX Runtime)")
     p.add_argument("--isr", default=None, help="ISR factors, e.g. 2211-222 (default: eval.isr of the config, else "
                    "the setting stored in the checkpoint by `edaformer isr-tune --write`, else the training ratios)")
     p.add_argument("--pool", choices=ISR_POOLS, default=None,
@@ -49,6 +51,8 @@ def run(args) -> int:
             raise ValueError("--confusion is for a single evaluation, not with --isr-sweep")
         if Path(args.confusion).suffix.lower() != ".png":
             raise ValueError(f"--confusion takes a .png path, got {args.confusion}")
+    if args.isr_sweep is not None and is_onnx_file(args.checkpoint):
+        raise ValueError(f"--isr-sweep needs a checkpoint: {args.checkpoint} has one ISR setting baked in")
     cfg = load_config(args.config, list(args.set) + ([f"eval.isr={args.isr}"] if args.isr else []))
     owns_group = not is_distributed()
     info = init_distributed(args.device)

@@ -17,6 +17,7 @@ from ..checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoin
 from ..data import build_dataset, dataset_config
 from ..data.datasets import SegmentationDataset
 from ..data.transforms import test_transforms
+from ..inference.onnx_backend import OnnxModel, is_onnx_file
 from ..protocol import TestProtocol
 from .builders import build_model
 from ..meta import stored_isr
@@ -36,8 +37,7 @@ class Evaluation:
     report: dict[str, Any]
 
 
-def _check_class_count(checkpoint: Mapping[str, Any], dataset: SegmentationDataset, source: Any) -> None:
-    trained_for = checkpoint_num_classes(checkpoint)
+def _check_class_count(trained_for: int | None, dataset: SegmentationDataset, source: Any) -> None:
     if trained_for is not None and trained_for != dataset.num_classes:
         names = list(getattr(dataset, "classes", None) or [])
         shown = ", ".join(map(str, names[:8])) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
@@ -54,12 +54,19 @@ def prepare_evaluation(cfg: Mapping[str, Any], checkpoint: str | os.PathLike, de
     else the config's (:meth:`TestProtocol.from_config`); ``tta`` adds the config's multi-scale +
     flip test (``eval.tta_scales``, ``eval.tta_flip``). A checkpoint trained for another class
     count than the dataset's raises ``ValueError`` naming both (and the dataset's classes).
+    An ``.onnx`` file (``edaformer export``) runs in ONNX Runtime with its baked-in ISR setting
+    (:class:`~edaformer.inference.onnx_backend.OnnxModel`; report format ``onnx``).
     """
     dataset = build_dataset(dataset_config(cfg["data"]), "val")
-    obj = read_checkpoint(checkpoint)
-    _check_class_count(obj, dataset, checkpoint)
-    model = build_model(cfg["model"], dataset.num_classes, init_weights=False)
-    report = load_checkpoint(model, obj)
+    if is_onnx_file(checkpoint):
+        model = OnnxModel(checkpoint)
+        _check_class_count(model.num_classes, dataset, checkpoint)
+        report = {"format": "onnx", "meta": model.checkpoint_meta()}
+    else:
+        obj = read_checkpoint(checkpoint)
+        _check_class_count(checkpoint_num_classes(obj), dataset, checkpoint)
+        model = build_model(cfg["model"], dataset.num_classes, init_weights=False)
+        report = load_checkpoint(model, obj)
     model.to(device).eval()
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=checkpoint,
                                     scale=scale, mode=mode)

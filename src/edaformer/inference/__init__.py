@@ -1,5 +1,6 @@
 """Inference: the test protocol, image loading and preprocessing, whole / sliding-window /
-multi-scale inference, banded label maps, :class:`Segmenter`, visualization and file prediction.
+multi-scale inference, banded label maps, :class:`Segmenter` (torch or ONNX Runtime), visualization and
+file prediction.
 
 The protocol follows the reference (mmsegmentation-style) one: images are resized, keeping their
 aspect ratio, to fit a ``(long, short)`` box (in whole mode the sides are then rounded up to a
@@ -11,10 +12,10 @@ from ..data.transforms import MEAN, STD
 from ..protocol import TestProtocol, test_size
 from .images import ImageInput, as_chw, load_image
 from .infer import image_probabilities, infer_logits, infer_tta, preprocess, segment_image, segment_input
+from .onnx_backend import OnnxModel
 from .segmenter import Segmenter
 from .visualize import add_legend, colorize, confidence_image, overlay
 
 __all__ = ["MEAN", "STD", "TestProtocol", "load_image", "as_chw", "test_size", "preprocess",
            "infer_logits", "infer_tta", "segment_input", "segment_image", "image_probabilities", "labels_from_logits",
-           "BAND_BYTES",
-           "Segmenter", "colorize", "overlay", "add_legend", "confidence_image", "ImageInput"]
+           "BAND_BYTES", "Segmenter", "OnnxModel", "colorize", "overlay", "add_legend", "confidence_image", "ImageInput"]

@@ -18,6 +18,7 @@ from ..protocol import TestProtocol
 from ..utils import resolve_device
 from .images import ImageInput, as_chw
 from .infer import image_probabilities, infer_logits, segment_image, segment_input
+from .onnx_backend import OnnxModel, is_onnx_file
 
 __all__ = ["Segmenter"]
 
@@ -76,6 +77,8 @@ class Segmenter:
         else the model's; the ISR setting and pool kind stored by ``edaformer package-weights`` or
         ``edaformer isr-tune --write`` (``isr``, ``isr_pool``) unless ``isr`` / ``pool`` are given.
 
+        An ``.onnx`` file (``edaformer export``) runs in ONNX Runtime: :meth:`from_onnx`.
+
         The earlier form ``from_checkpoint(name, path)`` (model name first) is read as
         ``from_checkpoint(path, model=name)``.
 
@@ -88,6 +91,8 @@ class Segmenter:
             model, checkpoint = checkpoint, checkpoint_path
         if checkpoint is None:
             raise TypeError("from_checkpoint: no checkpoint given (a file or a shipped model name)")
+        if is_onnx_file(checkpoint):
+            return cls.from_onnx(checkpoint, model=model, device=device, isr=isr, num_classes=num_classes, **kwargs)
         device = resolve_device(device)
         obj = read_checkpoint(checkpoint)
         net, report = build_from_checkpoint(obj, model or checkpoint_model_name(obj, checkpoint), num_classes)
@@ -101,6 +106,27 @@ class Segmenter:
         kwargs.setdefault("source", checkpoint)
         if kwargs.get("protocol") is None:
             kwargs["protocol"] = TestProtocol.resolve(net, meta, source=checkpoint)
+        return cls(net, device=device, isr=isr, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, device: torch.device | str | None = None, isr: Any = None, *,
+                  threads: int | None = None, model: str | None = None, num_classes: int | None = None,
+                  **kwargs) -> "Segmenter":
+        """An ``edaformer export`` file run in ONNX Runtime (:class:`~.onnx_backend.OnnxModel`, ``threads``
+        intra-op threads, default ``torch.get_num_threads()``) with the classes, palette and test
+        protocol of its metadata; protocol keywords win. Labels come from the same banded resize and
+        argmax as the torch model's. The ISR setting is the file's: another ``isr``, or a ``model`` /
+        ``num_classes`` other than the file's, raises ``ValueError``.
+        """
+        net = OnnxModel(path, threads=threads)
+        for what, asked, held in (("model", model, net.name), ("num_classes", num_classes, net.num_classes)):
+            if asked is not None and asked != held:
+                raise ValueError(f"{path} holds {what} {held}, not {asked}")
+        kwargs.setdefault("classes", net.classes)
+        kwargs.setdefault("palette", net.palette)
+        kwargs.setdefault("source", path)
+        if kwargs.get("protocol") is None:
+            kwargs["protocol"] = net.protocol
         return cls(net, device=device, isr=isr, **kwargs)
 
     @classmethod
