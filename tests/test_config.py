@@ -291,3 +291,56 @@ def test_finetune_recipe_starts_from_a_trained_model_at_raised_ratios():
     cfg = load_config(FINETUNE)
     assert cfg["model"]["name"] == "edaformer-t-ade20k" and cfg["model"]["num_classes"] == 11
     assert cfg["schedule"]["iters"] == 250 and cfg["data"]["type"] == "folder"
+
+
+# -- what each key means ------------------------------------------------------------------------
+def test_every_key_has_a_one_line_meaning_and_a_readable_type():
+    from edaformer.config import PRETRAIN_KEYS
+
+    for keys in (KEYS, PRETRAIN_KEYS):
+        for section, section_keys in keys.items():
+            for name, key in section_keys.items():
+                assert key.help.strip() and "\n" not in key.help and len(key.help) <= 120, (section, name)
+                assert " object at 0x" not in repr(key) and key.type.describe() in repr(key)
+    assert repr(KEYS["data"]["workers"].type) == "Int(an integer >= 0)"
+    assert repr(KEYS["model"]["num_classes"]) == ("Key(default=None, type=Int(an integer >= 1 or null), "
+                                                  "help=\"class count; null: the dataset's\")")
+
+
+def test_default_yaml_comments_are_the_key_meanings():
+    """Every key of _base_/default.yaml carries its meaning from the key table as its comment."""
+    import re
+
+    section, seen = None, 0
+    for line in DEFAULT_YAML.read_text().splitlines():
+        if re.match(r"^\w+:", line):
+            section = line.split(":")[0]
+        elif match := re.match(r"^  (\w+):.*?#\s(.*)$", line):
+            assert match.group(2) == KEYS[section][match.group(1)].help, line
+            seen += 1
+        else:
+            assert not re.match(r"^  \w+:", line), f"a key without its meaning: {line}"
+    assert seen == sum(len(v) for v in DEFAULTS.values())
+
+
+def test_configs_defaults_prints_every_key_grouped_by_section(capsys):
+    from edaformer.cli import main
+    from edaformer.cli.configs import show_value
+    from edaformer.config import PRETRAIN_KEYS
+
+    for argv, keys in ((["configs", "--defaults"], KEYS), (["configs", "--defaults", "--pretraining"], PRETRAIN_KEYS)):
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line[:-1] for line in lines if not line.startswith(" ")] == list(keys)
+        assert len(lines) == len(keys) + sum(len(v) for v in keys.values())
+        rows = iter(lines)
+        for section, section_keys in keys.items():
+            assert next(rows) == f"{section}:"
+            for name, key in section_keys.items():
+                line = next(rows)
+                assert line.split()[0] == name and line.split(None, 1)[1].startswith(show_value(key.default))
+                assert line.endswith(f"  {key.help} (type: {key.type.describe()})"), line
+    assert main(["configs", "--defaults"]) == 0
+    out = capsys.readouterr().out
+    assert "  crop_size            -               training crop (h, w) [512, 512] (type: a positive integer" in out
+    assert "  betas                [0.9, 0.999]    AdamW betas" in out and "  workers              4  " in out

@@ -45,7 +45,7 @@ from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, 
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
                          ResizeToFit, test_transforms, train_transforms)
 
-__all__ = ["build_dataset", "dataset_config", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
+__all__ = ["build_dataset", "dataset_config", "effective_data_config", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
            "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
@@ -60,6 +60,10 @@ _DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train",
 _DEFAULTS = dict(scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(512, 512), cat_max_ratio=0.75,
                  flip_prob=0.5, photometric=True, size_divisor=32)
 _TYPE_DEFAULTS = {"cityscapes": dict(scale=(2048, 1024), crop_size=(1024, 1024), size_divisor=None)}
+
+
+# what a folder dataset takes for the folder-only keys a config leaves unset
+_FOLDER_DEFAULTS = dict(reduce_zero_label=False, img_suffix=".jpg", seg_suffix=".png")
 
 
 def _pipeline_options(cfg: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -122,9 +126,45 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:
         raise DatasetError("a 'folder' dataset needs 'classes' (a list of names or a count)")
     return FolderDataset(cfg["root"], folder, classes=cfg["classes"], palette=cfg.get("palette"),
                          ignore_value=cfg.get("ignore_index", IGNORE_INDEX),
-                         reduce_zero_label=bool(cfg.get("reduce_zero_label", False)),
-                         img_suffix=cfg.get("img_suffix", ".jpg"), seg_suffix=cfg.get("seg_suffix", ".png"),
+                         reduce_zero_label=bool(cfg.get("reduce_zero_label", _FOLDER_DEFAULTS["reduce_zero_label"])),
+                         img_suffix=cfg.get("img_suffix", _FOLDER_DEFAULTS["img_suffix"]),
+                         seg_suffix=cfg.get("seg_suffix", _FOLDER_DEFAULTS["seg_suffix"]),
                          transforms=transforms, include=include)
+
+
+def effective_data_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's ``data`` section with every key it leaves unset (or null where null means "the
+    default") filled in with the value :func:`build_dataset` uses: the dataset type's splits and
+    pipeline options, the test resize box (``test_scale``: ``scale``), and for a folder dataset
+    its suffixes, class names (a count becomes ``class_0 ..``) and palette (generated); a named
+    dataset's own classes, palette, suffixes and ``reduce_zero_label``. An unknown type, or a
+    folder dataset without classes, is left as it is (building the dataset says what is wrong)."""
+    out = dict(cfg)
+    kind = str(cfg.get("type", "")).lower()
+    if kind not in DATASETS:
+        return out
+    opts = _pipeline_options(cfg, kind)
+    for key in ("scale", "ratio_range", "crop_size", "cat_max_ratio", "flip_prob", "photometric", "size_divisor"):
+        value = opts[key]
+        out[key] = list(value) if isinstance(value, tuple) else value
+    out["test_scale"] = list(cfg.get("test_scale") or opts["scale"])
+    for i, split in enumerate(("train", "val")):
+        out[f"{split}_split"] = cfg.get(f"{split}_split") or _DEFAULT_SPLITS[kind][i]
+        out.setdefault(f"{split}_filter", None)
+    if kind == "folder":
+        for key, value in _FOLDER_DEFAULTS.items():
+            out[key] = cfg.get(key, value)
+        classes = cfg.get("classes")
+        if classes is not None:
+            out["classes"] = list(class_names(classes)) if isinstance(classes, int) else list(classes)
+            palette = cfg.get("palette") or make_palette(len(out["classes"]))
+            out["palette"] = [list(map(int, color)) for color in palette]
+        return out
+    cls = DATASETS[kind]
+    names, palette = dataset_info(cls.name)
+    out.update(classes=names, palette=[list(color) for color in palette], reduce_zero_label=cls is ADE20K,
+               img_suffix=cls.IMG_SUFFIX, seg_suffix=cls.SEG_SUFFIX)
+    return out
 
 
 def collate(batch: Sequence[Any]) -> Any:

@@ -304,6 +304,7 @@ class ADE20K(SegmentationDataset):
 
     name = "ade20k"
     NUM_CLASSES = 150
+    IMG_SUFFIX, SEG_SUFFIX = ".jpg", ".png"
     SPLITS = {"train": "training", "val": "validation"}
 
     def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None,
@@ -311,8 +312,8 @@ class ADE20K(SegmentationDataset):
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=".jpg", seg_suffix=".png", reduce_zero_label=True, transforms=transforms,
-                         include=include)
+                         img_suffix=self.IMG_SUFFIX, seg_suffix=self.SEG_SUFFIX, reduce_zero_label=True,
+                         transforms=transforms, include=include)
 
 
 class Cityscapes(SegmentationDataset):
@@ -321,6 +322,7 @@ class Cityscapes(SegmentationDataset):
 
     name = "cityscapes"
     NUM_CLASSES = 19
+    IMG_SUFFIX, SEG_SUFFIX = "_leftImg8bit.png", "_gtFine_labelTrainIds.png"
     SPLITS: dict[str, str] = {}
     missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cityscapes ROOT`"
 
@@ -329,7 +331,7 @@ class Cityscapes(SegmentationDataset):
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "leftImg8bit" / split, root / "gtFine" / split, classes=classes, palette=palette,
-                         img_suffix="_leftImg8bit.png", seg_suffix="_gtFine_labelTrainIds.png",
+                         img_suffix=self.IMG_SUFFIX, seg_suffix=self.SEG_SUFFIX,
                          transforms=transforms, include=include)
 
 
@@ -339,6 +341,7 @@ class COCOStuff(SegmentationDataset):
 
     name = "cocostuff"
     NUM_CLASSES = 171
+    IMG_SUFFIX, SEG_SUFFIX = ".jpg", "_labelTrainIds.png"
     SPLITS = {"train": "train2017", "val": "val2017"}
     missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cocostuff ROOT`"
 
@@ -347,7 +350,7 @@ class COCOStuff(SegmentationDataset):
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=".jpg", seg_suffix="_labelTrainIds.png", transforms=transforms,
+                         img_suffix=self.IMG_SUFFIX, seg_suffix=self.SEG_SUFFIX, transforms=transforms,
                          include=include)
 
 

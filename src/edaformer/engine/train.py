@@ -39,6 +39,7 @@ from ..config import save_config
 from ..data import SkipBatches
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
+from ..effective import effective_config
 from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
 from ..plotting import plot_training_log
 from ..protocol import TestProtocol
@@ -500,7 +501,7 @@ def _start_logs(run: _Run, cleanup: contextlib.ExitStack) -> None:
         return
     run.jlog = _JsonLog(run.work_dir / "log.jsonl")
     check_free_space(run.work_dir, _state_bytes(run.state))
-    save_config(run.cfg, run.work_dir / "config.yaml")
+    save_config(effective_config(run.cfg), run.work_dir / "config.yaml")  # every value the run uses
     run.jlog.start(run.state.iteration)
     if run.cfg["train"]["tensorboard"]:
         run.tblog = TensorBoardLog(run.work_dir / "tensorboard", run.state.iteration + 1,
