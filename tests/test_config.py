@@ -344,3 +344,24 @@ def test_configs_defaults_prints_every_key_grouped_by_section(capsys):
     out = capsys.readouterr().out
     assert "  crop_size            -               training crop (h, w) [512, 512] (type: a positive integer" in out
     assert "  betas                [0.9, 0.999]    AdamW betas" in out and "  workers              4  " in out
+
+
+def test_an_ignore_index_inherited_while_the_classes_change_is_said(tmp_path, caplog):
+    """The base's dataset marks 'ignore' with 11; a child with other classes is told which value is
+    used and where it came from, unless it sets its own."""
+    (tmp_path / "base.yaml").write_text(MINIMAL + "data: {type: folder, root: r, classes: 11, ignore_index: 11}\n")
+    (tmp_path / "mine.yaml").write_text("_base_: base.yaml\ndata: {classes: [a, b, c, d]}\n")
+    (tmp_path / "own.yaml").write_text("_base_: base.yaml\ndata: {classes: [a, b, c, d], ignore_index: 255}\n")
+    caplog.set_level("WARNING", logger="edaformer")
+    assert load_config(tmp_path / "mine.yaml")["data"]["ignore_index"] == 11
+    assert caplog.text.count("data.ignore_index is 11, inherited from ") == 1
+    assert f"inherited from {tmp_path / 'base.yaml'}, while data.classes (4 classes) is redefined by " \
+           f"{tmp_path / 'mine.yaml'}: using 11 as the label value that means 'ignore'" in caplog.text
+    assert "set data.ignore_index beside data.classes (255 if none)" in caplog.text
+    caplog.clear()
+    load_config(tmp_path / "own.yaml")
+    load_config(tmp_path / "base.yaml")
+    load_config("edaformer-t-camvid")  # classes and ignore value from one file
+    assert caplog.text == ""
+    load_config("edaformer-t-camvid", ["data.classes=4", "data.palette=null", "model.num_classes=null"])
+    assert "(4 classes) is redefined by --set data.classes=4: using 11" in caplog.text

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import numbers
 import os
 import re
@@ -51,6 +52,8 @@ __all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "Schem
            "save_config", "parse_value", "configs_dir", "list_configs", "resolve_config"]
 
 BASE_KEY = "_base_"
+
+log = logging.getLogger("edaformer")
 
 
 class ConfigError(ValueError):
@@ -364,8 +367,8 @@ KEYS: dict[str, dict[str, Key]] = {
         name=(None, _Str(optional=True), "required: a model name from `edaformer list`"),
         num_classes=(None, _Int(1, optional=True), "class count; null: the dataset's"),
         drop_path_rate=(0.2, _Float(**_PROB, open_max=True), "encoder stochastic depth, rising linearly from 0"),
-        encoder_weights=(None, _Str(optional=True),
-                         "ImageNet EFT encoder checkpoint (loaded non-strictly; a whole model: all but its classifier)"),
+        encoder_weights=(None, _Str(optional=True), "ImageNet EFT encoder checkpoint (loaded non-strictly; "
+                         "a whole model: all but its classifier)"),
         init_from=(None, _Str(optional=True),
                    "trained checkpoint or shipped model to start a fresh run from (all weights; other classes: "
                    "all but the classifier)"),
@@ -762,7 +765,14 @@ def _base_file(path: Path, base: str) -> Path:
     return _shipped(base) or local
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGMENTATION) -> dict[str, Any]:
+def _set_by(origins: dict[str, str], key: str, source: str) -> None:
+    """Record that ``source`` (a file, or an override) set ``key`` last (``origins`` keeps that order)."""
+    origins.pop(key, None)
+    origins[key] = source
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGMENTATION,
+                     origins: dict[str, str] | None = None) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
@@ -779,7 +789,11 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGME
         raise ConfigError(f"{path}: {e}") from None
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,), schema))
+        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,), schema, origins))
+    if origins is not None:
+        for section, values in data.items():
+            for key in values if isinstance(values, Mapping) else ():
+                _set_by(origins, f"{section}.{key}", str(path))
     return merge_configs(merged, data)
 
 
@@ -813,11 +827,34 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
     """Read ``path`` (a file, or the name of a shipped config: :func:`resolve_config`) with its
     ``_base_`` chain, apply ``overrides`` and validate against ``schema`` (default: the
     segmentation keys; :data:`PRETRAINING` for ``edaformer pretrain``)."""
-    cfg = apply_overrides(_load_with_bases(resolve_config(path), (), schema), overrides, schema)
+    origins: dict[str, str] = {}
+    overrides = list(overrides)
+    cfg = apply_overrides(_load_with_bases(resolve_config(path), (), schema, origins), overrides, schema)
+    for item in overrides:
+        _set_by(origins, item.partition("=")[0].strip(), f"--set {item}")
     try:
-        return validate_config(cfg, schema)
+        cfg = validate_config(cfg, schema)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if schema is SEGMENTATION:
+        _warn_inherited_ignore(cfg, origins)
+    return cfg
+
+
+def _warn_inherited_ignore(cfg: Mapping[str, Any], origins: Mapping[str, str]) -> None:
+    """``data.ignore_index`` set by a ``_base_`` file while a later file (or override) redefines
+    ``data.classes``: the ignore value of the base's dataset may not be that of these labels."""
+    order = list(origins)
+    ignore, classes = "data.ignore_index", "data.classes"
+    if ignore not in origins or classes not in origins or origins[ignore] == origins[classes] \
+            or order.index(classes) < order.index(ignore):
+        return
+    value, names = cfg["data"]["ignore_index"], cfg["data"]["classes"]
+    count = names if isinstance(names, int) else len(names)
+    log.warning("data.ignore_index is %d, inherited from %s, while data.classes (%d classes) is redefined by %s: "
+                "using %d as the label value that means 'ignore'; if your labels mark it otherwise, set "
+                "data.ignore_index beside data.classes (255 if none)", value, origins[ignore], count,
+                origins[classes], value)
 
 
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:

@@ -198,3 +198,22 @@ def test_config_yaml_holds_every_value_used_and_resumes(tmp_path):
     result = train(load_config(tmp_path / "run" / "config.yaml", ["schedule.iters=2"]), tmp_path / "run",
                    resume="auto", device="cpu", verify_data="off")
     assert result["iteration"] == 2
+
+
+def test_warmup_as_long_as_the_run_and_too_many_workers_are_said_once(tmp_path, caplog, monkeypatch, recwarn):
+    """Each warning names the key and the fix, once per run; the loaders get at most one worker
+    per CPU, so torch has nothing to warn about."""
+    import edaformer.data
+
+    monkeypatch.setattr(edaformer.data, "cpu_count", lambda: 1)
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg_path = write_config(tmp_path / "w.yaml", data, data={"workers": 3}, schedule={"iters": 2, "warmup_iters": 2},
+                            train={"eval_interval": 1, "deterministic": False})
+    caplog.set_level("INFO", logger="edaformer")
+    train(load_config(cfg_path), tmp_path / "run", device="cpu", verify_data="off")
+    warmup = "schedule.warmup_iters (2) >= schedule.iters (2): the learning rate never reaches optim.lr; " \
+             "set schedule.warmup_iters below 2"
+    workers = "data.workers is 3 but this machine has 1 CPU: using 1 loader worker (set data.workers to at most 1)"
+    assert caplog.text.count(warmup) == 1 and caplog.text.count(workers) == 1
+    assert caplog.text.count("validation:") == 2  # both validations ran with the reduced count
+    assert not [w for w in recwarn if "worker" in str(w.message)]

@@ -30,6 +30,8 @@ ignore = 255.
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,7 +47,7 @@ from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, 
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
                          ResizeToFit, test_transforms, train_transforms)
 
-__all__ = ["build_dataset", "dataset_config", "effective_data_config", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
+__all__ = ["build_dataset", "dataset_config", "effective_data_config", "usable_workers", "cpu_count", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
            "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
@@ -54,6 +56,8 @@ __all__ = ["build_dataset", "dataset_config", "effective_data_config", "LOADER_K
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20K, "cityscapes": Cityscapes, "cocostuff": COCOStuff, "folder": FolderDataset}
+
+log = logging.getLogger("edaformer")
 
 _DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train", "val"),
                    "cocostuff": ("train2017", "val2017"), "folder": ("train", "val")}
@@ -198,6 +202,31 @@ class SkipBatches:
 
     def __len__(self) -> int:
         return max(len(self.batch_sampler) - self.skip, 0)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (what torch's DataLoader compares its worker count with)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity outside Linux
+        return os.cpu_count() or 1
+
+
+_WORKER_WARNINGS: set[tuple[str, int, int]] = set()
+
+
+def usable_workers(requested: int, key: str = "data.workers") -> int:
+    """``requested`` loader workers, at most :func:`cpu_count`; more are reduced to that, saying
+    so once per key and value (torch would warn about them on every loader it starts)."""
+    cpus = cpu_count()
+    if requested <= cpus:
+        return requested
+    if (key, requested, cpus) not in _WORKER_WARNINGS:
+        _WORKER_WARNINGS.add((key, requested, cpus))
+        plural = "s" if cpus > 1 else ""
+        log.warning("%s is %d but this machine has %d CPU%s: using %d loader worker%s (set %s to at most %d)",
+                    key, requested, cpus, plural, cpus, plural, key, cpus)
+    return cpus
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, workers: int = 4,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
-from ..data import build_dataloader, build_dataset, dataset_config
+from ..data import build_dataloader, build_dataset, dataset_config, usable_workers
 from ..data.datasets import IGNORE_INDEX, SegmentationDataset
 from ..meta import ISR, ITERATION, MIOU
 from ..models import create_model
@@ -129,9 +129,11 @@ def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, Se
 
 def build_train_loader(train_set: SegmentationDataset, data_cfg: Mapping[str, Any], distributed: bool,
                        seed: int) -> DataLoader:
-    """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped)."""
-    return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True, workers=data_cfg["workers"],
-                            distributed=distributed, seed=seed, drop_last=True)
+    """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped;
+    ``data.workers`` at most the CPU count)."""
+    return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True,
+                            workers=usable_workers(data_cfg["workers"]), distributed=distributed, seed=seed,
+                            drop_last=True)
 
 
 def build_param_groups(model: nn.Module, lr: float, weight_decay: float,
