@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from .color_labels import ColorConversion, colors_to_ids, convert_color_labels, ids_to_colors
 from .converters import ConversionResult, convert_cityscapes, convert_cocostuff
 from .datasets import (ADE20K, IGNORE_INDEX, COCOStuff, Cityscapes, DatasetError, FolderDataset, SegmentationDataset,
                        dataset_info)
@@ -49,7 +50,8 @@ from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSi
 
 __all__ = ["build_dataset", "dataset_config", "effective_data_config", "usable_workers", "cpu_count", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
-           "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
+           "convert_cityscapes", "convert_cocostuff", "ConversionResult", "convert_color_labels", "colors_to_ids",
+           "ids_to_colors", "ColorConversion", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
            "MEAN", "STD", "dataset_info", "DATASET_INFO", "DatasetInfo", "class_names",
            "get_dataset_info", "make_palette"]
