@@ -25,8 +25,9 @@ photometric            photometric distortion on/off [True]
 =====================  ================================================================
 
 The loader's keys (``batch_size``, ``workers``: :data:`LOADER_KEYS`) are left to the caller;
-:func:`dataset_config` is the section without them. Labels always come out with
-ignore = 255.
+:func:`dataset_config` is the section without them, :func:`usable_workers` caps ``workers`` at the
+CPU count. :func:`effective_data_config` fills in the values in brackets. Labels always come out
+with ignore = 255.
 """
 from __future__ import annotations
 
@@ -223,7 +224,9 @@ def usable_workers(requested: int, key: str = "data.workers") -> int:
     cpus = cpu_count()
     if requested <= cpus:
         return requested
-    if (key, requested, cpus) not in _WORKER_WARNINGS:
+    main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                        and torch.distributed.get_rank() != 0)
+    if (key, requested, cpus) not in _WORKER_WARNINGS and main_process:  # one process says it for all
         _WORKER_WARNINGS.add((key, requested, cpus))
         plural = "s" if cpus > 1 else ""
         log.warning("%s is %d but this machine has %d CPU%s: using %d loader worker%s (set %s to at most %d)",

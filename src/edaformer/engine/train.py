@@ -1,8 +1,9 @@
 """Iteration-based training of EDAFormer, single process or ``torchrun`` DDP.
 
 Run it with ``edaformer train CONFIG`` or ``torchrun --nproc-per-node N -m edaformer train CONFIG``.
-A work dir holds one run: ``config.yaml``, ``log.jsonl``, ``iter_<n>.pth`` / ``latest.pth`` (full
-training state and the resolved config) and ``best_mIoU.pth`` (model only), locked while it runs.
+A work dir holds one run: ``config.yaml`` (every value used, :func:`~edaformer.effective.effective_config`),
+``log.jsonl``, ``iter_<n>.pth`` / ``latest.pth`` (full training state and the resolved config) and
+``best_mIoU.pth`` (model only), locked while it runs.
 SIGTERM / SIGINT stop after the current step with a checkpoint; a killed run loses at most one
 checkpoint interval (``train.checkpoint_interval`` iterations or ``train.checkpoint_minutes``).
 """
