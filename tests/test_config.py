@@ -296,3 +296,77 @@ def test_finetune_recipe_starts_from_a_trained_model_at_raised_ratios():
 def test_a_pretraining_config_given_to_train_points_to_pretrain():
     with pytest.raises(ConfigError, match=r"'mixup'.*a config for `edaformer pretrain`"):
         load_config("eft-t-imagenet")
+
+
+# -- what each key means ------------------------------------------------------------------------
+def test_every_key_has_a_one_line_meaning_and_a_readable_type():
+    from edaformer.config import PRETRAIN_KEYS
+
+    for keys in (KEYS, PRETRAIN_KEYS):
+        for section, section_keys in keys.items():
+            for name, key in section_keys.items():
+                assert key.help.strip() and "\n" not in key.help and len(key.help) <= 120, (section, name)
+                assert " object at 0x" not in repr(key) and key.type.describe() in repr(key)
+    assert repr(KEYS["data"]["workers"].type) == "Int(an integer >= 0)"
+    assert repr(KEYS["model"]["num_classes"]) == ("Key(default=None, type=Int(an integer >= 1 or null), "
+                                                  "help=\"class count; null: the dataset's\")")
+
+
+def test_default_yaml_comments_are_the_key_meanings():
+    """Every key of _base_/default.yaml carries its meaning from the key table as its comment."""
+    import re
+
+    section, seen = None, 0
+    for line in DEFAULT_YAML.read_text().splitlines():
+        if re.match(r"^\w+:", line):
+            section = line.split(":")[0]
+        elif match := re.match(r"^  (\w+):.*?#\s(.*)$", line):
+            assert match.group(2) == KEYS[section][match.group(1)].help, line
+            seen += 1
+        else:
+            assert not re.match(r"^  \w+:", line), f"a key without its meaning: {line}"
+    assert seen == sum(len(v) for v in DEFAULTS.values())
+
+
+def test_configs_defaults_prints_every_key_grouped_by_section(capsys):
+    from edaformer.cli import main
+    from edaformer.cli.configs import show_value
+    from edaformer.config import PRETRAIN_KEYS
+
+    for argv, keys in ((["configs", "--defaults"], KEYS), (["configs", "--defaults", "--pretraining"], PRETRAIN_KEYS)):
+        assert main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line[:-1] for line in lines if not line.startswith(" ")] == list(keys)
+        assert len(lines) == len(keys) + sum(len(v) for v in keys.values())
+        rows = iter(lines)
+        for section, section_keys in keys.items():
+            assert next(rows) == f"{section}:"
+            for name, key in section_keys.items():
+                line = next(rows)
+                assert line.split()[0] == name and line.split(None, 1)[1].startswith(show_value(key.default))
+                assert line.endswith(f"  {key.help} (type: {key.type.describe()})"), line
+    assert main(["configs", "--defaults"]) == 0
+    out = capsys.readouterr().out
+    assert "  crop_size            -               training crop (h, w) [512, 512] (type: a positive integer" in out
+    assert "  betas                [0.9, 0.999]    AdamW betas" in out and "  workers              4  " in out
+
+
+def test_an_ignore_index_inherited_while_the_classes_change_is_said(tmp_path, caplog):
+    """The base's dataset marks 'ignore' with 11; a child with other classes is told which value is
+    used and where it came from, unless it sets its own."""
+    (tmp_path / "base.yaml").write_text(MINIMAL + "data: {type: folder, root: r, classes: 11, ignore_index: 11}\n")
+    (tmp_path / "mine.yaml").write_text("_base_: base.yaml\ndata: {classes: [a, b, c, d]}\n")
+    (tmp_path / "own.yaml").write_text("_base_: base.yaml\ndata: {classes: [a, b, c, d], ignore_index: 255}\n")
+    caplog.set_level("WARNING", logger="edaformer")
+    assert load_config(tmp_path / "mine.yaml")["data"]["ignore_index"] == 11
+    assert caplog.text.count("data.ignore_index is 11, inherited from ") == 1
+    assert f"inherited from {tmp_path / 'base.yaml'}, while data.classes (4 classes) is redefined by " \
+           f"{tmp_path / 'mine.yaml'}: using 11 as the label value that means 'ignore'" in caplog.text
+    assert "set data.ignore_index beside data.classes (255 if none)" in caplog.text
+    caplog.clear()
+    load_config(tmp_path / "own.yaml")
+    load_config(tmp_path / "base.yaml")
+    load_config("edaformer-t-camvid")  # classes and ignore value from one file
+    assert caplog.text == ""
+    load_config("edaformer-t-camvid", ["data.classes=4", "data.palette=null", "model.num_classes=null"])
+    assert "(4 classes) is redefined by --set data.classes=4: using 11" in caplog.text

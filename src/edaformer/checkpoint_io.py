@@ -219,7 +219,9 @@ def _check_and_load(module: nn.Module, state_dict: dict[str, torch.Tensor], stri
         raise CheckpointMismatchError("\n".join(parts))
     usable = {k: v for k, v in state_dict.items() if k in target and v.shape == target[k].shape}
     module.load_state_dict(usable, strict=False)
-    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched, loaded=len(usable))
+    shapes = {k: (tuple(state_dict[k].shape), tuple(target[k].shape))
+              for k in target if k in state_dict and state_dict[k].shape != target[k].shape}
+    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched, shapes=shapes, loaded=len(usable))
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
@@ -231,7 +233,8 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
     either naming, this library's own format, or an encoder-only (ImageNet) checkpoint, which
     is loaded into the encoder with its classifier ``head.*`` ignored.
 
-    Returns a report: ``format``, ``meta``, ``missing``, ``unexpected``, ``mismatched``.
+    Returns a report: ``format``, ``meta``, ``missing``, ``unexpected``, ``mismatched`` (and their
+    ``shapes``: name -> (checkpoint shape, model shape)), ``loaded`` (how many tensors).
     With ``strict=True`` any mismatch raises :class:`CheckpointMismatchError` listing them.
     """
     obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else dict(checkpoint)

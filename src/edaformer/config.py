@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import numbers
 import os
 import re
@@ -51,6 +52,8 @@ __all__ = ["ConfigError", "Key", "KEYS", "UNSET", "DEFAULTS", "REQUIRED", "Schem
            "save_config", "parse_value", "configs_dir", "list_configs", "resolve_config"]
 
 BASE_KEY = "_base_"
+
+log = logging.getLogger("edaformer")
 
 
 class ConfigError(ValueError):
@@ -101,6 +104,13 @@ class _Type:
 
     def parse(self, text: str) -> Any:
         return parse_value(text)
+
+    def describe(self) -> str:
+        """What the type accepts, in words (``an integer >= 1 or null``)."""
+        return self.expected + (" or null" if self.optional else "")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__.lstrip('_')}({self.describe()})"
 
 
 def _is_int(value: Any) -> bool:
@@ -333,111 +343,123 @@ UNSET: Any = _Unset()
 
 @dataclass(frozen=True)
 class Key:
-    """One config key: its default (``UNSET``: not filled in, the reader of the section decides)
-    and its type."""
+    """One config key: its default (``UNSET``: not filled in, the reader of the section decides),
+    its type and its meaning (one line)."""
 
     default: Any
     type: _Type
+    help: str = ""
 
 
-def _keys(**keys: tuple[Any, _Type]) -> dict[str, Key]:
-    return {name: Key(default, kind) for name, (default, kind) in keys.items()}
+def _keys(**keys: tuple[Any, _Type, str]) -> dict[str, Key]:
+    return {name: Key(*spec) for name, spec in keys.items()}
 
 
 _PROB = dict(minimum=0.0, maximum=1.0)
 
-# Every section and key: default and type. ``None`` defaults mean "derived at run time" (see the
-# comments and <package>/configs/_base_/default.yaml); REQUIRED keys must be set by some config file.
+# Every section and key: default, type and meaning (one line; ``edaformer configs --defaults`` prints
+# them, <package>/configs/_base_/default.yaml repeats them as comments). ``None`` defaults mean "derived
+# at run time", UNSET ones "the dataset's / model's own" (the value in brackets); REQUIRED keys must be
+# set by some config file. The work dir's config.yaml holds the value used for each.
 KEYS: dict[str, dict[str, Key]] = {
     # ``create_model`` arguments: the named model, then EDAFormer constructor overrides.
     "model": _keys(
-        name=(None, _Str(optional=True)),                    # required: a name from `edaformer list`
-        num_classes=(None, _Int(1, optional=True)),          # None: the dataset's class count
-        drop_path_rate=(0.2, _Float(**_PROB, open_max=True)),  # encoder stochastic depth (linear 0 -> rate)
-        encoder_weights=(None, _Str(optional=True)),         # ImageNet EFT encoder checkpoint, loaded non-strictly
-        init_from=(None, _Str(optional=True)),               # trained checkpoint: all weights, strict, fresh runs only
-        decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True)),  # decoder stochastic depth [0.1]
-        dropout=(UNSET, _Float(**_PROB, open_max=True)),     # dropout before the classifier [0.1]
-        in_chans=(UNSET, _Int(1)),                           # input channels [3]
-        decoder_depths=(UNSET, _List(_Int(0), length=3)),    # EFA blocks at (c4, c3, c2) [3, 2, 1]
-        decoder_op=(UNSET, _Choice(*DECODER_OPS)),  # token mixer in the decoder [efa]
-        train_isr=(UNSET, _Isr(optional=True)),              # train with raised ratios, e.g. 2211-222 [none]
-        isr_pool=(UNSET, _Choice(*ISR_POOLS)),  # ISR key/value pooling kind [avg]
+        name=(None, _Str(optional=True), "required: a model name from `edaformer list`"),
+        num_classes=(None, _Int(1, optional=True), "class count; null: the dataset's"),
+        drop_path_rate=(0.2, _Float(**_PROB, open_max=True), "encoder stochastic depth, rising linearly from 0"),
+        encoder_weights=(None, _Str(optional=True), "ImageNet EFT encoder checkpoint (loaded non-strictly; "
+                         "a whole model: all but its classifier)"),
+        init_from=(None, _Str(optional=True),
+                   "trained checkpoint or shipped model to start a fresh run from (all weights; other classes: "
+                   "all but the classifier)"),
+        decoder_drop_path=(UNSET, _Float(**_PROB, open_max=True), "decoder stochastic depth [the model's: 0.1]"),
+        dropout=(UNSET, _Float(**_PROB, open_max=True), "dropout before the classifier [the model's: 0.1]"),
+        in_chans=(UNSET, _Int(1), "input channels [the model's: 3]"),
+        decoder_depths=(UNSET, _List(_Int(0), length=3), "EFA blocks at (c4, c3, c2) [the model's: 3, 2, 1]"),
+        decoder_op=(UNSET, _Choice(*DECODER_OPS), "token mixer in the decoder [the model's: efa]"),
+        train_isr=(UNSET, _Isr(optional=True), "train with raised reduction ratios, e.g. 2211-222 [1111-111]"),
+        isr_pool=(UNSET, _Choice(*ISR_POOLS), "ISR key/value pooling kind [avg]"),
     ),
     # ``edaformer.data.build_dataset`` keys (see its docstring), plus the loader's.
     "data": _keys(
-        type=(None, _Str(optional=True)),                    # required: ade20k | cityscapes | cocostuff | folder
-        root=(None, _Str(optional=True)),                    # required
-        ignore_index=(255, _Int(0, 255)),                    # label value in the files that means "ignore"
-        batch_size=(4, _Int(1)),                             # per GPU / process
-        workers=(4, _Int(0)),                                # per GPU / process
-        classes=(UNSET, _Classes()),                         # folder: class names or a count
-        palette=(UNSET, _Palette()),                         # folder: RGB per class
-        reduce_zero_label=(UNSET, _Bool()),                  # folder: 0 -> ignore, 1.. -> 0..
-        img_suffix=(UNSET, _Suffix()),                       # file ending of the images, e.g. ".jpg"
-        seg_suffix=(UNSET, _Suffix()),                       # file ending of the labels, e.g. ".png"
-        train_split=(UNSET, _Names()),                       # a split folder, or (folder) a list of them
-        val_split=(UNSET, _Names()),
-        train_filter=(UNSET, _Patterns()),                   # stem patterns to keep; "!pattern" excludes
-        val_filter=(UNSET, _Patterns()),
-        scale=(UNSET, _Size("(long, short)")),               # resize box
-        test_scale=(UNSET, _Size("(long, short)", optional=True)),
-        size_divisor=(UNSET, _Int(1, optional=True)),        # test sides rounded up to a multiple
-        ratio_range=(UNSET, _Range(_Float(positive=True), optional=True)),
-        crop_size=(UNSET, _Size()),                          # training crop (h, w)
-        cat_max_ratio=(UNSET, _Float(positive=True, maximum=1.0)),
-        flip_prob=(UNSET, _Float(**_PROB)),
-        photometric=(UNSET, _Bool()),
+        type=(None, _Str(optional=True), "required: ade20k | cityscapes | cocostuff | folder"),
+        root=(None, _Str(optional=True), "required: the dataset folder (folder: images/<split>, annotations/<split>)"),
+        ignore_index=(255, _Int(0, 255), "label value in the files that means 'ignore' (255 always does)"),
+        batch_size=(4, _Int(1), "images per batch, per GPU / process"),
+        workers=(4, _Int(0), "loader workers per GPU / process (at most the CPU count)"),
+        classes=(UNSET, _Classes(), "folder: class names or a class count [named datasets: their own]"),
+        palette=(UNSET, _Palette(), "folder: one [r, g, b] per class [generated]"),
+        reduce_zero_label=(UNSET, _Bool(), "folder: label 0 is ignored and 1.. become 0.. [false]"),
+        img_suffix=(UNSET, _Suffix(), "file ending of the images [.jpg]"),
+        seg_suffix=(UNSET, _Suffix(), "file ending of the labels [.png]"),
+        train_split=(UNSET, _Names(), "training split folder, or (folder) a list of them [train]"),
+        val_split=(UNSET, _Names(), "validation split folder, or (folder) a list of them [val]"),
+        train_filter=(UNSET, _Patterns(), "stem patterns of the training images to keep; '!pattern' excludes [all]"),
+        val_filter=(UNSET, _Patterns(), "stem patterns of the validation images to keep; '!pattern' excludes [all]"),
+        scale=(UNSET, _Size("(long, short)"),
+               "(long, short) box an image is resized to fit, times a random ratio [2048, 512]"),
+        test_scale=(UNSET, _Size("(long, short)", optional=True), "resize box at test time [data.scale]"),
+        size_divisor=(UNSET, _Int(1, optional=True), "test image sides rounded up to a multiple of this [32]"),
+        ratio_range=(UNSET, _Range(_Float(positive=True), optional=True),
+                     "random ratio range of the training resize [0.5, 2.0]"),
+        crop_size=(UNSET, _Size(), "training crop (h, w) [512, 512]"),
+        cat_max_ratio=(UNSET, _Float(positive=True, maximum=1.0),
+                       "largest share one class may cover in a training crop [0.75]"),
+        flip_prob=(UNSET, _Float(**_PROB), "horizontal flip probability [0.5]"),
+        photometric=(UNSET, _Bool(), "photometric distortion of the training images [true]"),
     ),
     "optim": _keys(
-        lr=(6e-5, _Float()),
-        betas=([0.9, 0.999], _List(_Float(**_PROB, open_max=True), 2)),
-        eps=(1e-8, _Float()),
-        weight_decay=(0.01, _Float()),
-        decoder_lr_mult=(10.0, _Float()),
-        impl=("auto", _Choice("auto", "loop", "foreach", "fused")),  # AdamW kernels; auto: torch's choice
+        lr=(6e-5, _Float(), "peak learning rate (the encoder's)"),
+        betas=([0.9, 0.999], _List(_Float(**_PROB, open_max=True), 2), "AdamW betas"),
+        eps=(1e-8, _Float(), "AdamW epsilon"),
+        weight_decay=(0.01, _Float(), "not applied to normalization parameters"),
+        decoder_lr_mult=(10.0, _Float(), "the decoder's learning rate is lr times this"),
+        impl=("auto", _Choice("auto", "loop", "foreach", "fused"),
+              "AdamW kernels: auto (torch's choice: foreach on CUDA, loop on CPU) | loop | foreach | fused"),
     ),
     "schedule": _keys(
-        iters=(None, _Int(1, optional=True)),                # required
-        warmup_iters=(1500, _Int(0)),
-        warmup_ratio=(1e-6, _Float()),
-        power=(1.0, _Float()),
-        min_lr=(0.0, _Float()),
-        restarts=(None, _List(_Int(1), optional=True)),     # where earlier, shorter schedules ended [none]
+        iters=(None, _Int(1, optional=True), "required: training iterations (optimizer steps)"),
+        warmup_iters=(1500, _Int(0), "iterations of linear warmup (fewer than schedule.iters)"),
+        warmup_ratio=(1e-6, _Float(), "the warmup starts at lr times this"),
+        power=(1.0, _Float(), "exponent of the poly decay"),
+        min_lr=(0.0, _Float(), "learning rate at the end of the decay"),
+        restarts=(None, _List(_Int(1), optional=True),
+                  "iterations where an earlier, shorter schedule ended (a continued run)"),
     ),
     # the training loss (see edaformer.engine.losses)
     "loss": _keys(
-        name=("ce", _Choice("ce", "ohem")),                 # cross-entropy, or CE on OHEM-mined pixels
-        class_weight=(None, _ClassWeight()),                 # None | median_freq | one weight per class
-        ohem_thresh=(0.7, _Float(**_PROB)),                  # ohem: keep pixels with p(true class) below this
-        ohem_min_kept=(100000, _Int(1)),                     # ohem: ... and at least this many per image
+        name=("ce", _Choice("ce", "ohem"), "ce | ohem (cross-entropy on the hardest pixels)"),
+        class_weight=(None, _ClassWeight(), "null | median_freq | one weight per class"),
+        ohem_thresh=(0.7, _Float(**_PROB), "ohem: keep pixels whose p(true class) is below this ..."),
+        ohem_min_kept=(100000, _Int(1), "... and at least this many per image"),
     ),
     "train": _keys(
-        amp=(False, _Choice(False, "bf16", "fp16", optional=True)),  # CUDA only
-        seed=(0, _Int(0)),
-        deterministic=(False, _Bool()),
-        checkpoint_interval=(16000, _Int(0)),
-        checkpoint_minutes=(0, _Float(0.0)),                 # also checkpoint every N minutes (may be fractional); 0: off
-        eval_interval=(16000, _Int(0)),                      # 0: validate only at the end
-        log_interval=(50, _Int(0)),
-        keep_checkpoints=(3, _Int(0)),                       # iter_<n>.pth files kept (latest.pth and best_mIoU.pth always)
-        grad_checkpointing=(False, _Bool()),
-        channels_last=(False, _Bool()),                      # model and batches in channels-last memory format
-        ema=(False, _Bool()),                                # keep an EMA of the weights; validate and ship it
-        ema_decay=(0.9998, _Float(**_PROB, open_max=True)),  # EMA decay per optimizer step
-        ema_warmup=(False, _Bool()),                         # decay 1 - (1 + step) ** -power, up to ema_decay
-        ema_warmup_power=(0.75, _Float(positive=True, maximum=1.0)),
-        tensorboard=(False, _Bool()),                        # also write the log records to <work_dir>/tensorboard/
+        amp=(False, _Choice(False, "bf16", "fp16", optional=True), "false | bf16 | fp16 (CUDA only)"),
+        seed=(0, _Int(0), "seed of the initial weights, the data order and the augmentation"),
+        deterministic=(False, _Bool(), "deterministic algorithms only (slower; warns where torch has none)"),
+        checkpoint_interval=(16000, _Int(0), "write a checkpoint every N iterations; 0: at the end only"),
+        checkpoint_minutes=(0, _Float(0.0), "also checkpoint every N minutes of training (e.g. 10 or 0.5); 0: off"),
+        eval_interval=(16000, _Int(0), "validate every N iterations; 0: only at the end"),
+        log_interval=(50, _Int(0), "a training record in log.jsonl every N iterations"),
+        keep_checkpoints=(3, _Int(0), "iter_<n>.pth files kept; 0 keeps all (latest.pth and best_mIoU.pth always)"),
+        grad_checkpointing=(False, _Bool(), "recompute activations in the backward pass (less memory, slower)"),
+        channels_last=(False, _Bool(), "model weights and batches in channels-last memory format"),
+        ema=(False, _Bool(), "keep an exponential moving average of the weights; validate and ship it"),
+        ema_decay=(0.9998, _Float(**_PROB, open_max=True), "EMA decay per optimizer step"),
+        ema_warmup=(False, _Bool(), "true: decay 1 - (1 + step) ** -ema_warmup_power, capped at ema_decay"),
+        ema_warmup_power=(0.75, _Float(positive=True, maximum=1.0), "3/4 reaches 0.999 at 10k steps, 2/3 at 31.6k"),
+        tensorboard=(False, _Bool(), "also write the log records to <work_dir>/tensorboard/ (pip install tensorboard)"),
     ),
     "eval": _keys(
-        mode=("whole", _Choice(*TEST_MODES)),
-        crop_size=(None, _Size(optional=True)),              # slide window; None: data.crop_size
-        stride=(None, _Size(optional=True)),                 # slide stride; None: 2/3 of the window
-        isr=(None, _Isr(optional=True)),                     # None: the training setting 1111-111
-        tta=(False, _Bool()),                                # multi-scale + flip
-        tta_scales=([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], _List(_Float(positive=True))),
-        tta_flip=(True, _Bool()),
-        flops_input_size=(None, _Size(optional=True)),       # (H, W) for GFLOPs in the ISR sweep; None: data.crop_size
+        mode=("whole", _Choice(*TEST_MODES), "whole | slide (sliding window)"),
+        crop_size=(None, _Size(optional=True), "slide window; null: data.crop_size"),
+        stride=(None, _Size(optional=True), "slide stride; null: 2/3 of the window"),
+        isr=(None, _Isr(optional=True), "ISR setting to validate at, e.g. 2211-222; null: the training setting"),
+        tta=(False, _Bool(), "multi-scale + flip test"),
+        tta_scales=([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], _List(_Float(positive=True)),
+                    "tta: ratios of the test resize box"),
+        tta_flip=(True, _Bool(), "tta: also the flipped images"),
+        flops_input_size=(None, _Size(optional=True), "(H, W) for GFLOPs in the ISR sweep; null: data.crop_size"),
     ),
 }
 
@@ -503,82 +525,83 @@ SEGMENTATION = Schema(KEYS, REQUIRED, _check_segmentation)
 PRETRAIN_KEYS: dict[str, dict[str, Key]] = {
     # ``timm.create_model`` arguments
     "model": _keys(
-        name=(None, _Str(optional=True)),                    # required: a timm model, eft_t or eft_b
-        num_classes=(None, _Int(1, optional=True)),          # None: the training set's class count
-        drop_path_rate=(0.1, _Float(**_PROB, open_max=True)),  # stochastic depth (linear 0 -> rate)
-        drop_rate=(0.0, _Float(**_PROB, open_max=True)),     # dropout before the classifier
+        name=(None, _Str(optional=True), "required: a timm model, eft_t or eft_b"),
+        num_classes=(None, _Int(1, optional=True), "class count; null: the training set's"),
+        drop_path_rate=(0.1, _Float(**_PROB, open_max=True), "stochastic depth, rising linearly from 0"),
+        drop_rate=(0.0, _Float(**_PROB, open_max=True), "dropout before the classifier"),
     ),
     # ``timm.data.create_dataset`` / ``create_transform`` arguments, and the loader's
     "data": _keys(
-        dataset=(None, _Str(optional=True)),                 # None: folder or tar; hfds/, hfids/, wds/, tfds/NAME
-        root=(None, _Str(optional=True)),                    # required
-        val_root=(None, _Str(optional=True)),                # None: root
-        train_split=("train", _Str()),
-        val_split=("validation", _Str()),                    # folders: validation, val, ... are all found
-        class_map=(None, _Str(optional=True)),               # a class-map file (folder / tar datasets)
-        num_samples=(None, _Int(1, optional=True)),          # iterable datasets: samples per epoch, if unknown
-        img_size=(224, _Int(16)),                            # training crop and validation side
-        batch_size=(128, _Int(1)),                           # per process
-        workers=(8, _Int(0)),                                # per process
-        interpolation=("bicubic", _Choice("bicubic", "bilinear", "random")),
-        crop_pct=(0.875, _Float(positive=True, maximum=1.0)),  # validation: resize to img_size / crop_pct, centre crop
-        scale=([0.08, 1.0], _Range(_Float(positive=True, maximum=1.0))),  # random-resized-crop area range
-        hflip=(0.5, _Float(**_PROB)),
-        color_jitter=(0.4, _Float()),                        # not used with RandAugment (as in timm)
-        auto_augment=("rand-m9-mstd0.5-inc1", _Str(optional=True)),  # timm policy string; None: off
-        re_prob=(0.25, _Float(**_PROB)),                     # random erasing
-        re_mode=("pixel", _Choice("pixel", "rand", "const")),
-        re_count=(1, _Int(1)),
-        repeated_aug=(3, _Int(0)),                           # repeats per sample (0, 1: off), map-style datasets
-        skip_bad_images=(False, _Bool()),                    # skip an unreadable image (named) instead of stopping
+        dataset=(None, _Str(optional=True), "null: a folder or tar; hfds/, hfids/, wds/, tfds/NAME"),
+        root=(None, _Str(optional=True), "required: the dataset folder"),
+        val_root=(None, _Str(optional=True), "the validation set's folder; null: data.root"),
+        train_split=("train", _Str(), "training split"),
+        val_split=("validation", _Str(), "validation split (folders: validation, val, ... are all found)"),
+        class_map=(None, _Str(optional=True), "a class-map file (folder / tar datasets)"),
+        num_samples=(None, _Int(1, optional=True), "iterable datasets: samples per epoch, if unknown"),
+        img_size=(224, _Int(16), "training crop and validation side"),
+        batch_size=(128, _Int(1), "images per batch, per process"),
+        workers=(8, _Int(0), "loader workers per process"),
+        interpolation=("bicubic", _Choice("bicubic", "bilinear", "random"), "resize interpolation"),
+        crop_pct=(0.875, _Float(positive=True, maximum=1.0),
+                  "validation: resize to img_size / crop_pct, then a centre crop"),
+        scale=([0.08, 1.0], _Range(_Float(positive=True, maximum=1.0)), "random-resized-crop area range"),
+        hflip=(0.5, _Float(**_PROB), "horizontal flip probability"),
+        color_jitter=(0.4, _Float(), "colour jitter strength (not used with RandAugment, as in timm)"),
+        auto_augment=("rand-m9-mstd0.5-inc1", _Str(optional=True), "timm augmentation policy; null: off"),
+        re_prob=(0.25, _Float(**_PROB), "random erasing probability"),
+        re_mode=("pixel", _Choice("pixel", "rand", "const"), "random erasing fill"),
+        re_count=(1, _Int(1), "random erasing: regions per image"),
+        repeated_aug=(3, _Int(0), "repeats per sample (0, 1: off), map-style datasets"),
+        skip_bad_images=(False, _Bool(), "skip an unreadable image (named) instead of stopping"),
     ),
     # ``timm.data.Mixup``: Mixup and CutMix (both alphas 0: off)
     "mixup": _keys(
-        mixup_alpha=(0.8, _Float()),
-        cutmix_alpha=(1.0, _Float()),
-        prob=(1.0, _Float(**_PROB)),
-        switch_prob=(0.5, _Float(**_PROB)),
-        mode=("batch", _Choice("batch", "pair", "elem")),
+        mixup_alpha=(0.8, _Float(), "Mixup alpha; 0: off"),
+        cutmix_alpha=(1.0, _Float(), "CutMix alpha; 0: off"),
+        prob=(1.0, _Float(**_PROB), "probability of mixing a batch"),
+        switch_prob=(0.5, _Float(**_PROB), "probability of CutMix instead of Mixup when both are on"),
+        mode=("batch", _Choice("batch", "pair", "elem"), "mix per batch, pair or element"),
     ),
     "loss": _keys(
-        label_smoothing=(0.1, _Float(**_PROB, open_max=True)),
+        label_smoothing=(0.1, _Float(**_PROB, open_max=True), "label smoothing of the cross-entropy"),
     ),
     # ``timm.optim.create_optimizer_v2``: no weight decay on biases and norms
     "optim": _keys(
-        name=("adamw", _Str()),
-        lr=(1e-3, _Float(positive=True)),                    # the peak learning rate of the run, as given
-        lr_batch=(None, _Int(1, optional=True)),             # the global batch lr is set for (a warning otherwise)
-        weight_decay=(0.05, _Float()),
-        eps=(1e-8, _Float(positive=True)),
-        betas=([0.9, 0.999], _List(_Float(**_PROB, open_max=True), 2)),
-        clip_grad=(None, _Float(positive=True, optional=True)),  # gradient norm clipping; None: off
+        name=("adamw", _Str(), "a timm optimizer name"),
+        lr=(1e-3, _Float(positive=True), "the peak learning rate of the run, as given"),
+        lr_batch=(None, _Int(1, optional=True), "the global batch lr is set for (a warning otherwise)"),
+        weight_decay=(0.05, _Float(), "not applied to biases and normalization parameters"),
+        eps=(1e-8, _Float(positive=True), "optimizer epsilon"),
+        betas=([0.9, 0.999], _List(_Float(**_PROB, open_max=True), 2), "optimizer betas"),
+        clip_grad=(None, _Float(positive=True, optional=True), "gradient norm clipping; null: off"),
     ),
     # ``timm.scheduler.create_scheduler_v2``
     "schedule": _keys(
-        name=("cosine", _Choice("cosine", "tanh", "poly", "step")),
-        epochs=(300, _Int(1)),
-        warmup_epochs=(5, _Int(0)),
-        warmup_lr=(1e-6, _Float()),
-        min_lr=(1e-5, _Float()),
-        cooldown_epochs=(0, _Int(0)),
-        decay_epochs=(30, _Int(1)),                          # step: epochs between decays
-        step_on_epochs=(True, _Bool()),                      # False: the rate changes every update
+        name=("cosine", _Choice("cosine", "tanh", "poly", "step"), "learning-rate decay"),
+        epochs=(300, _Int(1), "training epochs"),
+        warmup_epochs=(5, _Int(0), "epochs of linear warmup"),
+        warmup_lr=(1e-6, _Float(), "learning rate at the start of the warmup"),
+        min_lr=(1e-5, _Float(), "learning rate at the end of the decay"),
+        cooldown_epochs=(0, _Int(0), "epochs at min_lr after the decay"),
+        decay_epochs=(30, _Int(1), "step: epochs between decays"),
+        step_on_epochs=(True, _Bool(), "false: the rate changes every update"),
     ),
     # ``timm.utils.ModelEmaV3``: an exponential moving average of the weights, validated and exported
     "ema": _keys(
-        enabled=(False, _Bool()),
-        decay=(0.99996, _Float(**_PROB, open_max=True)),
-        warmup=(False, _Bool()),
+        enabled=(False, _Bool(), "keep an EMA of the weights; validate and export it"),
+        decay=(0.99996, _Float(**_PROB, open_max=True), "EMA decay per update"),
+        warmup=(False, _Bool(), "timm's EMA warmup"),
     ),
     "train": _keys(
-        amp=(False, _Choice(False, "bf16", "fp16", optional=True)),  # CUDA only
-        seed=(0, _Int(0)),
-        deterministic=(False, _Bool()),
-        checkpoint_minutes=(15.0, _Float(0.0)),              # also checkpoint every N minutes; 0: at epoch ends only
-        keep_checkpoints=(2, _Int(0)),                       # iter_<n>.pth files kept (latest.pth always)
-        eval_interval=(1, _Int(0)),                          # validate every N epochs; 0: only at the end
-        log_interval=(50, _Int(1)),                          # log.jsonl training record every N updates
-        grad_checkpointing=(False, _Bool()),
+        amp=(False, _Choice(False, "bf16", "fp16", optional=True), "false | bf16 | fp16 (CUDA only)"),
+        seed=(0, _Int(0), "seed of the initial weights, the data order and the augmentation"),
+        deterministic=(False, _Bool(), "deterministic algorithms only (slower)"),
+        checkpoint_minutes=(15.0, _Float(0.0), "also checkpoint every N minutes; 0: at epoch ends only"),
+        keep_checkpoints=(2, _Int(0), "iter_<n>.pth files kept (latest.pth always)"),
+        eval_interval=(1, _Int(0), "validate every N epochs; 0: only at the end"),
+        log_interval=(50, _Int(1), "a training record in log.jsonl every N updates"),
+        grad_checkpointing=(False, _Bool(), "recompute activations in the backward pass (less memory, slower)"),
     ),
 }
 
@@ -745,7 +768,14 @@ def _base_file(path: Path, base: str) -> Path:
     return _shipped(base) or local
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGMENTATION) -> dict[str, Any]:
+def _set_by(origins: dict[str, str], key: str, source: str) -> None:
+    """Record that ``source`` (a file, or an override) set ``key`` last (``origins`` keeps that order)."""
+    origins.pop(key, None)
+    origins[key] = source
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGMENTATION,
+                     origins: dict[str, str] | None = None) -> dict[str, Any]:
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in chain + (path,))
@@ -762,7 +792,11 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...], schema: Schema = SEGME
         raise ConfigError(f"{path}: {e}") from None
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,), schema))
+        merged = merge_configs(merged, _load_with_bases(_base_file(path, base), chain + (path,), schema, origins))
+    if origins is not None:
+        for section, values in data.items():
+            for key in values if isinstance(values, Mapping) else ():
+                _set_by(origins, f"{section}.{key}", str(path))
     return merge_configs(merged, data)
 
 
@@ -796,11 +830,34 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (),
     """Read ``path`` (a file, or the name of a shipped config: :func:`resolve_config`) with its
     ``_base_`` chain, apply ``overrides`` and validate against ``schema`` (default: the
     segmentation keys; :data:`PRETRAINING` for ``edaformer pretrain``)."""
-    cfg = apply_overrides(_load_with_bases(resolve_config(path), (), schema), overrides, schema)
+    origins: dict[str, str] = {}
+    overrides = list(overrides)
+    cfg = apply_overrides(_load_with_bases(resolve_config(path), (), schema, origins), overrides, schema)
+    for item in overrides:
+        _set_by(origins, item.partition("=")[0].strip(), f"--set {item}")
     try:
-        return validate_config(cfg, schema)
+        cfg = validate_config(cfg, schema)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if schema is SEGMENTATION:
+        _warn_inherited_ignore(cfg, origins)
+    return cfg
+
+
+def _warn_inherited_ignore(cfg: Mapping[str, Any], origins: Mapping[str, str]) -> None:
+    """``data.ignore_index`` set by a ``_base_`` file while a later file (or override) redefines
+    ``data.classes``: the ignore value of the base's dataset may not be that of these labels."""
+    order = list(origins)
+    ignore, classes = "data.ignore_index", "data.classes"
+    if ignore not in origins or classes not in origins or origins[ignore] == origins[classes] \
+            or order.index(classes) < order.index(ignore):
+        return
+    value, names = cfg["data"]["ignore_index"], cfg["data"]["classes"]
+    count = names if isinstance(names, int) else len(names)
+    log.warning("data.ignore_index is %d, inherited from %s, while data.classes (%d classes) is redefined by %s: "
+                "using %d as the label value that means 'ignore'; if your labels mark it otherwise, set "
+                "data.ignore_index beside data.classes (255 if none)", value, origins[ignore], count,
+                origins[classes], value)
 
 
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:

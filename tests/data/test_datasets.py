@@ -174,6 +174,25 @@ def test_suffix_hints(tmp_path, caplog):
         FolderDataset(tmp_path, classes=4, img_suffix=".png", palette=[(0, 0, 0)])
 
 
+def test_images_of_another_ending_are_counted_once_with_whether_they_have_labels(tmp_path, caplog):
+    _folder(tmp_path)  # im0..im2.png, labelled
+    for i in range(2):
+        _save_image(tmp_path / f"images/train/jpg{i}.jpg")
+    caplog.set_level("WARNING", logger="edaformer")
+    FolderDataset(tmp_path, classes=4, img_suffix=".png")
+    assert "3 '*.png' images used, 2 '*.jpg' files beside them left out (none has a label; data.img_suffix " \
+           "selects the images)" in caplog.text
+    FolderDataset(tmp_path, classes=4, img_suffix=".png")  # the same folder again: said once
+    assert caplog.text.count("left out") == 1
+    other = _folder(tmp_path / "other")  # here the .jpg images are labelled too: the setting that takes them is named
+    for i in range(2):
+        _save_image(other / f"images/train/jpg{i}.jpg")
+        _save_label(other / f"annotations/train/jpg{i}.png", _label(4))
+    assert len(FolderDataset(other, classes=4, img_suffix=".png")) == 3
+    assert "2 '*.jpg' files beside them left out (2 of the '*.jpg' files have a label: data.img_suffix: '.jpg' " \
+           "takes them; data.img_suffix selects the images)" in caplog.text
+
+
 def test_size_mismatch_and_bad_values(tmp_path):
     _folder(tmp_path)
     _save_label(tmp_path / "annotations/train/im0.png", _label(4, h=20, w=30))

@@ -126,14 +126,39 @@ def test_init_from_is_skipped_without_init_weights(tmp_path):
     assert model.num_classes == 4
 
 
-def test_init_from_errors_name_the_file_and_both_class_counts(tmp_path):
+def test_another_class_count_loads_all_but_the_classifier_in_one_line(tmp_path, caplog):
+    """Fine-tuning to other classes (timm's rule): every other tensor loaded, the classifier fresh,
+    one line naming its tensors and shapes; init_from stays strict beyond the classifier."""
     from edaformer.checkpoint import CheckpointMismatchError, save_checkpoint
     from edaformer.engine import build_model
 
     path = tmp_path / "trained.pth"
-    _trained_checkpoint(path, num_classes=4)
-    with pytest.raises(CheckpointMismatchError, match=r"trained\.pth was trained for 4 classes but the model has 5"):
-        build_model({"name": NAME, "init_from": str(path)}, num_classes=5)
+    source = _trained_checkpoint(path, num_classes=4).state_dict()
+    caplog.set_level("INFO", logger="edaformer")
+    for key in ("init_from", "encoder_weights"):
+        caplog.clear()
+        torch.manual_seed(7)
+        model = build_model({"name": NAME, key: str(path)}, num_classes=5)
+        torch.manual_seed(7)
+        fresh = edaformer.create_model(NAME, num_classes=5).state_dict()  # the classifier as initialised
+        for name, tensor in model.state_dict().items():
+            expected = fresh[name] if name.startswith("decoder.classifier.") else source[name]
+            assert torch.equal(tensor, expected), name
+        line = (f"model.{key} {path} was trained for 4 classes, this model has 5: {len(source) - 2} tensors loaded, "
+                "the classifier re-initialised (decoder.classifier.weight (4, 128, 1, 1) -> (5, 128, 1, 1), "
+                "decoder.classifier.bias (4,) -> (5,))")
+        assert caplog.text.count(line) == 1 and "WARNING" not in caplog.text, caplog.text
+    state = edaformer.create_model(NAME, num_classes=4, decoder_depths=[1, 1, 1]).state_dict()
+    save_checkpoint({"state_dict": state}, tmp_path / "other-decoder.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"other-decoder\.pth \(trained for 4 classes; the model has 5\) "
+                                                      r"does not match the model beyond its classifier: .* missing"):
+        build_model({"name": NAME, "init_from": str(tmp_path / "other-decoder.pth")}, num_classes=5)
+
+
+def test_init_from_errors_name_the_file(tmp_path):
+    from edaformer.checkpoint import CheckpointMismatchError, save_checkpoint
+    from edaformer.engine import build_model
+
     encoder = edaformer.create_model(NAME, num_classes=4).encoder.state_dict()
     save_checkpoint({"state_dict": encoder}, tmp_path / "imagenet.pth")
     with pytest.raises(CheckpointMismatchError, match=r"imagenet\.pth holds no classifier.*model\.encoder_weights"):
@@ -170,3 +195,28 @@ def test_fresh_run_starts_from_init_from_and_a_resumed_run_from_its_checkpoint(t
     second = state(tmp_path / "run" / "latest.pth")
     assert second["iteration"] == 2 and "init_from" not in caplog.text
     assert all(torch.equal(second["state_dict"][k], p) for k, p in params.items())
+
+
+def test_fine_tuning_the_shipped_camvid_model_to_four_classes(tmp_path, caplog):
+    """init_from the shipped 11-class model into a 4-class model: all but the classifier loaded, two iterations."""
+    from edaformer.checkpoint import load_checkpoint
+    from edaformer.config import load_config
+    from edaformer.engine import train
+    from tests.helpers.training_data import make_dataset, state, write_config
+
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg_path = write_config(tmp_path / "ft.yaml", data, model={"init_from": "edaformer-t-camvid"},
+                            schedule={"iters": 2, "warmup_iters": 0}, train={"deterministic": False})
+    caplog.set_level("INFO", logger="edaformer")
+    result = train(load_config(cfg_path), tmp_path / "run", device="cpu", verify_data="off")
+    assert result["iteration"] == 2
+    assert caplog.text.count("model.init_from edaformer-t-camvid was trained for 11 classes, this model has 4: "
+                             "350 tensors loaded, the classifier re-initialised (decoder.classifier.weight "
+                             "(11, 128, 1, 1) -> (4, 128, 1, 1), decoder.classifier.bias (11,) -> (4,))") == 1
+    trained = state(tmp_path / "run" / "latest.pth")["state_dict"]
+    assert trained["decoder.classifier.weight"].shape == (4, 128, 1, 1)
+    shipped = edaformer.create_model(NAME, num_classes=11)
+    load_checkpoint(shipped, "edaformer-t-camvid")
+    start, fresh = shipped.state_dict(), edaformer.create_model(NAME, num_classes=4).state_dict()
+    for key in ("encoder.stages.0.downsample.proj.weight", "decoder.fuse.conv.weight"):
+        assert (trained[key] - start[key]).abs().max() < 0.01 < (fresh[key] - start[key]).abs().max(), key

@@ -13,6 +13,8 @@ import torch
 import edaformer
 from edaformer.cli import main as cli_main
 from edaformer.config import load_config
+from edaformer.data import make_palette
+from edaformer.effective import effective_config
 from edaformer.engine import NonFiniteLossError, segmentation_loss, train
 from tests.helpers.training_data import make_dataset, max_diff, state, subprocess_env, write_config
 
@@ -124,7 +126,7 @@ def test_grad_checkpointing_amp_on_cpu_and_resume_from_path(tmp_path):
     assert max_diff(final, state(tmp_path / "ckpt" / "latest.pth")["state_dict"]) == 0.0
     assert max_diff(final, state(tmp_path / "other" / "latest.pth")["state_dict"]) == 0.0
     assert plain["iteration"] == resumed["iteration"] == 3
-    assert load_config(tmp_path / "plain" / "config.yaml") == load_config(cfg_path)
+    assert load_config(tmp_path / "plain" / "config.yaml") == effective_config(load_config(cfg_path))
     records = [json.loads(line) for line in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
     train_rec = [r for r in records if "loss" in r]
     assert [r["iter"] for r in train_rec] == [1, 2, 3]
@@ -174,3 +176,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     with pytest.raises(NonFiniteLossError):
         calls["n"] = 0
         train(load_config(cfg_path), tmp_path / "again", device="cpu")
+
+
+def test_config_yaml_holds_every_value_used_and_resumes(tmp_path):
+    """Keys left unset (test box, window, stride, classes, palette, model options) are written with
+    the values used; the run continues from that file as from its own config."""
+    import yaml
+
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg_path = write_config(tmp_path / "c.yaml", data, schedule={"iters": 1, "warmup_iters": 0},
+                            train={"eval_interval": 0, "deterministic": False})
+    cfg = load_config(cfg_path)
+    assert "test_scale" not in cfg["data"] and cfg["eval"]["stride"] is None
+    train(cfg, tmp_path / "run", device="cpu", verify_data="off")
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["data"]["test_scale"] == [32, 32] and written["data"]["size_divisor"] == 32
+    assert written["eval"]["crop_size"] == [32, 32] and written["eval"]["stride"] == [21, 21]
+    assert written["data"]["palette"] == [list(c) for c in make_palette(4)]
+    assert written["data"]["train_split"] == "train" and written["model"]["decoder_depths"] == [3, 2, 1]
+    assert load_config(tmp_path / "run" / "config.yaml") == effective_config(cfg)
+    result = train(load_config(tmp_path / "run" / "config.yaml", ["schedule.iters=2"]), tmp_path / "run",
+                   resume="auto", device="cpu", verify_data="off")
+    assert result["iteration"] == 2
+
+
+def test_warmup_as_long_as_the_run_and_too_many_workers_are_said_once(tmp_path, caplog, monkeypatch, recwarn):
+    """Each warning names the key and the fix, once per run; the loaders get at most one worker
+    per CPU, so torch has nothing to warn about."""
+    import edaformer.data
+
+    monkeypatch.setattr(edaformer.data, "cpu_count", lambda: 1)
+    data = make_dataset(tmp_path / "data", n=2)
+    cfg_path = write_config(tmp_path / "w.yaml", data, data={"workers": 3}, schedule={"iters": 2, "warmup_iters": 2},
+                            train={"eval_interval": 1, "deterministic": False})
+    caplog.set_level("INFO", logger="edaformer")
+    train(load_config(cfg_path), tmp_path / "run", device="cpu", verify_data="off")
+    warmup = "schedule.warmup_iters (2) >= schedule.iters (2): the learning rate never reaches optim.lr; " \
+             "set schedule.warmup_iters below 2"
+    workers = "data.workers is 3 but this machine has 1 CPU: using 1 loader worker (set data.workers to at most 1)"
+    assert caplog.text.count(warmup) == 1 and caplog.text.count(workers) == 1
+    assert caplog.text.count("validation:") == 2  # both validations ran with the reduced count
+    assert not [w for w in recwarn if "worker" in str(w.message)]

@@ -25,11 +25,14 @@ photometric            photometric distortion on/off [True]
 =====================  ================================================================
 
 The loader's keys (``batch_size``, ``workers``: :data:`LOADER_KEYS`) are left to the caller;
-:func:`dataset_config` is the section without them. Labels always come out with
-ignore = 255.
+:func:`dataset_config` is the section without them, :func:`usable_workers` caps ``workers`` at the
+CPU count. :func:`effective_data_config` fills in the values in brackets. Labels always come out
+with ignore = 255.
 """
 from __future__ import annotations
 
+import logging
+import os
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
+from .color_labels import ColorConversion, colors_to_ids, convert_color_labels, ids_to_colors
 from .converters import ConversionResult, convert_cityscapes, convert_cocostuff
 from .datasets import (ADE20K, IGNORE_INDEX, COCOStuff, Cityscapes, DatasetError, FolderDataset, SegmentationDataset,
                        dataset_info)
@@ -45,9 +49,10 @@ from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, 
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
                          ResizeToFit, test_transforms, train_transforms)
 
-__all__ = ["build_dataset", "dataset_config", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
+__all__ = ["build_dataset", "dataset_config", "effective_data_config", "usable_workers", "cpu_count", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
-           "convert_cityscapes", "convert_cocostuff", "ConversionResult", "train_transforms", "test_transforms",
+           "convert_cityscapes", "convert_cocostuff", "ConversionResult", "convert_color_labels", "colors_to_ids",
+           "ids_to_colors", "ColorConversion", "train_transforms", "test_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
            "MEAN", "STD", "dataset_info", "DATASET_INFO", "DatasetInfo", "class_names",
            "get_dataset_info", "make_palette"]
@@ -55,11 +60,17 @@ __all__ = ["build_dataset", "dataset_config", "LOADER_KEYS", "build_dataloader",
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "ade20k": ADE20K, "cityscapes": Cityscapes, "cocostuff": COCOStuff, "folder": FolderDataset}
 
+log = logging.getLogger("edaformer")
+
 _DEFAULT_SPLITS = {"ade20k": ("training", "validation"), "cityscapes": ("train", "val"),
                    "cocostuff": ("train2017", "val2017"), "folder": ("train", "val")}
 _DEFAULTS = dict(scale=(2048, 512), ratio_range=(0.5, 2.0), crop_size=(512, 512), cat_max_ratio=0.75,
                  flip_prob=0.5, photometric=True, size_divisor=32)
 _TYPE_DEFAULTS = {"cityscapes": dict(scale=(2048, 1024), crop_size=(1024, 1024), size_divisor=None)}
+
+
+# what a folder dataset takes for the folder-only keys a config leaves unset
+_FOLDER_DEFAULTS = dict(reduce_zero_label=False, img_suffix=".jpg", seg_suffix=".png")
 
 
 def _pipeline_options(cfg: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -122,9 +133,45 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:
         raise DatasetError("a 'folder' dataset needs 'classes' (a list of names or a count)")
     return FolderDataset(cfg["root"], folder, classes=cfg["classes"], palette=cfg.get("palette"),
                          ignore_value=cfg.get("ignore_index", IGNORE_INDEX),
-                         reduce_zero_label=bool(cfg.get("reduce_zero_label", False)),
-                         img_suffix=cfg.get("img_suffix", ".jpg"), seg_suffix=cfg.get("seg_suffix", ".png"),
+                         reduce_zero_label=bool(cfg.get("reduce_zero_label", _FOLDER_DEFAULTS["reduce_zero_label"])),
+                         img_suffix=cfg.get("img_suffix", _FOLDER_DEFAULTS["img_suffix"]),
+                         seg_suffix=cfg.get("seg_suffix", _FOLDER_DEFAULTS["seg_suffix"]),
                          transforms=transforms, include=include)
+
+
+def effective_data_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A config's ``data`` section with every key it leaves unset (or null where null means "the
+    default") filled in with the value :func:`build_dataset` uses: the dataset type's splits and
+    pipeline options, the test resize box (``test_scale``: ``scale``), and for a folder dataset
+    its suffixes, class names (a count becomes ``class_0 ..``) and palette (generated); a named
+    dataset's own classes, palette, suffixes and ``reduce_zero_label``. An unknown type, or a
+    folder dataset without classes, is left as it is (building the dataset says what is wrong)."""
+    out = dict(cfg)
+    kind = str(cfg.get("type", "")).lower()
+    if kind not in DATASETS:
+        return out
+    opts = _pipeline_options(cfg, kind)
+    for key in ("scale", "ratio_range", "crop_size", "cat_max_ratio", "flip_prob", "photometric", "size_divisor"):
+        value = opts[key]
+        out[key] = list(value) if isinstance(value, tuple) else value
+    out["test_scale"] = list(cfg.get("test_scale") or opts["scale"])
+    for i, split in enumerate(("train", "val")):
+        out[f"{split}_split"] = cfg.get(f"{split}_split") or _DEFAULT_SPLITS[kind][i]
+        out.setdefault(f"{split}_filter", None)
+    if kind == "folder":
+        for key, value in _FOLDER_DEFAULTS.items():
+            out[key] = cfg.get(key, value)
+        classes = cfg.get("classes")
+        if classes is not None:
+            out["classes"] = list(class_names(classes)) if isinstance(classes, int) else list(classes)
+            palette = cfg.get("palette") or make_palette(len(out["classes"]))
+            out["palette"] = [list(map(int, color)) for color in palette]
+        return out
+    cls = DATASETS[kind]
+    names, palette = dataset_info(cls.name)
+    out.update(classes=names, palette=[list(color) for color in palette], reduce_zero_label=cls is ADE20K,
+               img_suffix=cls.IMG_SUFFIX, seg_suffix=cls.SEG_SUFFIX)
+    return out
 
 
 def collate(batch: Sequence[Any]) -> Any:
@@ -158,6 +205,33 @@ class SkipBatches:
 
     def __len__(self) -> int:
         return max(len(self.batch_sampler) - self.skip, 0)
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (what torch's DataLoader compares its worker count with)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity outside Linux
+        return os.cpu_count() or 1
+
+
+_WORKER_WARNINGS: set[tuple[str, int, int]] = set()
+
+
+def usable_workers(requested: int, key: str = "data.workers") -> int:
+    """``requested`` loader workers, at most :func:`cpu_count`; more are reduced to that, saying
+    so once per key and value (torch would warn about them on every loader it starts)."""
+    cpus = cpu_count()
+    if requested <= cpus:
+        return requested
+    main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                        and torch.distributed.get_rank() != 0)
+    if (key, requested, cpus) not in _WORKER_WARNINGS and main_process:  # one process says it for all
+        _WORKER_WARNINGS.add((key, requested, cpus))
+        plural = "s" if cpus > 1 else ""
+        log.warning("%s is %d but this machine has %d CPU%s: using %d loader worker%s (set %s to at most %d)",
+                    key, requested, cpus, plural, cpus, plural, key, cpus)
+    return cpus
 
 
 def build_dataloader(dataset: Dataset, batch_size: int, shuffle: bool = True, workers: int = 4,

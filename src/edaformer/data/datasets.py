@@ -153,15 +153,18 @@ class SegmentationDataset(Dataset):
             if not folder.is_dir():
                 raise DatasetError(f"{what} folder does not exist: {folder}")
         images, others = _split_by_suffix(img_dir, self.img_suffix)
+        counts = {ext: len(paths) for ext, paths in others.items()}
         if not images:
-            hint = f" (it holds {_counted(others)}: set data.img_suffix)" if others else ""
+            hint = f" (it holds {_counted(counts)}: set data.img_suffix)" if others else ""
             raise DatasetError(f"empty dataset: no '*{self.img_suffix}' images in {img_dir}{hint}")
-        if others:
-            log.warning("%s: %d '*%s' images used, %s beside them left out (data.img_suffix selects the images)",
-                        img_dir, len(images), self.img_suffix, _counted(others))
+        labels = {p.relative_to(ann_dir) for p in _list_files(ann_dir, self.seg_suffix)}
+        if others and (img_dir, self.img_suffix) not in _SKIP_WARNINGS:
+            _SKIP_WARNINGS.add((img_dir, self.img_suffix))
+            log.warning("%s: %d '*%s' images used, %s beside them left out (%s; data.img_suffix selects the images)",
+                        img_dir, len(images), self.img_suffix, _counted(counts),
+                        _labelled(others, img_dir, labels, self.seg_suffix))
         stems = {img: img.relative_to(img_dir).as_posix()[: -len(self.img_suffix)] for img in images}
         images = [img for img in images if matches_filter(stems[img], self.include)]
-        labels = {p.relative_to(ann_dir) for p in _list_files(ann_dir, self.seg_suffix)}
         samples, missing = [], []
         for img in images:
             ann = Path(stems[img] + self.seg_suffix)
@@ -266,17 +269,32 @@ class SegmentationDataset(Dataset):
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _split_by_suffix(folder: Path, suffix: str) -> tuple[list[Path], dict[str, int]]:
+def _split_by_suffix(folder: Path, suffix: str) -> tuple[list[Path], dict[str, list[Path]]]:
     """The files under ``folder`` ending in ``suffix`` (sorted), and the other image files
-    there counted by extension."""
+    there by extension."""
     images, others = [], {}
     for p in folder.rglob("*"):
         if p.name.endswith(suffix):
             if p.is_file():
                 images.append(p)
         elif p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file():
-            others[p.suffix] = others.get(p.suffix, 0) + 1
+            others.setdefault(p.suffix, []).append(p)
     return sorted(images), others
+
+
+# (image folder, suffix) pairs whose left-out files were reported: once per process
+_SKIP_WARNINGS: set[tuple[Path, str]] = set()
+
+
+def _labelled(others: dict[str, list[Path]], img_dir: Path, labels: set[Path], seg_suffix: str) -> str:
+    """Whether the left-out images have labels: none (the usual extra files), else how many per
+    ending, with the setting that would take them."""
+    found = {ext: sum(Path(p.relative_to(img_dir).as_posix()[: -len(ext)] + seg_suffix) in labels for p in paths)
+             for ext, paths in others.items()}
+    if not any(found.values()):
+        return "none has a label"
+    return "; ".join(f"{n} of the '*{ext}' files have a label: data.img_suffix: '{ext}' takes them"
+                     for ext, n in sorted(found.items()) if n)
 
 
 def _counted(counts: dict[str, int]) -> str:
@@ -304,6 +322,7 @@ class ADE20K(SegmentationDataset):
 
     name = "ade20k"
     NUM_CLASSES = 150
+    IMG_SUFFIX, SEG_SUFFIX = ".jpg", ".png"
     SPLITS = {"train": "training", "val": "validation"}
 
     def __init__(self, root: str | Path, split: str = "training", transforms: Callable | None = None,
@@ -311,8 +330,8 @@ class ADE20K(SegmentationDataset):
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=".jpg", seg_suffix=".png", reduce_zero_label=True, transforms=transforms,
-                         include=include)
+                         img_suffix=self.IMG_SUFFIX, seg_suffix=self.SEG_SUFFIX, reduce_zero_label=True,
+                         transforms=transforms, include=include)
 
 
 class Cityscapes(SegmentationDataset):
@@ -321,6 +340,7 @@ class Cityscapes(SegmentationDataset):
 
     name = "cityscapes"
     NUM_CLASSES = 19
+    IMG_SUFFIX, SEG_SUFFIX = "_leftImg8bit.png", "_gtFine_labelTrainIds.png"
     SPLITS: dict[str, str] = {}
     missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cityscapes ROOT`"
 
@@ -329,7 +349,7 @@ class Cityscapes(SegmentationDataset):
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "leftImg8bit" / split, root / "gtFine" / split, classes=classes, palette=palette,
-                         img_suffix="_leftImg8bit.png", seg_suffix="_gtFine_labelTrainIds.png",
+                         img_suffix=self.IMG_SUFFIX, seg_suffix=self.SEG_SUFFIX,
                          transforms=transforms, include=include)
 
 
@@ -339,6 +359,7 @@ class COCOStuff(SegmentationDataset):
 
     name = "cocostuff"
     NUM_CLASSES = 171
+    IMG_SUFFIX, SEG_SUFFIX = ".jpg", "_labelTrainIds.png"
     SPLITS = {"train": "train2017", "val": "val2017"}
     missing_label_hint = "; write the *_labelTrainIds.png files with `edaformer convert cocostuff ROOT`"
 
@@ -347,7 +368,7 @@ class COCOStuff(SegmentationDataset):
         root, split = _check_root(root), _split_dir(split, self.SPLITS)
         classes, palette = dataset_info(self.name)
         super().__init__(root / "images" / split, root / "annotations" / split, classes=classes, palette=palette,
-                         img_suffix=".jpg", seg_suffix="_labelTrainIds.png", transforms=transforms,
+                         img_suffix=self.IMG_SUFFIX, seg_suffix=self.SEG_SUFFIX, transforms=transforms,
                          include=include)
 
 

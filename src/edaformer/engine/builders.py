@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMismatchError, checkpoint_num_classes, load_checkpoint, read_checkpoint
-from ..data import build_dataloader, build_dataset, dataset_config
+from ..data import build_dataloader, build_dataset, dataset_config, usable_workers
 from ..data.datasets import SegmentationDataset
 from ..meta import ISR, ITERATION, MIOU
 from ..models import create_model
@@ -34,9 +34,10 @@ def build_model(model_cfg: Mapping[str, Any], num_classes: int, init_weights: bo
     """``create_model`` from the ``model`` config section, then its starting weights.
 
     With ``init_weights`` (a fresh run): ``model.init_from`` loads every weight of a trained
-    checkpoint, strictly (see :func:`load_init_from`); otherwise ``model.encoder_weights`` loads an
-    ImageNet encoder, every encoder tensor (see :func:`load_encoder_weights`). A resumed run or
-    an evaluation passes False: its weights come from its own checkpoint.
+    checkpoint, strictly, all but the classifier when it was trained for another class count (see
+    :func:`load_init_from`); otherwise ``model.encoder_weights`` loads an ImageNet encoder, every
+    encoder tensor (see :func:`load_encoder_weights`). A resumed run or an evaluation passes
+    False: its weights come from its own checkpoint.
     """
     extra = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_ARGUMENTS and v is not None}
     model = create_model(model_cfg["name"], num_classes=model_cfg.get("num_classes") or num_classes, **extra)
@@ -61,9 +62,11 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> dict[str,
     An encoder checkpoint (an ImageNet classifier or backbone, e.g. the ``encoder.pth`` of
     ``edaformer pretrain``; its classifier head is dropped) must fill every encoder tensor: a
     missing or mis-shaped one raises :class:`CheckpointMismatchError` (the encoder of another
-    model size, say). A whole segmentor checkpoint loads what matches, with warnings.
+    model size, say). A whole segmentor checkpoint loads what matches, with warnings; its
+    classifier, when trained for another class count, is re-initialised, said in one line.
     """
-    report = load_checkpoint(model, path, strict=False)
+    obj = read_checkpoint(path)
+    report = load_checkpoint(model, obj, strict=False)
     if report["format"] == "encoder":
         total = len(model.encoder.state_dict())
         if report["missing"] or report["mismatched"]:
@@ -82,6 +85,10 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> dict[str,
                         ", ".join(report["unexpected"][:8]) + (" ..." if len(report["unexpected"]) > 8 else ""))
         return report
     log.info("encoder weights %s (%s format): %d tensors loaded", path, report["format"], report["loaded"])
+    classifier = _classifier_tensors(report, checkpoint_num_classes(obj), model.num_classes)
+    if classifier:
+        log.info(_fresh_classifier_line("model.encoder_weights", path, report, classifier, model.num_classes))
+        report = {**report, "mismatched": [m for m in report["mismatched"] if m.split(":")[0] not in classifier]}
     for what in ("missing", "unexpected", "mismatched"):
         if report[what]:
             shown = ", ".join(report[what][:8]) + (" ..." if len(report[what]) > 8 else "")
@@ -93,12 +100,33 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> dict[str,
 _NOT_MODEL_ARGUMENTS = ("name", "num_classes", "encoder_weights", "init_from")
 
 
-def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
-    """Load all weights of the trained checkpoint ``path`` into ``model`` (``model.init_from``).
+def _classifier_tensors(report: Mapping[str, Any], found: int | None, num_classes: int) -> dict[str, tuple]:
+    """The tensors of a loading report that differ only in the class count (``found`` in the
+    checkpoint, ``num_classes`` in the model): the classifier's, by name with both shapes."""
+    if found is None or found == num_classes:
+        return {}
+    return {k: (old, new) for k, (old, new) in report.get("shapes", {}).items()
+            if old[:1] == (found,) and new[:1] == (num_classes,) and old[1:] == new[1:]}
 
-    The checkpoint must be a whole segmentor of the same class count: an encoder-only file or
-    another class count raises :class:`CheckpointMismatchError` naming the file (and both
-    counts); any missing, unexpected or mis-shaped tensor too (strict loading).
+
+def _fresh_classifier_line(key: str, path: Any, report: Mapping[str, Any], classifier: Mapping[str, tuple],
+                           num_classes: int) -> str:
+    """The one line that says a checkpoint of another class count was loaded without its classifier."""
+    found = next(iter(classifier.values()))[0][0]
+    shapes = ", ".join(f"{k} {tuple(old)} -> {tuple(new)}" for k, (old, new) in classifier.items())
+    return (f"{key} {path} was trained for {found} classes, this model has {num_classes}: {report['loaded']} "
+            f"tensors loaded, the classifier re-initialised ({shapes})")
+
+
+def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load all weights of the trained checkpoint ``path`` (a file or a shipped model's name) into
+    ``model`` (``model.init_from``).
+
+    The checkpoint must be a whole segmentor: an encoder-only file raises
+    :class:`CheckpointMismatchError` naming the file; any missing, unexpected or mis-shaped
+    tensor too (strict loading). Trained for another class count (fine-tuning to one's own
+    classes), it loads everything but the classifier, which keeps its fresh initialisation, and
+    says so in one line naming those tensors and their shapes.
     """
     obj = read_checkpoint(path)
     found = checkpoint_num_classes(obj)
@@ -106,8 +134,7 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointMismatchError(f"model.init_from {path} holds no classifier (an encoder-only checkpoint?): "
                                       "it must be a whole trained model; an ImageNet encoder goes in model.encoder_weights")
     if found != model.num_classes:
-        raise CheckpointMismatchError(f"model.init_from {path} was trained for {found} classes but the model has "
-                                      f"{model.num_classes} (model.num_classes, or the dataset's class count)")
+        return _load_but_the_classifier(model, obj, path, found)
     try:
         report = load_checkpoint(model, obj, strict=True)
     except CheckpointMismatchError as e:
@@ -119,6 +146,21 @@ def load_init_from(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     return report
 
 
+def _load_but_the_classifier(model: nn.Module, obj: Mapping[str, Any], path: Any, found: int) -> dict[str, Any]:
+    """``model.init_from`` of another class count: every tensor but the classifier's, strictly."""
+    report = load_checkpoint(model, obj, strict=False)
+    classifier = _classifier_tensors(report, found, model.num_classes)
+    others = [m for m in report["mismatched"] if m.split(":")[0] not in classifier]
+    if report["missing"] or report["unexpected"] or others or not classifier:
+        problems = others[:3] + [f"{k} missing" for k in report["missing"][:3]] + \
+            [f"{k} unexpected" for k in report["unexpected"][:3]]
+        raise CheckpointMismatchError(f"model.init_from {path} (trained for {found} classes; the model has "
+                                      f"{model.num_classes}) does not match the model beyond its classifier: "
+                                      f"{'; '.join(problems) or 'no classifier tensor found'}")
+    log.info(_fresh_classifier_line("model.init_from", path, report, classifier, model.num_classes))
+    return report
+
+
 def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The training and validation datasets of a config's ``data`` section."""
     dataset_cfg = dataset_config(data_cfg)
@@ -127,9 +169,11 @@ def build_datasets(data_cfg: Mapping[str, Any]) -> tuple[SegmentationDataset, Se
 
 def build_train_loader(train_set: SegmentationDataset, data_cfg: Mapping[str, Any], distributed: bool,
                        seed: int) -> DataLoader:
-    """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped)."""
-    return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True, workers=data_cfg["workers"],
-                            distributed=distributed, seed=seed, drop_last=True)
+    """The shuffled, seeded training loader (per-process batches, incomplete last batch dropped;
+    ``data.workers`` at most the CPU count)."""
+    return build_dataloader(train_set, data_cfg["batch_size"], shuffle=True,
+                            workers=usable_workers(data_cfg["workers"]), distributed=distributed, seed=seed,
+                            drop_last=True)
 
 
 def build_param_groups(model: nn.Module, lr: float, weight_decay: float,

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..config import KEYS
+from ..effective import effective_config
 from ..meta import model_checkpoint
 from ..utils import flatten_dict
 
@@ -218,6 +219,15 @@ def _new_at_default(key: str, old: Mapping[str, Any], new: Mapping[str, Any]) ->
     return key not in old and declared is not None and new.get(key) == declared.default
 
 
+def _effective(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``cfg`` with the values a run uses filled in (:func:`~edaformer.effective.effective_config`);
+    a config that cannot be filled in (of an older library, say) as it is."""
+    try:
+        return effective_config(cfg)
+    except (ValueError, TypeError, KeyError):
+        return cfg
+
+
 def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> list[str]:
     """Compare ``cfg`` with the config stored in checkpoint ``path``; raise
     :class:`ResumeConfigError` for a changed model / classes / data layout or a ``schedule.iters``
@@ -233,8 +243,11 @@ def check_resume_config(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: P
         log.warning("%s stores no config: changes to the config since it was written cannot be checked", path)
         return []
     old, new = flatten_dict(saved), flatten_dict(cfg)
+    # a key written out with the value used (the work dir's config.yaml) is no change
+    old_used, new_used = flatten_dict(_effective(saved)), flatten_dict(_effective(cfg))
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in _UNUSED_ON_RESUME and not _new_at_default(k, old, new))
+                     if old.get(k) != new.get(k) and old_used.get(k, old.get(k)) != new_used.get(k, new.get(k))
+                     and k not in _UNUSED_ON_RESUME and not _new_at_default(k, old, new))
     fixed = [k for k in changed if _is_fixed(k)]
     if fixed:
         shown = "; ".join(f"{k} is {new.get(k)!r} but {old.get(k)!r} in the checkpoint" for k in fixed)

@@ -1,8 +1,9 @@
 """Iteration-based training of EDAFormer, single process or ``torchrun`` DDP.
 
 Run it with ``edaformer train CONFIG`` or ``torchrun --nproc-per-node N -m edaformer train CONFIG``.
-A work dir holds one run: ``config.yaml``, ``log.jsonl``, ``iter_<n>.pth`` / ``latest.pth`` (full
-training state and the resolved config) and ``best_mIoU.pth`` (model only), locked while it runs.
+A work dir holds one run: ``config.yaml`` (every value used, :func:`~edaformer.effective.effective_config`),
+``log.jsonl``, ``iter_<n>.pth`` / ``latest.pth`` (full training state and the resolved config) and
+``best_mIoU.pth`` (model only), locked while it runs.
 SIGTERM / SIGINT stop after the current step with a checkpoint; a killed run loses at most one
 checkpoint interval (``train.checkpoint_interval`` iterations or ``train.checkpoint_minutes``).
 """
@@ -29,9 +30,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
-from ..data import SkipBatches
+from ..data import SkipBatches, usable_workers
 from ..data.datasets import IGNORE_INDEX, DatasetError
 from ..data.transforms import test_transforms
+from ..effective import effective_config
 from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
 from ..plotting import plot_training_log
 from ..protocol import TestProtocol
@@ -218,7 +220,7 @@ def validate(model: nn.Module, val_set: Any, cfg: Mapping[str, Any], protocol: T
     """``evaluate`` under the run's test protocol and ``eval.isr``; leaves ``model`` in the mode it had."""
     training = model.training
     metrics = evaluate(unwrap_model(model), val_set, protocol, isr=cfg["eval"]["isr"],
-                       workers=min(cfg["data"]["workers"], 2))
+                       workers=min(usable_workers(cfg["data"]["workers"]), 2))
     model.train(training)
     return metrics
 
@@ -343,6 +345,7 @@ def _set_up(cfg: Mapping[str, Any], work_dir: Path, info: DistInfo, cleanup: con
     earlier run, resume checkpoint, config check) before anything in it is written, the data
     check, the loss, the model and its (resumed) training state, the logs."""
     _set_up_process(cfg["train"], info)
+    on_main(info, _warn_schedule, cfg["schedule"])
     train_set, val_set, loader, protocol = _set_up_data(cfg, info)
     found = _claim_work_dir(info, work_dir, resume, force, cfg, cleanup)
     on_main(info, _verify_data, {"train": train_set, "val": val_set}, verify_data)
@@ -368,6 +371,14 @@ def _set_up_process(tcfg: Mapping[str, Any], info: DistInfo) -> None:
         torch.backends.cudnn.benchmark = False
     elif info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+def _warn_schedule(schedule: Mapping[str, Any]) -> None:
+    """A warmup as long as the run never reaches the learning rate set: say so, with the fix."""
+    warmup, iters = schedule["warmup_iters"], schedule["iters"]
+    if warmup >= iters:
+        log.warning("schedule.warmup_iters (%d) >= schedule.iters (%d): the learning rate never reaches optim.lr; "
+                    "set schedule.warmup_iters below %d (e.g. %d)", warmup, iters, iters, iters // 10)
 
 
 def _set_up_data(cfg: Mapping[str, Any], info: DistInfo) -> tuple[Any, Any, DataLoader, TestProtocol]:
@@ -446,7 +457,7 @@ def _start_logs(run: _Run, cleanup: contextlib.ExitStack) -> None:
         return
     run.jlog = JsonLog(run.work_dir / "log.jsonl")
     check_free_space(run.work_dir, _state_bytes(run.state))
-    save_config(run.cfg, run.work_dir / "config.yaml")
+    save_config(effective_config(run.cfg), run.work_dir / "config.yaml")  # every value the run uses
     run.jlog.start(run.state.iteration)
     if run.cfg["train"]["tensorboard"]:
         run.tblog = TensorBoardLog(run.work_dir / "tensorboard", run.state.iteration + 1,
