@@ -94,3 +94,14 @@ def test_cli_bench_table():
                      "--warmup", "0"]) == 0
     text = buf.getvalue()
     assert "| ISR |" in text and "| 2211-222 |" in text
+
+
+def test_autocast_context_is_full_precision_for_none_and_fp32():
+    """``torch.autocast`` would read ``dtype=None`` as its device's default (bf16 on CPU)."""
+    from edaformer.bench import autocast_context
+
+    for dtype in (None, torch.float32):
+        with autocast_context(torch.device("cpu"), dtype):
+            assert not torch.is_autocast_enabled("cpu")
+    with autocast_context(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")

@@ -48,9 +48,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for ``bf16``/``fp16`` (weights stay float32); nothing for ``fp32``."""
-    if dtype == torch.float32:
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for ``bf16``/``fp16`` (weights stay float32); nothing for ``fp32`` or None
+    (``torch.autocast`` itself would take None as its device's default lower precision)."""
+    if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 

@@ -58,6 +58,8 @@ def _session(path: Path, threads: int | None, providers: Sequence[str] | None):
     options.intra_op_num_threads = int(threads) if threads else torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    # no busy-waiting of the pool's threads after a run: torch's resize + argmax follow on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options,
                                     providers=list(providers or ["CPUExecutionProvider"]))
@@ -161,7 +163,8 @@ class OnnxModel(nn.Module):
             out = np.concatenate([self._run(array[i:i + 1]) for i in range(array.shape[0])])
         else:
             raise ValueError(f"{self.path} is exported for batches of {batch}, got {array.shape[0]}")
-        return torch.from_numpy(out).to(x.device)
+        # channels-last, as the torch decoder's logits: the banded resize + argmax then reads classes-last rows
+        return torch.from_numpy(out).to(x.device).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, H, W)`` at the input size, as the torch model's ``forward`` gives them."""
