@@ -24,7 +24,7 @@ import edaformer  # noqa: E402  (registers the models)
 from edaformer import bench  # noqa: E402
 from edaformer.checkpoint import load_checkpoint  # noqa: E402
 from edaformer.config import load_config  # noqa: E402
-from edaformer.data import build_dataset, test_transforms  # noqa: E402
+from edaformer.data import build_dataset, eval_transforms  # noqa: E402
 from edaformer.engine import build_model, evaluate  # noqa: E402
 from edaformer.flops import gflops as count_gflops  # noqa: E402
 from edaformer.inference import TestProtocol  # noqa: E402
@@ -62,7 +62,7 @@ def load_run(run_dir: Path):
     report = load_checkpoint(model, run_dir / "latest.pth")
     model.eval()
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=str(run_dir))
-    dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+    dataset.transforms = eval_transforms(protocol.scale, protocol.size_divisor)
     return cfg, model, dataset, protocol, report["meta"]
 
 

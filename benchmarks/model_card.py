@@ -25,7 +25,7 @@ import edaformer  # noqa: F401  (registers the models)
 from edaformer import bench
 from edaformer.checkpoint import build_from_checkpoint
 from edaformer.config import load_config
-from edaformer.data import build_dataset, test_transforms
+from edaformer.data import build_dataset, eval_transforms
 from edaformer.engine import evaluate, isr_sweep
 from edaformer.engine.evaluate import common_test_size, save_confusion
 from edaformer.engine.isr_tune import Budget, calibration_subset, grid_settings, tune_isr
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     model, report = build_from_checkpoint(args.checkpoint)
     model.eval()
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg), source=args.checkpoint)
-    dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+    dataset.transforms = eval_transforms(protocol.scale, protocol.size_divisor)
     size, _, _ = common_test_size(dataset, protocol)
     card = dict(environment=bench.environment(), checkpoint=str(args.checkpoint), config=str(args.config),
                 iteration=report["meta"].get("iteration"), protocol=protocol.to_dict(), test_size=list(size))

@@ -11,13 +11,13 @@ from PIL import Image
 from edaformer.config import validate_config
 from edaformer.data import build_dataset
 from edaformer.data.transforms import MEAN, STD
-from edaformer.inference import TestProtocol, load_image, preprocess, test_size
+from edaformer.inference import TestProtocol, load_image, preprocess, protocol_size
 from edaformer.models import get_model_spec
 
 from tests.helpers.stubs import ADE, rgb
 
 
-# -- test_size ----------------------------------------------------------------------------------
+# -- protocol_size ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("hw,scale,divisor,expected", [
     ((512, 683), (2048, 512), 32, (512, 704)),     # 683 / 32 = 21.3 -> rounded up to 22 * 32
     ((375, 500), (2048, 512), 32, (512, 704)),     # rescaled to 512 x 683 first
@@ -31,14 +31,14 @@ from tests.helpers.stubs import ADE, rgb
     ((61, 97), None, 32, (64, 128)),               # no box: only the rounding
 ])
 def test_test_size(hw, scale, divisor, expected):
-    assert test_size(*hw, scale=scale, divisor=divisor) == expected
+    assert protocol_size(*hw, scale=scale, divisor=divisor) == expected
 
 
 def test_test_size_errors():
     with pytest.raises(ValueError):
-        test_size(0, 10)
+        protocol_size(0, 10)
     with pytest.raises(ValueError):
-        test_size(10, 10, scale=(0, 10))
+        protocol_size(10, 10, scale=(0, 10))
 
 
 # -- the protocol object ----------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_dataset_test_pipeline_equals_preprocess(tmp_path, scale, divisor):
     ds = build_dataset(dict(type="folder", root=str(tmp_path), classes=["x", "y"], img_suffix=".png", scale=scale,
                             size_divisor=divisor), "val")
     image, label = ds[0]
-    assert tuple(image.shape[-2:]) == test_size(61, 97, scale, divisor)
+    assert tuple(image.shape[-2:]) == protocol_size(61, 97, scale, divisor)
     assert tuple(label.shape) == (61, 97)
     assert torch.equal(image[None], preprocess(tmp_path / "images" / "val" / "a.png", scale, divisor))
 

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from .data import _pipeline_options
-from .data.transforms import test_input_size
+from .data.transforms import eval_input_size
 from .meta import TEST_PROTOCOL, protocol_fields
 from .models.config import TEST_MODES
 from .utils import to_pair
 
-__all__ = ["TestProtocol", "test_size"]
+__all__ = ["TestProtocol", "protocol_size"]
 
 Size = tuple[int, int]
 
@@ -73,7 +73,7 @@ class TestProtocol:
 
     def input_size(self, h: int, w: int) -> Size:
         """The size an ``h x w`` image is run at."""
-        return test_size(h, w, self.scale, self.size_divisor)
+        return protocol_size(h, w, self.scale, self.size_divisor)
 
     def replace(self, **overrides: Any) -> "TestProtocol":
         """A copy with the given fields replaced; ``None`` values are ignored."""
@@ -165,10 +165,7 @@ def _seq(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def test_size(h: int, w: int, scale: Size | None = (2048, 512), divisor: int | None = 32) -> Size:
+def protocol_size(h: int, w: int, scale: Size | None = (2048, 512), divisor: int | None = 32) -> Size:
     """The test-time input size of an ``h x w`` image: fit the ``(long, short)`` box ``scale``, then
     both sides rounded up to a multiple of ``divisor`` (``None`` or 1 skips it)."""
-    return test_input_size((h, w), scale, divisor)
-
-
-test_size.__test__ = False  # a library function, not a pytest test when imported into one
+    return eval_input_size((h, w), scale, divisor)

@@ -18,7 +18,7 @@ from edaformer.flops import count_flops  # noqa: E402
 from edaformer.isr import get_isr  # noqa: E402
 from edaformer.inference import Segmenter, TestProtocol  # noqa: E402
 from edaformer.checkpoint import load_checkpoint  # noqa: E402
-from edaformer.data import test_transforms  # noqa: E402
+from edaformer.data import eval_transforms  # noqa: E402
 from tests.helpers.training_data import CLASSES, DEFAULT_YAML, make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -254,7 +254,7 @@ def test_train_two_iterations_then_evaluate_predict_and_sweep(tmp_path, capsys):
     report = load_checkpoint(model, checkpoint)
     assert report["format"] == "edaformer" and not report["missing"]
     protocol = TestProtocol.resolve(model, report["meta"], base=TestProtocol.from_config(cfg))
-    val_set.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+    val_set.transforms = eval_transforms(protocol.scale, protocol.size_divisor)
     metrics = evaluate(model, val_set, protocol, workers=0)
     assert metrics["num_images"] == 2 and metrics["mIoU"] == pytest.approx(result["metrics"]["mIoU"])
     reduced = evaluate(model, val_set, protocol, isr="2211", workers=0)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 
-from .common import command
 import torch
+
 from ..bench import environment, format_table, run_isr_sweep, to_jsonable
 from ..checkpoint import build_from_checkpoint
 from ..isr import PAPER_ISR_SWEEP, parse_isr
 from ..models import ISR_POOLS, create_model
+from .common import command
 
 
 def add_parser(sub) -> None:

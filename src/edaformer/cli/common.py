@@ -14,7 +14,6 @@ from ..engine import NonFiniteLossError, TrainingAborted, TrainingInterrupted
 from ..engine.signals import exit_code
 from ..models import TEST_MODES
 
-
 VERBOSE = argparse.ArgumentParser(add_help=False)
 VERBOSE.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .common import command
 from ..config import PRETRAINING, SEGMENTATION, UNSET, Key, configs_dir, list_configs
+from .common import command
 
 
 def add_parser(sub) -> None:

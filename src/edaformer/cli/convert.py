@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from .common import command
 from ..config import load_config, parse_value
 from ..data import convert_cityscapes, convert_cocostuff, convert_color_labels, effective_data_config
 from ..data.color_labels import IDS_SUFFIX
 from ..data.datasets import IGNORE_INDEX
 from ..data.palettes import DATASET_INFO, get_dataset_info
+from .common import command
 
 
 def add_parser(sub) -> None:

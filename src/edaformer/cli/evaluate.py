@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_protocol_options, command
 from ..config import load_config
+from ..engine import evaluate, format_sweep_table, isr_sweep, plot_sweep, save_sweep
 from ..engine.distributed import cleanup_distributed, init_distributed, is_distributed
-from ..engine.prepare import prepare_evaluation
+from ..engine.evaluate import common_test_size, save_confusion, sweep_title
+from ..engine.prepare import evaluation_isr, prepare_evaluation
 from ..inference.onnx_backend import is_onnx_file
-from ..engine import format_sweep_table, isr_sweep, plot_sweep, save_sweep
-from ..engine.evaluate import common_test_size, sweep_title
 from ..isr import PAPER_ISR_SWEEP
-from ..engine import evaluate
-from ..engine.evaluate import save_confusion, sweep_title
-from ..engine.prepare import evaluation_isr
 from ..metrics import format_class_table, format_metrics
 from ..models import ISR_POOLS
+from .common import add_protocol_options, command
 
 
 def add_parser(sub) -> None:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import command
 from ..checkpoint import build_from_checkpoint, checkpoint_model_name, read_checkpoint
 from ..export import DEFAULT_OPSET, export_onnx, min_input_side, require_onnx, verify_onnx
 from ..inference import TestProtocol
 from ..isr import TRAINING_ISR, parse_isr
 from ..meta import stored_isr, stored_isr_pool
 from ..models import ISR_POOLS, get_model_spec
-
+from .common import command
 
 _EXPORT_DESCRIPTION = """\
 Export a model with its checkpoint to ONNX, one ISR setting baked in. The architecture is the one

@@ -1,8 +1,8 @@
 """``edaformer export-reference``: a checkpoint in the reference (mmseg) format."""
 from __future__ import annotations
 
-from .common import command
 from ..checkpoint import build_from_checkpoint, export_reference
+from .common import command
 
 
 def add_parser(sub) -> None:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from .common import command
 from ..flops import count_flops
 from ..isr import parse_isr
 from ..models import DECODER_OPS, ISR_POOLS, create_model
+from .common import command
 
 
 def add_parser(sub) -> None:

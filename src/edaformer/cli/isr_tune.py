@@ -5,13 +5,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import command
 from ..config import load_config
-from ..engine.isr_tune import Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors, tune_isr
+from ..engine.isr_tune import (Budget, calibration_subset, format_pareto_table, grid_settings, parse_factors,
+                               plot_result, tune_isr, write_isr_checkpoint)
 from ..engine.prepare import prepare_evaluation
 from ..utils import resolve_device
-from ..engine.isr_tune import plot_result, write_isr_checkpoint
-
+from .common import command
 
 _ISR_TUNE_DESCRIPTION = """\
 Find the best ISR setting of a trained model within a budget, on the config's validation split

@@ -1,9 +1,9 @@
 """``edaformer list``: the named models and the models shipped with weights."""
 from __future__ import annotations
 
-from .common import command
 from ..models import MODEL_SPECS
 from ..pretrained import list_pretrained, read_info, weights_path
+from .common import command
 
 
 def add_parser(sub) -> None:

@@ -7,12 +7,11 @@ import re
 import sys
 
 from .. import __version__
+from ..export import OnnxExtrasMissing
+from ..utils import resolve_device
 from . import (bench, configs, convert, evaluate, export, export_reference, flops, isr_tune, list_models,
                package_weights, predict, pretrain, train)
 from .common import VERBOSE
-from ..export import OnnxExtrasMissing
-from ..utils import resolve_device
-
 
 log = logging.getLogger("edaformer")
 

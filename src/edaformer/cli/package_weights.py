@@ -1,9 +1,9 @@
 """``edaformer package-weights``: a training checkpoint as shipped weights."""
 from __future__ import annotations
 
-from .common import command
-from ..pretrained import package_weights
 from ..models import ISR_POOLS
+from ..pretrained import package_weights
+from .common import command
 
 
 def add_parser(sub) -> None:

@@ -47,12 +47,12 @@ from .datasets import (ADE20K, IGNORE_INDEX, COCOStuff, Cityscapes, DatasetError
                        dataset_info)
 from .palettes import DATASET_INFO, DatasetInfo, class_names, get_dataset_info, make_palette
 from .transforms import (MEAN, STD, CategoryCappedRandomCrop, ImageOnly, PadToSize, PhotoMetricDistortion,
-                         ResizeToFit, test_transforms, train_transforms)
+                         ResizeToFit, eval_transforms, train_transforms)
 
 __all__ = ["build_dataset", "dataset_config", "effective_data_config", "usable_workers", "cpu_count", "LOADER_KEYS", "build_dataloader", "SkipBatches", "collate", "seed_worker", "SegmentationDataset", "ADE20K",
            "Cityscapes", "COCOStuff", "FolderDataset", "DatasetError", "IGNORE_INDEX", "DATASETS",
            "convert_cityscapes", "convert_cocostuff", "ConversionResult", "convert_color_labels", "colors_to_ids",
-           "ids_to_colors", "ColorConversion", "train_transforms", "test_transforms",
+           "ids_to_colors", "ColorConversion", "train_transforms", "eval_transforms",
            "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize", "ImageOnly",
            "MEAN", "STD", "dataset_info", "DATASET_INFO", "DatasetInfo", "class_names",
            "get_dataset_info", "make_palette"]
@@ -120,7 +120,7 @@ def build_dataset(cfg: Mapping[str, Any], split: str) -> SegmentationDataset:
         transforms = train_transforms(opts["scale"], opts["ratio_range"], opts["crop_size"], opts["cat_max_ratio"],
                                       opts["flip_prob"], opts["photometric"])
     else:
-        transforms = test_transforms(cfg.get("test_scale") or opts["scale"], opts["size_divisor"])
+        transforms = eval_transforms(cfg.get("test_scale") or opts["scale"], opts["size_divisor"])
     folder = cfg.get(f"{split}_split") or _DEFAULT_SPLITS[kind][split == "val"]
     include = cfg.get(f"{split}_filter")
 

@@ -27,8 +27,8 @@ from ..utils import to_pair
 from .datasets import IGNORE_INDEX
 
 __all__ = ["MEAN", "STD", "ResizeToFit", "CategoryCappedRandomCrop", "PhotoMetricDistortion", "PadToSize",
-           "ImageOnly", "TestImage", "fit_size", "test_input_size", "resize_test_image", "normalize",
-           "prepare_test_image", "train_transforms", "test_transforms"]
+           "ImageOnly", "EvalImage", "fit_size", "eval_input_size", "resize_test_image", "normalize",
+           "prepare_test_image", "train_transforms", "eval_transforms"]
 
 MEAN = (123.675, 116.28, 103.53)  # RGB, on 0..255 values
 STD = (58.395, 57.12, 57.375)
@@ -251,7 +251,7 @@ def train_transforms(scale: Sequence[int] = (2048, 512), ratio_range: Sequence[f
     return v2.Compose(steps)
 
 
-def test_input_size(size: Sequence[int], scale: Sequence[int] | None, divisor: int | None = None) -> tuple[int, int]:
+def eval_input_size(size: Sequence[int], scale: Sequence[int] | None, divisor: int | None = None) -> tuple[int, int]:
     """``(h, w)`` an ``size = (h, w)`` image is run at: :func:`fit_size` into the box ``scale``
     (``None`` keeps the size), then both sides rounded up to a multiple of ``divisor`` (``None``
     or 1: no rounding)."""
@@ -290,7 +290,7 @@ def resize_test_image(image: torch.Tensor, scale: Sequence[int] | None, divisor:
     with values in 0..255 (uint8 or float); returns float32 values in 0..255.
 
     Two bilinear resizes without antialiasing (as OpenCV's): to fit the box ``scale``, then to
-    sides rounded up to a multiple of ``divisor`` (see :func:`test_input_size`). A uint8 image is
+    sides rounded up to a multiple of ``divisor`` (see :func:`eval_input_size`). A uint8 image is
     rounded to whole values after each resize, as an 8-bit image would be.
     """
     quantize = image.dtype == torch.uint8
@@ -299,8 +299,8 @@ def resize_test_image(image: torch.Tensor, scale: Sequence[int] | None, divisor:
     x = x[None] if squeeze else x
     size = tuple(x.shape[-2:])
     if scale is not None:
-        x = _bilinear(x, test_input_size(size, scale), quantize)
-    x = _bilinear(x, test_input_size(tuple(x.shape[-2:]), None, divisor), quantize)
+        x = _bilinear(x, eval_input_size(size, scale), quantize)
+    x = _bilinear(x, eval_input_size(tuple(x.shape[-2:]), None, divisor), quantize)
     return x[0] if squeeze else x
 
 
@@ -319,10 +319,8 @@ def prepare_test_image(image: torch.Tensor, scale: Sequence[int] | None, divisor
     return normalize(resize_test_image(image, scale, divisor), mean, std)
 
 
-class TestImage(v2.Transform):
+class EvalImage(v2.Transform):
     """:func:`prepare_test_image` as a transform: images are resized and normalized, masks pass."""
-
-    __test__ = False  # a transform, not a pytest test class
 
     def __init__(self, scale: Sequence[int] | None, divisor: int | None = None, mean: Sequence[float] = MEAN,
                  std: Sequence[float] = STD) -> None:
@@ -338,13 +336,9 @@ class TestImage(v2.Transform):
         return tv_tensors.wrap(out, like=inpt)
 
 
-def test_transforms(scale: Sequence[int] | None = (2048, 512), size_divisor: int | None = 32,
+def eval_transforms(scale: Sequence[int] | None = (2048, 512), size_divisor: int | None = 32,
                     mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> v2.Compose:
     """The reference test pipeline: the image through :func:`prepare_test_image` (fit ``scale``,
     sides rounded up to ``size_divisor``, normalized, float32); the label (int64) keeps its
     original size for scoring."""
-    return v2.Compose([TestImage(scale, size_divisor, mean, std), v2.ToDtype(**_TO_TENSORS), v2.ToPureTensor()])
-
-
-test_transforms.__test__ = False
-test_input_size.__test__ = False
+    return v2.Compose([EvalImage(scale, size_divisor, mean, std), v2.ToDtype(**_TO_TENSORS), v2.ToPureTensor()])

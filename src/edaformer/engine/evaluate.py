@@ -29,7 +29,9 @@ from ..data.palettes import make_palette
 from ..flops import gflops as count_gflops
 from ..inference import infer_tta, segment_input
 from ..inference.predict import save_label, unique_stems
-from ..isr import PAPER_ISR_SWEEP, isr as isr_context, parse_isr
+from ..isr import PAPER_ISR_SWEEP
+from ..isr import isr as isr_context
+from ..isr import parse_isr
 from ..metrics import SegMetric
 from ..plotting import plot_confusion, plot_sweep
 from ..protocol import TestProtocol
@@ -97,7 +99,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, protocol: TestProtoco
     ``confusion`` matrix and ``num_images``.
 
     ``data``: a dataset of ``(normalized image at test size, label at original size)`` items, as
-    :func:`~edaformer.data.test_transforms` gives them (split over the ranks under DDP), or a loader
+    :func:`~edaformer.data.eval_transforms` gives them (split over the ranks under DDP), or a loader
     of such batches (used as is). ``protocol``: the test protocol (default: the model spec's); its
     multi-scale test runs on the raw images (``dataset.load``). ``isr``: an ISR setting applied for
     this call only, with the key/value ``pool`` kind (default: the model's own, ``model.isr_pool``).

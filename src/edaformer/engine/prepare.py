@@ -16,11 +16,11 @@ from torch import nn
 from ..checkpoint import checkpoint_num_classes, load_checkpoint, read_checkpoint
 from ..data import build_dataset, dataset_config
 from ..data.datasets import SegmentationDataset
-from ..data.transforms import test_transforms
+from ..data.transforms import eval_transforms
 from ..inference.onnx_backend import OnnxModel, is_onnx_file
+from ..meta import stored_isr
 from ..protocol import TestProtocol
 from .builders import build_model
-from ..meta import stored_isr
 
 __all__ = ["Evaluation", "prepare_evaluation", "evaluation_isr"]
 
@@ -72,7 +72,7 @@ def prepare_evaluation(cfg: Mapping[str, Any], checkpoint: str | os.PathLike, de
                                     scale=scale, mode=mode)
     if tta:
         protocol = protocol.replace(tta_scales=tuple(cfg["eval"]["tta_scales"]), flip=bool(cfg["eval"]["tta_flip"]))
-    dataset.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+    dataset.transforms = eval_transforms(protocol.scale, protocol.size_divisor)
     return Evaluation(model, dataset, protocol, report)
 
 

@@ -59,8 +59,8 @@ from ..data.datasets import DatasetError
 from ..meta import native_checkpoint
 from ..utils import all_finite, flatten_dict, unwrap_model
 from .builders import resolve_amp
-from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed,
-                          get_rank, get_world_size, init_distributed, is_distributed, on_main)
+from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcast_object, cleanup_distributed, get_rank,
+                          get_world_size, init_distributed, is_distributed, on_main)
 from .runlog import JsonLog, memory_mb
 from .signals import StopRequest, TrainingInterrupted
 from .state import (capture_rng_state, find_resume_checkpoint, restore_rng_state, seed_everything,

@@ -32,7 +32,7 @@ from ..checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 from ..config import save_config
 from ..data import SkipBatches, usable_workers
 from ..data.datasets import IGNORE_INDEX, DatasetError
-from ..data.transforms import test_transforms
+from ..data.transforms import eval_transforms
 from ..effective import effective_config
 from ..meta import ITERATION, MIOU, WEIGHTS, checkpoint_meta
 from ..plotting import plot_training_log
@@ -386,7 +386,7 @@ def _set_up_data(cfg: Mapping[str, Any], info: DistInfo) -> tuple[Any, Any, Data
     data_cfg = cfg["data"]
     train_set, val_set = build_datasets(data_cfg)
     protocol = TestProtocol.from_config(cfg)
-    val_set.transforms = test_transforms(protocol.scale, protocol.size_divisor)
+    val_set.transforms = eval_transforms(protocol.scale, protocol.size_divisor)
     loader = build_train_loader(train_set, data_cfg, info.distributed, cfg["train"]["seed"])
     log.info("data: %d train / %d val images, %d classes; batch %d x %d processes = %d; %d iterations/epoch",
              len(train_set), len(val_set), train_set.num_classes, data_cfg["batch_size"], info.world_size,
