@@ -283,3 +283,15 @@ def test_isr_tune_checkpoint_with_another_class_count_is_the_same_line(tmp_path,
                      "--budget-gflops", "1"]) == 2
     assert capsys.readouterr().err.strip() == (f"edaformer isr-tune: error: checkpoint {ckpt} has 6 classes but the "
                                                "config's dataset has 4 (red, green, blue, yellow)")
+
+
+def test_eval_caps_loader_workers_at_the_cpu_count_without_torch_warnings(eval_setup, capsys, caplog):
+    import warnings
+
+    cfg_path, ckpt = eval_setup
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["eval", str(cfg_path), "--checkpoint", str(ckpt), "--device", "cpu",
+                         "--set", "data.workers=4096"]) == 0
+    assert not [w for w in caught if "worker" in str(w.message)]
+    assert sum("data.workers is 4096" in r.getMessage() for r in caplog.records) == 1

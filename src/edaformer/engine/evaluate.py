@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..data import usable_workers
 from ..data.palettes import make_palette
 from ..flops import gflops as count_gflops
 from ..inference import infer_tta, segment_input
@@ -144,8 +145,8 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, protocol: TestProtoco
                     shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
                     shard_idx = indices[rank::world] if world > 1 else indices
                     # its own generator: evaluating leaves the global RNG (and so training) untouched
-                    loader = DataLoader(_Indexed(shard, shard_idx), batch_size=1, shuffle=False, num_workers=workers,
-                                        collate_fn=_collate_indexed, pin_memory=device.type == "cuda",
+                    loader = DataLoader(_Indexed(shard, shard_idx), batch_size=1, shuffle=False,
+                                        num_workers=usable_workers(workers), collate_fn=_collate_indexed, pin_memory=device.type == "cuda",
                                         generator=torch.Generator())
                 for batch in _progress(loader, progress):
                     names = batch[2] if len(batch) > 2 else [None] * len(batch[0])
