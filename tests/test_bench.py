@@ -1,6 +1,4 @@
-"""edaformer.bench: timing statistics, interleaving, tables, JSON, the ISR sweep and `edaformer bench`."""
-import contextlib
-import io
+"""edaformer.bench: timing statistics, interleaving, tables, JSON and the ISR sweep."""
 import json
 import math
 
@@ -9,7 +7,6 @@ import torch
 
 import edaformer
 from edaformer import bench
-from edaformer.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -71,29 +68,18 @@ def test_run_isr_sweep_restores_isr(model_t):
     assert str(model_t.isr) == "1111-111"
 
 
+def test_run_isr_sweep_restores_the_pool_kind():
+    model = edaformer.create_model("edaformer-t-ade20k", num_classes=3).eval()
+    model.set_isr("1111-222", pool="max")
+    rows = bench.run_isr_sweep(model, (64, 64), ["2211-222"], runs=1, warmup=0, pool="merge")
+    assert rows[0]["isr"] == "2211-222"
+    assert (str(model.isr), model.isr_pool) == ("1111-222", "max")
+
+
 def test_run_isr_sweep_rejects_a_setting_too_large_for_the_input(model_t):
     with pytest.raises(ValueError, match="pooling ratio"):
         bench.run_isr_sweep(model_t, (64, 64), ["1111-111", "4444-444"], runs=1, warmup=0)
     assert str(model_t.isr) == "1111-111"
-
-
-def test_cli_bench_json():
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["bench", "edaformer-t-ade20k", "--size", "64", "64", "--isr-sweep", "--runs", "1",
-                     "--warmup", "0", "--json"]) == 0
-    report = json.loads(buf.getvalue())
-    assert [r["isr"] for r in report["rows"]] == ["1111-111", "1111-222", "2211-222", "2222-222"]
-    assert report["environment"]["torch"] == torch.__version__
-
-
-def test_cli_bench_table():
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["bench", "edaformer-t-ade20k", "--size", "64", "64", "--isr", "2211-222", "--runs", "2",
-                     "--warmup", "0"]) == 0
-    text = buf.getvalue()
-    assert "| ISR |" in text and "| 2211-222 |" in text
 
 
 def test_autocast_context_is_full_precision_for_none_and_fp32():

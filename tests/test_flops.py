@@ -8,7 +8,6 @@ import torch
 
 import edaformer
 from edaformer import count_flops, create_model
-from edaformer.cli import main
 from edaformer.isr import PAPER_ISR_SWEEP, isr as isr_context
 from edaformer.models import efa
 from tests.helpers.reference import FIXTURES, manifest, requires_fixtures
@@ -158,32 +157,6 @@ def test_report_dict_is_json():
 def test_errors(kwargs, match):
     with isr_context(meta_model("edaformer-t-ade20k"), "4411-111") as model, pytest.raises(ValueError, match=match):
         count_flops(model, **{"input_size": (512, 512), **kwargs})
-
-
-def test_cli_json(capsys):
-    assert main(["flops", "edaformer-t-ade20k", "--size", "512", "512", "--isr", "2211-222", "--json"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert any("GFLOPs" in line for line in out[:-1])
-    d = json.loads(out[-1])
-    assert d["params"] == 4949264 and d["params_excluding_conv_seg"] == 4929914
-    assert round(d["gflops"], 2) == 4.71
-    assert d["isr"] == "2211-222" and d["input_size"] == [512, 512] and d["convention"] == "mmcv130"
-
-
-def test_cli_convention_and_classes(capsys):
-    argv = ["flops", "edaformer-t-ade20k", "--size", "512", "512", "--num-classes", "19", "--convention", "mmcv127",
-            "--json"]
-    assert main(argv) == 0
-    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert d["convention"] == "mmcv127" and "LayerNorm" in d["uncounted"]
-    assert d["params"] == 4949264 - 2 * (150 - 19) * 129  # classifier and conv_seg: 129 per class each
-
-
-@pytest.mark.parametrize("spec, message", [("4444-444", "does not fit"), ("22x1-222", "ISR spec")])
-def test_cli_errors(capsys, spec, message):
-    assert main(["flops", "edaformer-t-ade20k", "--size", "64", "64", "--isr", spec]) == 2
-    err = capsys.readouterr().err
-    assert "edaformer flops: error:" in err and message in err
 
 
 def test_wrapped_model_is_unwrapped():

@@ -1,14 +1,13 @@
 """The command line: help texts, -v, one error path for bad input, devices, checkpoint class counts."""
 import argparse
-import json
 import sys
 
 import pytest
 import torch
 
-import edaformer
 from edaformer import cli
 from edaformer.cli import build_parser, list_models, main
+from tests.helpers.checkpoints import random_checkpoint
 
 NAME = "edaformer-t-ade20k"
 
@@ -173,46 +172,8 @@ def test_config_errors_are_one_line(tmp_path, capsys):
 
 
 # -- the checkpoint's class count -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def seven_classes(tmp_path_factory):
-    torch.manual_seed(0)
-    model = edaformer.create_model(NAME, num_classes=7).eval()
-    return model, edaformer.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "seven.pth")
-
-
-def test_export_reference_takes_the_checkpoint_class_count(seven_classes, tmp_path):
-    model, ckpt = seven_classes
+def test_export_reference_takes_the_checkpoint_class_count(tmp_path):
+    model, ckpt = random_checkpoint(tmp_path / "seven.pth", NAME, num_classes=7)
     assert main(["export-reference", str(ckpt), "--model", NAME, "--out", str(tmp_path / "r.pth")]) == 0
     out = torch.load(tmp_path / "r.pth", weights_only=True)["state_dict"]
     assert torch.equal(out["decode_head.linear_pred.weight"], model.decoder.classifier.weight)
-
-
-def test_bench_takes_the_checkpoint_class_count(seven_classes, capsys):
-    _, ckpt = seven_classes
-    assert main(["bench", NAME, "--size", "64", "64", "--checkpoint", str(ckpt), "--runs", "1", "--warmup", "0",
-                 "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["model"] == NAME and len(report["rows"]) == 1
-
-
-def test_flops_counts_pool_kinds_and_decoder_variants(capsys):
-    def gflops(*extra):
-        assert main(["flops", "edaformer-t-ade20k", "--size", "128", "128", "--isr", "2211-222", "--json", *extra]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gflops"]
-
-    avg = gflops()
-    assert gflops("--pool", "max") == avg
-    assert gflops("--pool", "merge") > avg
-    assert gflops("--decoder-op", "attention") > avg > gflops("--decoder-op", "dwconv")
-    assert gflops("--decoder-depths", "1", "2", "3") != avg
-    assert gflops("--train-isr", "2211-222", "--isr", "1111-111") == avg
-
-
-def test_bench_pool_option_restores_the_model_setting():
-    from edaformer.bench import run_isr_sweep
-
-    model = edaformer.create_model("edaformer-t-ade20k", num_classes=3).eval()
-    model.set_isr("1111-222", pool="max")
-    rows = run_isr_sweep(model, (64, 64), ["2211-222"], runs=1, warmup=0, pool="merge")
-    assert rows[0]["isr"] == "2211-222"
-    assert (str(model.isr), model.isr_pool) == ("1111-222", "max")

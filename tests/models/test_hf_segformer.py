@@ -184,7 +184,7 @@ def test_min_input_size_is_exact():
             count_flops(model, (expected - 1, 64))
 
 
-def test_flops_of_b0_match_the_published_figure(capsys):
+def test_flops_of_b0_match_the_published_figure():
     """SegFormer-B0, 150 classes, 512x512: 8.4 GFLOPs published (BatchNorm2d, 0.008, not counted)."""
     with torch.device("meta"):
         model = edaformer.create_model("segformer-b0")
@@ -193,8 +193,6 @@ def test_flops_of_b0_match_the_published_figure(capsys):
     assert report.flops_by_convention["mmcv127"] == report.flops - report.by_type["LayerNorm"]
     assert report.uncounted == {"BatchNorm2d": 2 * 256 * 128 * 128}
     assert count_flops(model, (512, 512), convention="mmcv127").by_type.keys() == {"Conv2d", "Linear", "ReLU"}
-    assert cli_main(["flops", "segformer-b0", "--size", "512", "512"]) == 0
-    assert re.search(r"GFLOPs\s+8\.42\n", capsys.readouterr().out)
 
 
 # -- training and evaluation ------------------------------------------------------------------------
