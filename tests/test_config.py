@@ -62,8 +62,7 @@ def test_a_shipped_config_name_works_from_any_folder(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     names = list_configs()
-    assert names[:8] == sorted(f"edaformer-{s}-{d}" for s in "tb" for d in ("ade20k", "camvid", "cityscapes",
-                                                                             "cocostuff"))
+    assert {f"edaformer-{s}-{d}" for s in "tb" for d in ("ade20k", "camvid", "cityscapes", "cocostuff")} <= set(names)
     assert "ablations/edaformer-t-camvid-dec123" in names and not any(n.startswith("_base_/") for n in names)
     assert "_base_/default" in list_configs(bases=True)
     for name in names:
@@ -129,7 +128,7 @@ def test_repository_configs():
                                        for d in ("ade20k", "cityscapes", "cocostuff", "camvid")}
     for f in files:
         cfg = load_config(f)
-        if f.stem.endswith("camvid"):  # from scratch: one rate for encoder and decoder
+        if "camvid" in f.stem:  # from scratch: one rate for encoder and decoder
             assert cfg["optim"]["lr"] == 6e-4 and cfg["optim"]["decoder_lr_mult"] == 1
         else:  # the reference recipe (ImageNet encoder)
             assert cfg["optim"]["lr"] == 6e-5 and cfg["optim"]["decoder_lr_mult"] == 10
