@@ -63,10 +63,9 @@ from .distributed import (DistInfo, all_gather_object, all_reduce_mean, broadcas
                           get_world_size, init_distributed, is_distributed, on_main)
 from .runlog import JsonLog, memory_mb
 from .signals import StopRequest, TrainingInterrupted
-from .state import (capture_rng_state, find_resume_checkpoint, restore_rng_state, seed_everything,
-                    write_training_checkpoint)
+from .state import capture_rng_state, restore_rng_state, seed_everything, write_training_checkpoint
 from .train import NonFiniteLossError
-from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
+from .workdir import check_free_space, open_work_dir
 
 __all__ = ["pretrain", "PretrainState", "build_classifier", "build_pretrain_data", "build_mixup", "build_criterion",
            "build_pretrain_optimizer", "build_pretrain_scheduler", "evaluate_classifier", "export_encoder",
@@ -345,42 +344,6 @@ def _check_resume(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
 
 
-def _open_work_dir(work_dir: Path, resume: str | None, force: bool, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Lock the work dir, clear partial files, pick the checkpoint to resume and check the config
-    against it, before anything in the dir changes. Rank 0 only."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = WorkDirLock(work_dir).acquire()
-    try:
-        remove_partial_files(work_dir)
-        found = None
-        if resume == "auto":
-            found = find_resume_checkpoint(work_dir)
-            if found is None:
-                log.info("resume auto: no checkpoint in %s, starting from scratch", work_dir)
-        elif resume:
-            found = (Path(resume), read_checkpoint(resume))
-        earlier = previous_run_files(work_dir) if found is None else []
-        if found is None and (work_dir / ENCODER_FILE).exists():
-            earlier.append(work_dir / ENCODER_FILE)
-        if earlier and not force:
-            names = ", ".join(p.name for p in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
-            raise WorkDirError(f"work dir {work_dir} holds an earlier run ({names}); continue it with --resume auto, "
-                               "or start over with --force (moves its files aside), or use another --work-dir")
-        if found is not None:
-            for change in _check_resume(found[1], cfg, found[0]):
-                log.info("config changed since %s: %s (applied)", found[0].name, change)
-        elif earlier:
-            move_aside(work_dir, earlier)
-    except BaseException:
-        lock.release()
-        raise
-    return dict(lock=lock, found=found)
-
-
-
-
-
-
 # -- pretraining ---------------------------------------------------------------------------------
 def pretrain(cfg: Mapping[str, Any], work_dir: str | os.PathLike, resume: str | None = None,
              device: str | None = None, *, force: bool = False) -> dict[str, Any]:
@@ -448,7 +411,8 @@ def _pretrain(cfg: Mapping[str, Any], work_dir: Path, resume: str | None, info: 
         log.warning("optim.lr=%g is set for a global batch of %d (optim.lr_batch), this run's is %d: the linear "
                     "rule gives --set optim.lr=%.3g (optim.lr_batch=%d, or null, silences this)", lr, lr_batch,
                     global_batch, lr * global_batch / lr_batch, global_batch)
-    opened = on_main(info, _open_work_dir, work_dir, resume, force, cfg)
+    opened = on_main(info, open_work_dir, work_dir, resume, force,
+                     lambda ckpt, path: _check_resume(ckpt, cfg, path), (ENCODER_FILE,))
     if opened is not None:
         cleanup.callback(opened["lock"].release)
     ckpt_path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)

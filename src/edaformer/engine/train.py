@@ -45,10 +45,10 @@ from .evaluate import evaluate
 from .losses import SegmentationLoss, build_loss, segmentation_loss
 from .runlog import JsonLog, memory_mb
 from .signals import StopRequest, TrainingInterrupted
-from .state import (TrainState, capture_rng_state, check_resume_config, checkpoint_payload, find_resume_checkpoint,
-                    seed_everything, write_training_checkpoint)
+from .state import (TrainState, capture_rng_state, check_resume_config, checkpoint_payload, seed_everything,
+                    write_training_checkpoint)
 from .tensorboard import TensorBoardLog, require_tensorboard
-from .workdir import WorkDirError, WorkDirLock, check_free_space, move_aside, previous_run_files, remove_partial_files
+from .workdir import check_free_space, open_work_dir
 
 __all__ = ["train", "train_one_iteration", "validate", "NonFiniteLossError", "VERIFY_MODES"]
 
@@ -123,36 +123,6 @@ def _verify_data(datasets: Mapping[str, Any], mode: str) -> None:
             dataset.verify(full=mode == "full")
     log.info("data check (%s): %s in %.1f s", mode, ", ".join(f"{len(d)} {s}" for s, d in datasets.items()),
              time.perf_counter() - t0)
-
-
-def _open_work_dir(work_dir: Path, resume: str | None, force: bool, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Lock the work dir, clear partial files, pick the checkpoint to resume and check the config
-    against it, all before anything in the dir is changed. Rank 0 only."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = WorkDirLock(work_dir).acquire()
-    try:
-        remove_partial_files(work_dir)
-        found = None
-        if resume == "auto":
-            found = find_resume_checkpoint(work_dir)
-            if found is None:
-                log.info("resume auto: no checkpoint in %s, starting from scratch", work_dir)
-        elif resume:
-            found = (Path(resume), read_checkpoint(resume))
-        earlier = previous_run_files(work_dir) if found is None else []
-        if earlier and not force:
-            names = ", ".join(p.name for p in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
-            raise WorkDirError(f"work dir {work_dir} holds an earlier run ({names}); continue it with --resume auto, "
-                               "or start over with --force (moves its files aside), or use another --work-dir")
-        if found is not None:
-            for change in check_resume_config(found[1], cfg, found[0]):
-                log.info("config changed since %s: %s (applied)", found[0].name, change)
-        elif earlier:
-            move_aside(work_dir, earlier)
-    except BaseException:
-        lock.release()
-        raise
-    return dict(lock=lock, found=found)
 
 
 def _best_so_far(work_dir: Path, iteration: int) -> float:
@@ -396,9 +366,10 @@ def _set_up_data(cfg: Mapping[str, Any], info: DistInfo) -> tuple[Any, Any, Data
 
 def _claim_work_dir(info: DistInfo, work_dir: Path, resume: str | None, force: bool, cfg: Mapping[str, Any],
                     cleanup: contextlib.ExitStack) -> tuple[Path, dict] | None:
-    """Rank 0 opens the work dir (:func:`_open_work_dir`; the lock is released on the way out);
+    """Rank 0 opens the work dir (:func:`~.workdir.open_work_dir`; the lock is released on the way out);
     every rank gets the checkpoint to resume, if any, as ``(path, checkpoint)``."""
-    opened = on_main(info, _open_work_dir, work_dir, resume, force, cfg)
+    opened = on_main(info, open_work_dir, work_dir, resume, force,
+                     lambda ckpt, path: check_resume_config(ckpt, cfg, path))
     if opened is not None:
         cleanup.callback(opened["lock"].release)
     path = broadcast_object(str(opened["found"][0]) if opened and opened["found"] else None)

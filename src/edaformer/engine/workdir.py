@@ -8,10 +8,15 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from ..checkpoint import read_checkpoint
+from .state import find_resume_checkpoint
 
 __all__ = ["WorkDirError", "WorkDirLock", "remove_partial_files", "previous_run_files", "move_aside",
-           "check_free_space", "RUN_FILES"]
+           "check_free_space", "open_work_dir", "RUN_FILES"]
 
 log = logging.getLogger("edaformer")
 
@@ -104,3 +109,40 @@ def check_free_space(work_dir: Path, checkpoint_bytes: int) -> None:
     if free < 2 * checkpoint_bytes:
         log.warning("only %.1f MB free in %s; each checkpoint needs about %.1f MB, written twice (iter_<n>.pth and "
                     "latest.pth): the first checkpoint may fail", free / 2**20, work_dir, checkpoint_bytes / 2**20)
+
+
+def open_work_dir(work_dir: Path, resume: str | None, force: bool,
+                  check_config: Callable[[Mapping[str, Any], Path], list[str]],
+                  run_files: Sequence[str] = ()) -> dict[str, Any]:
+    """Lock the work dir, clear partial files, pick the checkpoint to resume (``resume``: ``"auto"``,
+    a path or None) and check the config against it (``check_config(ckpt, path)`` returns the
+    changes, raises for a forbidden one), all before anything in the dir changes. Files of an
+    earlier run (:func:`previous_run_files`, plus ``run_files`` names) refuse a fresh start unless
+    ``force`` moves them aside. Rank 0 only. Returns ``{"lock", "found": (path, checkpoint) | None}``."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock = WorkDirLock(work_dir).acquire()
+    try:
+        remove_partial_files(work_dir)
+        found = None
+        if resume == "auto":
+            found = find_resume_checkpoint(work_dir)
+            if found is None:
+                log.info("resume auto: no checkpoint in %s, starting from scratch", work_dir)
+        elif resume:
+            found = (Path(resume), read_checkpoint(resume))
+        earlier = []
+        if found is None:
+            earlier = previous_run_files(work_dir) + [work_dir / n for n in run_files if (work_dir / n).exists()]
+        if earlier and not force:
+            names = ", ".join(p.name for p in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
+            raise WorkDirError(f"work dir {work_dir} holds an earlier run ({names}); continue it with --resume auto, "
+                               "or start over with --force (moves its files aside), or use another --work-dir")
+        if found is not None:
+            for change in check_config(found[1], found[0]):
+                log.info("config changed since %s: %s (applied)", found[0].name, change)
+        elif earlier:
+            move_aside(work_dir, earlier)
+    except BaseException:
+        lock.release()
+        raise
+    return dict(lock=lock, found=found)
