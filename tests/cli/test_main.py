@@ -177,3 +177,15 @@ def test_export_reference_takes_the_checkpoint_class_count(tmp_path):
     assert main(["export-reference", str(ckpt), "--model", NAME, "--out", str(tmp_path / "r.pth")]) == 0
     out = torch.load(tmp_path / "r.pth", weights_only=True)["state_dict"]
     assert torch.equal(out["decode_head.linear_pred.weight"], model.decoder.classifier.weight)
+
+
+def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):
+    """`edaformer configs | head -1`: the reader leaves early; no error message, the shell's status."""
+    import edaformer.cli.configs as configs_cli
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(configs_cli, "run", closed)
+    assert main(["configs"]) == 141
+    assert capsys.readouterr().err == ""

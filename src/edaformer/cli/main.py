@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)  # on a fresh line after ^C or a progress bar
         return 130
+    except BrokenPipeError:  # the reader went away (`edaformer configs | head`): stop quietly, as cat does
+        try:  # no second error when the interpreter flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout has no file descriptor (captured)
+            pass
+        return 141
     except (*_USER_ERRORS, OnnxExtrasMissing) as e:
         log.debug("traceback", exc_info=True)
         print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
