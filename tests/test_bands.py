@@ -82,7 +82,7 @@ def test_bands_bound_the_full_resolution_logits(monkeypatch):
 
     monkeypatch.setattr(bands, "_resize_band", spy)
     x = torch.randn(1, 150, 50, 38)
-    labels_from_logits(x, [(400, 304), (400, 300)], band_bytes=1 << 20)
+    labels_from_logits(x, [(400, 304), (400, 300)], band_bytes=1 << 20, top=None)
     assert len(seen) > 50 and max(seen) <= 1 << 20
     full = 4 * 150 * 400 * 300
     assert max(seen) * 50 < full
@@ -107,6 +107,6 @@ def test_band_memory_does_not_grow_with_the_class_count(monkeypatch, classes):
 
     monkeypatch.setattr(bands, "_resize_band", spy)
     x = torch.randn(1, classes, 64, 64).contiguous(memory_format=torch.channels_last)
-    labels, _ = labels_from_logits(x, [(512, 512)])
+    labels, _ = labels_from_logits(x, [(512, 512)], top=None)
     assert labels.shape == (1, 512, 512) and len(sizes) > 1
     assert max(sizes) <= 1.3 * bands.BAND_BYTES

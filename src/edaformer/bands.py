@@ -26,29 +26,18 @@ with each other exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .candidates import TOP, candidate_labels
+from .candidates import row_weights as _row_weights
+
 __all__ = ["BAND_BYTES", "labels_from_logits", "resized_rows", "band_rows_of"]
 
 BAND_BYTES = 16 << 20  # full-resolution logits computed at once (per band), in bytes
 Size = tuple[int, int]
-
-
-@lru_cache(maxsize=64)
-def _row_weights(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source rows ``i0, i1`` and weights ``w0, w1`` of each output row, as the bilinear kernel
-    (``align_corners=False``) computes them in float32."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    dst = torch.arange(out_size, dtype=torch.float32) + 0.5
-    real = torch.addcmul(torch.full_like(dst, -0.5), dst, scale.expand_as(dst)).clamp_min_(0)
-    i0 = real.floor().long().clamp_(max=in_size - 1)
-    w1 = (real - i0).clamp_(0, 1)
-    i1 = i0 + (i0 < in_size - 1).long()
-    return i0, i1, 1 - w1, w1
 
 
 def _power_of_two_ratio(in_size: int, out_size: int) -> int | None:
@@ -173,12 +162,14 @@ def _band_rows(channels: int, width: int, budget: int) -> int:
 
 
 def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: bool = False,
-                       band_bytes: int = BAND_BYTES) -> tuple[np.ndarray, np.ndarray | None]:
+                       band_bytes: int = BAND_BYTES, top: int | None = TOP) -> tuple[np.ndarray, np.ndarray | None]:
     """Label maps ``(B, H, W)`` of ``logits (B, K, h, w)`` resized through ``sizes`` (the last is
     ``(H, W)``), equal to ``F.interpolate`` (each size in turn) followed by ``argmax(1)``.
 
     Labels are uint8 for up to 256 classes, else int64. With ``confidence`` also the largest
     softmax probability per pixel (that of the chosen class), float32 in 0-1, else None.
+    Without ``confidence``, many classes are reduced from ``top`` candidates per source pixel
+    (:mod:`edaformer.candidates`); ``top=None`` resizes every class.
     """
     if logits.ndim != 4:
         raise ValueError(f"expected logits (B, K, h, w), got shape {tuple(logits.shape)}")
@@ -186,6 +177,10 @@ def labels_from_logits(logits: torch.Tensor, sizes: Sequence[Size], confidence: 
     x = logits.float()
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
+    if top and not confidence:
+        labels = candidate_labels(x, sizes, band_bytes, top)
+        if labels is not None:
+            return labels, None
     b, k = x.shape[:2]
     out_h, out_w = sizes[-1]
     labels = np.empty((b, out_h, out_w), np.uint8 if k <= 256 else np.int64)
