@@ -20,6 +20,10 @@ those rows, and its argmax is taken at once:
   the kernel's result for most shapes; for some the CPU kernel rounds differently, and values
   differ in the last bit (the label only where two classes tie to within that).
 
+Without ``confidence``, a model with many classes (at least twice as many as the candidates a
+block gives, e.g. 150) skips the full resize: :mod:`edaformer.candidates` takes the argmax from
+the top classes of each source block, with the same labels.
+
 Prediction, evaluation and training validation all take their labels from here, so they agree
 with each other exactly.
 """
