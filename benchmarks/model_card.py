@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-drop", type=float, default=1.0, help="auto-tuner: mIoU points it may give up")
     p.add_argument("--calib", type=int, default=None, help="auto-tuner: val images it scores on (default all)")
     p.add_argument("--overlays", type=int, default=6, help="val images in the overlay grid")
+    p.add_argument("--val-name", default="CamVid val", help="what the config's val split is, for the plot titles")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     print(table)
     (out / "per_class.md").write_text(table + "\n")
     card["metrics"] = {k: v for k, v in metrics.items() if k != "confusion"}
-    save_confusion(metrics["confusion"], out / "confusion.png", classes, title="CamVid val, row-normalised")
+    save_confusion(metrics["confusion"], out / "confusion.png", classes, title=f"{args.val_name}, row-normalised")
 
     rows = isr_sweep(model, dataset, SWEEP, flops_input_size=size, protocol=protocol, workers=0, progress=True)
     settings = [r["isr"] for r in rows]
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     (out / "isr_sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     card["isr_sweep"] = rows
-    plot_sweep(rows, out / "isr_sweep.png", title="EDAFormer-T CamVid: ISR sweep")
+    plot_sweep(rows, out / "isr_sweep.png", title=f"EDAFormer-T, {args.val_name}: ISR sweep")
     if args.log:
         plot_training_log(args.log, out / "curves.png", title="EDAFormer-T on CamVid, from scratch")
     segmenter = Segmenter(model, isr="1111-111", protocol=protocol, classes=classes, palette=dataset.palette)
