@@ -25,7 +25,7 @@ import edaformer  # noqa: F401  (registers the models)
 from edaformer import bench
 from edaformer.checkpoint import build_from_checkpoint
 from edaformer.config import load_config
-from edaformer.data import build_dataset, eval_transforms
+from edaformer.data import build_dataset, dataset_config, eval_transforms
 from edaformer.engine import evaluate, isr_sweep
 from edaformer.engine.evaluate import common_test_size, save_confusion
 from edaformer.engine.isr_tune import Budget, calibration_subset, grid_settings, tune_isr
