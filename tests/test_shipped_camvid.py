@@ -1,5 +1,4 @@
 """The model shipped in the package: ``edaformer-t-camvid`` (fp16 safetensors, trained on CamVid)."""
-from pathlib import Path
 
 import numpy as np
 import pytest

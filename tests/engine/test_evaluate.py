@@ -17,7 +17,7 @@ from edaformer.config import load_config
 from edaformer.inference import TestProtocol
 
 from tests.helpers import training_data
-from tests.helpers.training_data import CLASSES, DEFAULT_YAML, REPO
+from tests.helpers.training_data import CLASSES, DEFAULT_YAML
 MODEL = "edaformer-t-ade20k"
 
 

@@ -2,8 +2,6 @@
 grid, budgets (GFLOPs, injected latency, mIoU drop), the Pareto front, the stored setting and
 the ``isr-tune`` command."""
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
