@@ -2,7 +2,7 @@
 ISR auto-tuner's pick, a confusion matrix, training curves and a grid of overlays on val images.
 
     python benchmarks/model_card.py CONFIG --checkpoint CK --log RUN/log.jsonl --out docs/model-card-camvid \
-        [--set data.root=...] [--threads 2] [--max-drop 1.0] [--calib 40]
+        [--set data.root=...] [--threads 2] [--max-drop 1.0] [--calib 40] [--no-tune]
 
 Writes into ``--out``: ``card.json`` (everything below), ``per_class.md``, ``isr_sweep.md``,
 ``curves.png``, ``confusion.png`` / ``confusion.csv``, ``isr_sweep.png``, ``overlays.png``.
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=None, help="auto-tuner: val images it scores on (default all)")
     p.add_argument("--overlays", type=int, default=6, help="val images in the overlay grid")
     p.add_argument("--val-name", default="CamVid val", help="what the config's val split is, for the plot titles")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the ISR auto-tuner on the val split (--no-tune when that split is training data)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = args.out
@@ -118,6 +120,8 @@ def main(argv=None) -> int:
     settings = [r["isr"] for r in rows]
     tuned = None
     try:
+        if not args.tune:
+            raise RuntimeError("skipped (--no-tune)")
         calib = calibration_subset(dataset, args.calib)
         result = tune_isr(model, calib, Budget("max_drop", args.max_drop), settings=grid_settings((1, 2)),
                           flops_input_size=size, eval_kwargs=dict(protocol=protocol, workers=0))
