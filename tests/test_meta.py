@@ -21,26 +21,26 @@ CAMVID_PALETTE = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 CAMVID_PROTOCOL = TestProtocol(scale=(960, 360), divisor=32, mode="whole", crop_size=(352, 352), stride=(234, 234))
 
 
-def test_the_shipped_weights_read_back_as_before():
-    """What the shipped file's metadata said before the schema moved to edaformer.meta, value by value."""
+def test_the_shipped_weights_read_back_value_by_value():
+    """The shipped file's metadata, read through edaformer.meta, value by value."""
     path = pretrained.weights_path(pretrained.DEFAULT_NAME)
     info = pretrained.read_info(path)
     assert (info.name, info.model, info.num_classes) == ("edaformer-t-camvid", "edaformer-t-ade20k", 11)
     assert (info.classes, info.palette, info.protocol) == (CAMVID_CLASSES, CAMVID_PALETTE, CAMVID_PROTOCOL)
-    assert (info.isr, info.isr_pool, info.iteration, info.mIoU) == ("2121-222", "avg", 3400, 0.5651607920591069)
-    assert info.source_sha256 == "eda13f0081c216bb8fc7d43eea31320894d28265f8694bca005fd608b67cbedf"
+    assert (info.isr, info.isr_pool, info.iteration, info.mIoU) == ("1111-111", "avg", 4000, 0.7097466760781809)
+    assert info.source_sha256 == "5647e868dd0b0665b6cf43a36189247c48bb31a29f2a33b8c9e0fabf5d48cedd"
     obj = read_checkpoint(pretrained.DEFAULT_NAME)
     assert {k: v for k, v in obj.items() if k not in ("state_dict", "config")} == {
         "format": "edaformer", "model": "edaformer-t-ade20k", "num_classes": 11,
         "meta": {"CLASSES": list(CAMVID_CLASSES), "PALETTE": [list(c) for c in CAMVID_PALETTE],
                  "test_protocol": {"scale": [960, 360], "divisor": 32, "mode": "whole", "crop_size": [352, 352],
                                    "stride": [234, 234], "tta_scales": [], "flip": False},
-                 "isr": "2121-222", "isr_pool": "avg", "iteration": 3400, "mIoU": 0.5651607920591069}}
+                 "isr": "1111-111", "isr_pool": "avg", "iteration": 4000, "mIoU": 0.7097466760781809}}
     assert obj["meta"] == info.meta()
     assert hashlib.sha256(json.dumps(obj["config"], sort_keys=True).encode()).hexdigest() == \
-        "91ef41f63a73aa877dfd7d3f974df6200a1ce040e8e0e44ec9235da1a2f211e6"
+        "72236ff4f5c0a7e7c87974cfda1a61b0a753d086d867c0d0eedc44b498cd1eda"
     assert len(obj["state_dict"]) == 352
-    assert tensor_checksum(obj["state_dict"]) == "7a20fc88357d941b6a2e06eadee5fcda21581f4f3e2c1dbb773d74d22a1868e2"
+    assert tensor_checksum(obj["state_dict"]) == "331aa8f8a637423f2d86d2d8a90f7771a14734eda7914a277f37a6a2ead3646a"
 
 
 def test_onnx_metadata_reads_back_and_earlier_files_read_too():
