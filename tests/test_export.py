@@ -138,7 +138,7 @@ def test_cli_export_of_a_shipped_name_takes_model_and_stored_isr_from_it(shipped
 
     info = read_info(weights_path("edaformer-t-camvid"))
     meta = _metadata(shipped_camvid_onnx)
-    assert meta["isr"] == info.isr != "1111-111" and meta["isr_pool"] == info.isr_pool
+    assert meta["isr"] == info.isr and meta["isr_pool"] == info.isr_pool
     assert meta["model"] == info.model and meta["num_classes"] == "11"
     assert json.loads(meta["classes"]) == list(info.classes)
     assert json.loads(meta["test_protocol"]) == info.protocol.to_dict()
@@ -177,6 +177,15 @@ def test_cli_export_isr_given_wins_over_the_stored_one(exported, tmp_path):
         dict(isr=stored.isr, pool=stored.isr_pool, size=(256, 256), name=stored.model, dynamic=True),
         dict(isr="2222-222", pool="avg", size=(96, 128), name=stored.model, dynamic=False),
         dict(isr=stored.isr, pool="max", size=(96, 128), name="edaformer-t-cityscapes", dynamic=False)]
+
+    # a checkpoint storing a reduced setting (as `isr-tune --write` leaves it) exports with that setting
+    from edaformer.checkpoint import read_checkpoint, save_checkpoint
+
+    obj = read_checkpoint("edaformer-t-camvid")
+    obj["meta"].update(isr="2121-222", isr_pool="max")
+    tuned = save_checkpoint(obj, tmp_path / "tuned.pth")
+    assert main(["export", "--checkpoint", str(tuned), "--dynamic", "--out", out]) == 0
+    assert exported[-1] == dict(isr="2121-222", pool="max", size=(256, 256), name=stored.model, dynamic=True)
 
 
 def test_cli_export_refuses_a_model_name_the_checkpoint_contradicts(tmp_path, capsys):

@@ -22,8 +22,8 @@ from ..isr import TRAINING_ISR, parse_isr
 from ..utils import plain
 from .decoder import DECODER_DEPTHS, check_depths
 from .hf_segformer import SEGFORMER_OPTIONS, SEGFORMER_SIZES
-from .mixers import check_op
-from .reduction import check_pool
+from .mixers import DECODER_OPS, check_op  # noqa: F401  (re-exported beside the config)
+from .reduction import ISR_POOLS, check_pool  # noqa: F401  (re-exported beside the config)
 
 __all__ = ["ModelConfig", "EDAFormerConfig", "HFSegFormerConfig", "TEST_MODES", "ARCHITECTURE_KEYS"]
 
