@@ -119,18 +119,19 @@ def main(argv=None) -> int:
     rows = isr_sweep(model, dataset, SWEEP, flops_input_size=size, protocol=protocol, workers=0, progress=True)
     settings = [r["isr"] for r in rows]
     tuned = None
-    try:
-        if not args.tune:
-            raise RuntimeError("skipped (--no-tune)")
-        calib = calibration_subset(dataset, args.calib)
-        result = tune_isr(model, calib, Budget("max_drop", args.max_drop), settings=grid_settings((1, 2)),
-                          flops_input_size=size, eval_kwargs=dict(protocol=protocol, workers=0))
-        tuned = result.chosen.isr
-        card["tuner"] = dict(max_drop=args.max_drop, calib_images=len(calib), pick=tuned, gflops=result.chosen.gflops,
-                             calib_mIoU=result.chosen.mIoU, settings=len(result.candidates),
-                             evaluated=len(result.evaluated))
-    except Exception as e:  # the card is still useful without the tuner row
-        print(f"isr tuner: {e}", file=sys.stderr)
+    if not args.tune:
+        print("isr tuner: skipped (--no-tune)", file=sys.stderr)
+    else:
+        try:
+            calib = calibration_subset(dataset, args.calib)
+            result = tune_isr(model, calib, Budget("max_drop", args.max_drop), settings=grid_settings((1, 2)),
+                              flops_input_size=size, eval_kwargs=dict(protocol=protocol, workers=0))
+            tuned = result.chosen.isr
+            card["tuner"] = dict(max_drop=args.max_drop, calib_images=len(calib), pick=tuned,
+                                 gflops=result.chosen.gflops, calib_mIoU=result.chosen.mIoU,
+                                 settings=len(result.candidates), evaluated=len(result.evaluated))
+        except Exception as e:  # the card is still useful without the tuner row
+            print(f"isr tuner: {e}", file=sys.stderr)
     if tuned and tuned not in settings:
         rows += isr_sweep(model, dataset, [tuned], flops_input_size=size, protocol=protocol, workers=0)
         settings.append(tuned)
