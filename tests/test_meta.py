@@ -35,7 +35,8 @@ def test_the_shipped_weights_read_back_value_by_value():
         "meta": {"CLASSES": list(CAMVID_CLASSES), "PALETTE": [list(c) for c in CAMVID_PALETTE],
                  "test_protocol": {"scale": [960, 360], "divisor": 32, "mode": "whole", "crop_size": [352, 352],
                                    "stride": [234, 234], "tta_scales": [], "flip": False},
-                 "isr": "1111-111", "isr_pool": "avg", "iteration": 4000, "mIoU": 0.7097466760781809}}
+                 "isr": "1111-111", "isr_pool": "avg", "iteration": 4000, "mIoU": 0.7097466760781809,
+                 "source_sha256": "5647e868dd0b0665b6cf43a36189247c48bb31a29f2a33b8c9e0fabf5d48cedd"}}
     assert obj["meta"] == info.meta()
     assert hashlib.sha256(json.dumps(obj["config"], sort_keys=True).encode()).hexdigest() == \
         "72236ff4f5c0a7e7c87974cfda1a61b0a753d086d867c0d0eedc44b498cd1eda"

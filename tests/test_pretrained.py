@@ -111,6 +111,22 @@ def test_package_weights_writes_fp16_safetensors_whose_metadata_round_trip(train
     assert (info.isr, info.isr_pool, info.iteration, info.mIoU) == ("2211-222", "avg", 400, 0.2285)
 
 
+def test_repackaging_a_shipped_file_changes_its_isr_and_keeps_its_provenance(trained, tmp_path):
+    """A shipped file packaged again (another recommended ISR) holds the same tensors and still
+    names the training checkpoint it came from, its iteration and mIoU."""
+    from safetensors import safe_open
+
+    _, path = trained
+    first = pretrained.package_weights(path, "camvid-t", out=tmp_path / "a.safetensors")
+    again = pretrained.package_weights(first.path, "camvid-t", isr="2221-211", out=tmp_path / "b.safetensors")
+    a, b = pretrained.read_info(first.path), pretrained.read_info(again.path)
+    assert (a.isr, b.isr) == ("2211-222", "2221-211")
+    assert b.source_sha256 == a.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (b.iteration, b.mIoU, b.config, b.protocol) == (a.iteration, a.mIoU, a.config, a.protocol)
+    with safe_open(str(first.path), framework="pt") as f, safe_open(str(again.path), framework="pt") as g:
+        assert f.metadata()["checksum"] == g.metadata()["checksum"]  # the same float16 tensors
+
+
 def test_package_weights_options_and_errors(trained, tmp_path, monkeypatch, capsys):
     model, path = trained
     monkeypatch.setattr(pretrained, "weights_dir", lambda: tmp_path / "pkg")

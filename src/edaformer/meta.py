@@ -49,7 +49,7 @@ from .isr import parse_isr
 from .utils import plain
 
 __all__ = ["FORMAT", "WEIGHTS_FORMAT", "WEIGHTS_FORMAT_VERSION", "CLASSES", "PALETTE", "TEST_PROTOCOL", "ISR",
-           "ISR_POOL", "ISR_TUNE", "ITERATION", "MIOU", "native_checkpoint", "model_checkpoint", "checkpoint_meta",
+           "ISR_POOL", "ISR_TUNE", "ITERATION", "MIOU", "SOURCE_SHA256", "native_checkpoint", "model_checkpoint", "checkpoint_meta",
            "stored_classes", "stored_palette", "stored_isr", "stored_isr_pool", "protocol_fields", "model_class_info",
            "encode_weights_metadata", "decode_weights_metadata", "weights_meta", "weights_checkpoint",
            "encode_onnx_metadata", "decode_onnx_metadata", "OUTPUT_STRIDE"]
@@ -67,6 +67,7 @@ ISR_POOL = "isr_pool"
 ISR_TUNE = "isr_tune"
 ITERATION = "iteration"
 MIOU = "mIoU"
+SOURCE_SHA256 = "source_sha256"          # a shipped weights file's: the SHA-256 of the training checkpoint
 WEIGHTS = "weights"                      # "ema" when the weights are the training run's moving average
 OUTPUT_STRIDE = "output_stride"          # ONNX: input size / logits size (1 in files exported before the key)
 
@@ -247,7 +248,8 @@ def weights_meta(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint ``meta`` of a weights file's values (:func:`decode_weights_metadata`)."""
     return checkpoint_meta(classes=fields["classes"], palette=fields["palette"], protocol=fields["protocol"],
                            isr=fields["isr"], isr_pool=fields["isr_pool"], iteration=fields.get("iteration"),
-                           mIoU=fields.get("mIoU"))
+                           mIoU=fields.get("mIoU"),
+                           **({SOURCE_SHA256: fields[SOURCE_SHA256]} if fields.get(SOURCE_SHA256) else {}))
 
 
 def weights_checkpoint(state_dict: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from .checkpoint_io import (WEIGHTS_SUFFIX, CheckpointMismatchError, architectur
 from .checkpoint_io import read_weights as read_weights_file
 from .config import load_config
 from .isr import TRAINING_ISR, parse_isr
-from .meta import (ITERATION, MIOU, encode_weights_metadata, model_class_info, stored_classes, stored_isr,
-                   stored_isr_pool, stored_palette, weights_checkpoint, weights_meta)
+from .meta import (ITERATION, MIOU, SOURCE_SHA256, encode_weights_metadata, model_class_info, stored_classes,
+                   stored_isr, stored_isr_pool, stored_palette, weights_checkpoint, weights_meta)
 from .models import create_model
 from .models.reduction import ISR_POOLS
 from .protocol import TestProtocol
@@ -269,7 +269,8 @@ def package_weights(checkpoint: str | os.PathLike, name: str, isr: Any = None, p
                           palette=names.palette, protocol=protocol, isr=setting, isr_pool=isr_pool, config=config,
                           mIoU=float(miou) if isinstance(miou, (int, float)) and math.isfinite(miou) else None,
                           iteration=int(iteration) if isinstance(iteration, int) else None,
-                          source_sha256=_sha256(source))
+                          # a shipped file re-packaged (another ISR, say) keeps the training checkpoint's
+                          source_sha256=meta.get(SOURCE_SHA256) or _sha256(source))
     metadata = encode_weights_metadata(**info.fields(), checksum=tensor_checksum(tensors))
     target = Path(out) if out is not None else weights_dir()
     if target.suffix != SUFFIX or target.is_dir():
