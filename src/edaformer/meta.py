@@ -49,10 +49,10 @@ from .isr import parse_isr
 from .utils import plain
 
 __all__ = ["FORMAT", "WEIGHTS_FORMAT", "WEIGHTS_FORMAT_VERSION", "CLASSES", "PALETTE", "TEST_PROTOCOL", "ISR",
-           "ISR_POOL", "ISR_TUNE", "ITERATION", "MIOU", "SOURCE_SHA256", "native_checkpoint", "model_checkpoint", "checkpoint_meta",
-           "stored_classes", "stored_palette", "stored_isr", "stored_isr_pool", "protocol_fields", "model_class_info",
-           "encode_weights_metadata", "decode_weights_metadata", "weights_meta", "weights_checkpoint",
-           "encode_onnx_metadata", "decode_onnx_metadata", "OUTPUT_STRIDE"]
+           "ISR_POOL", "ISR_TUNE", "ITERATION", "MIOU", "SOURCE_SHA256", "native_checkpoint", "model_checkpoint",
+           "checkpoint_meta", "stored_classes", "stored_palette", "stored_isr", "stored_isr_pool", "protocol_fields",
+           "model_class_info", "encode_weights_metadata", "decode_weights_metadata", "weights_meta",
+           "weights_checkpoint", "encode_onnx_metadata", "decode_onnx_metadata", "OUTPUT_STRIDE"]
 
 FORMAT = "edaformer"                     # checkpoint["format"] of a checkpoint in this library's format
 WEIGHTS_FORMAT = "edaformer-weights"     # metadata["format"] of a shipped weights file
@@ -112,7 +112,7 @@ def _protocol_dict(protocol: Any) -> dict[str, Any]:
 
 def checkpoint_meta(*, classes: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
                     protocol: Any = None, isr: Any = None, isr_pool: str | None = None, iteration: int | None = None,
-                    mIoU: float | None = None, **extra: Any) -> dict[str, Any]:
+                    mIoU: float | None = None, source_sha256: str | None = None, **extra: Any) -> dict[str, Any]:
     """A checkpoint's ``meta`` holding the given values (None: left out) under their keys, plus
     ``extra`` as given. ``protocol``: a :class:`~edaformer.protocol.TestProtocol` or its dict."""
     meta: dict[str, Any] = {}
@@ -130,6 +130,8 @@ def checkpoint_meta(*, classes: Sequence[str] | None = None, palette: Sequence[S
         meta[ISR_POOL] = str(isr_pool)
     if mIoU is not None:
         meta[MIOU] = float(mIoU)
+    if source_sha256:
+        meta[SOURCE_SHA256] = str(source_sha256)
     meta.update(extra)
     return meta
 
@@ -248,8 +250,7 @@ def weights_meta(fields: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint ``meta`` of a weights file's values (:func:`decode_weights_metadata`)."""
     return checkpoint_meta(classes=fields["classes"], palette=fields["palette"], protocol=fields["protocol"],
                            isr=fields["isr"], isr_pool=fields["isr_pool"], iteration=fields.get("iteration"),
-                           mIoU=fields.get("mIoU"),
-                           **({SOURCE_SHA256: fields[SOURCE_SHA256]} if fields.get(SOURCE_SHA256) else {}))
+                           mIoU=fields.get("mIoU"), source_sha256=fields.get(SOURCE_SHA256))
 
 
 def weights_checkpoint(state_dict: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
