@@ -198,7 +198,7 @@ def encode_weights_metadata(*, model: str, num_classes: int, classes: Sequence[s
     return {"format": WEIGHTS_FORMAT, "format_version": WEIGHTS_FORMAT_VERSION, "model": model,
             "num_classes": str(num_classes), _CLASSES_FIELD: json.dumps(list(classes)),
             _PALETTE_FIELD: json.dumps([list(c) for c in palette]), TEST_PROTOCOL: json.dumps(_protocol_dict(protocol)),
-            ISR: str(isr), ISR_POOL: isr_pool, "config": json.dumps(config), "source_sha256": source_sha256 or "",
+            ISR: str(isr), ISR_POOL: isr_pool, "config": json.dumps(config), SOURCE_SHA256: source_sha256 or "",
             ITERATION: "" if iteration is None else str(iteration), MIOU: "" if mIoU is None else repr(mIoU),
             "checksum": checksum}
 
@@ -233,7 +233,7 @@ def decode_weights_metadata(metadata: Mapping[str, str], source: Any) -> dict[st
             config=_json(metadata, "config", source) if metadata.get("config") else {},
             mIoU=float(metadata[MIOU]) if metadata.get(MIOU) else None,
             iteration=int(metadata[ITERATION]) if metadata.get(ITERATION) else None,
-            source_sha256=metadata.get("source_sha256") or None)
+            source_sha256=metadata.get(SOURCE_SHA256) or None)
     except KeyError as e:
         raise ValueError(f"weights {source}: metadata has no {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
